@@ -1,0 +1,1 @@
+"""Event types (queues with a parallelism limit) and the Events that drive every task."""

@@ -1,0 +1,111 @@
+"""EventType (a Celery queue with a cluster-wide parallelism) and Event (one task execution request)."""
+
+import datetime as dt
+import uuid
+
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+
+queue_name_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+    "Use letters, digits, '.', '_' or '-', starting with a letter or digit.",
+)
+
+
+class EventType(models.Model):
+    name = models.CharField(
+        "name",
+        max_length=100,
+        primary_key=True,
+        validators=[queue_name_validator],
+        help_text="Also the name of the Celery queue its tasks are sent to.",
+    )
+    concurrency = models.PositiveIntegerField(
+        "concurrency",
+        default=1,
+        validators=[MinValueValidator(1)],
+        help_text="Most tasks of this type running at once, across every worker and host.",
+    )
+    description = models.TextField("description", blank=True, default="")
+    created_at = models.DateTimeField("created at", auto_now_add=True)
+    updated_at = models.DateTimeField("updated at", auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "event type"
+        verbose_name_plural = "event types"
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(concurrency__gte=1),
+                name="event_type_concurrency_positive",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Event(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "PENDING", "pending"
+        STARTED = "STARTED", "started"
+        RETRY = "RETRY", "retry"
+        SUCCESS = "SUCCESS", "success"
+        FAILURE = "FAILURE", "failure"
+        REVOKED = "REVOKED", "revoked"
+
+    event_id = models.UUIDField(
+        "event id",
+        primary_key=True,
+        default=uuid.uuid4,
+        editable=False,
+        help_text="Also the Celery task id.",
+    )
+    trace_id = models.UUIDField(
+        "trace id",
+        null=True,
+        blank=True,
+        help_text="The workflow run this event belongs to, if any.",
+    )
+    event_type = models.CharField(
+        "event type", max_length=100, help_text="The node's event type and queue."
+    )
+    task_name = models.CharField("task name", max_length=200, blank=True, default="")
+    payload = models.JSONField("payload", default=dict, blank=True)
+    result = models.JSONField("result", default=dict, blank=True)
+    context = models.JSONField("context", default=dict, blank=True)
+    status = models.CharField(
+        "status", max_length=10, choices=Status.choices, default=Status.PENDING
+    )
+    timestamp = models.DateTimeField("timestamp", help_text="When the event was sent.")
+    updated_at = models.DateTimeField("updated at", auto_now=True)
+
+    class Meta:
+        ordering = ["timestamp"]
+        verbose_name = "event"
+        verbose_name_plural = "events"
+        indexes = [
+            models.Index(fields=["trace_id", "timestamp"], name="event_trace_time_idx"),
+            models.Index(
+                fields=["event_type", "-timestamp"], name="event_type_time_idx"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type}:{self.event_id}"
+
+    def as_message(self) -> dict:
+        """The JSON object a task receives as its only argument."""
+        return {
+            "event_id": str(self.event_id),
+            "trace_id": str(self.trace_id) if self.trace_id else None,
+            "event_type": self.event_type,
+            "task_name": self.task_name,
+            "payload": self.payload,
+            "result": self.result,
+            "context": self.context,
+            "status": self.status,
+            "timestamp": self.timestamp.astimezone(dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S.%fZ"
+            ),
+        }

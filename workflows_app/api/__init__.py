@@ -1,0 +1,1 @@
+"""The REST API (DRF): workflows, runs, events, event types."""

@@ -1,0 +1,340 @@
+"""The workflow definition format: validation (one function for admin, API and import), import, export."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import networkx as nx
+from django.db import transaction
+
+from events_app.models import EventType
+
+from .models import Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
+
+NAME_RE = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+TOP_FIELDS = {
+    "name",
+    "description",
+    "trigger_event_types",
+    "event_types",
+    "nodes",
+    "edges",
+    "is_active",
+    "version",
+}
+NODE_FIELDS = {
+    "key",
+    "task",
+    "event_type",
+    "params",
+    "max_retries",
+    "retry_delay",
+    "timeout",
+    "trigger_rule",
+}
+NODE_DEFAULTS: dict[str, Any] = {
+    "params": {},
+    "max_retries": 0,
+    "retry_delay": 1.0,
+    "timeout": None,
+    "trigger_rule": TriggerRule.ALL_SUCCESS.value,
+}
+
+
+class DefinitionError(ValueError):
+    """A definition that cannot be saved; `errors` names every problem found."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+def registered_task_names() -> set[str]:
+    """Every task name the Celery app knows, after autodiscovery of the installed apps' tasks."""
+    from config.celery import app
+
+    app.loader.import_default_modules()
+    return {name for name in app.tasks if not name.startswith("celery.")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_node(
+    index: int, raw: Any, known_tasks: set[str], errors: list[str]
+) -> dict | None:
+    where = f"nodes[{index}]"
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: must be an object")
+        return None
+    unknown = set(raw) - NODE_FIELDS
+    if unknown:
+        errors.append(
+            f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}"
+        )
+    node = {**NODE_DEFAULTS, **{k: v for k, v in raw.items() if k in NODE_FIELDS}}
+    key = node.get("key")
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        errors.append(f"{where}: key must be a slug of letters, digits, '_' or '-'")
+        return None
+    where = f"node '{key}'"
+    task = node.get("task")
+    if not isinstance(task, str) or not task:
+        errors.append(f"{where}: task is required")
+    elif task not in known_tasks:
+        errors.append(f"{where}: unknown task '{task}' (not a registered Celery task)")
+    event_type = node.get("event_type")
+    if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
+        errors.append(
+            f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'"
+        )
+    if not isinstance(node["params"], dict):
+        errors.append(f"{where}: params must be an object")
+    if not _is_int(node["max_retries"]) or node["max_retries"] < 0:
+        errors.append(f"{where}: max_retries must be an integer >= 0")
+    if not _is_number(node["retry_delay"]) or node["retry_delay"] < 0:
+        errors.append(f"{where}: retry_delay must be a number >= 0")
+    else:
+        node["retry_delay"] = float(node["retry_delay"])
+    if node["timeout"] is not None and (
+        not _is_int(node["timeout"]) or node["timeout"] < 1
+    ):
+        errors.append(f"{where}: timeout must be a positive integer of seconds or null")
+    if node["trigger_rule"] not in TriggerRule.values:
+        errors.append(
+            f"{where}: unknown trigger_rule '{node['trigger_rule']}' (one of {', '.join(TriggerRule.values)})"
+        )
+    return node
+
+
+def _check_edges(raw_edges: Any, keys: set[str], errors: list[str]) -> list[list[str]]:
+    if not isinstance(raw_edges, list):
+        errors.append("edges must be a list of [source, target] pairs")
+        return []
+    edges: list[list[str]] = []
+    seen: set[tuple[str, str]] = set()
+    for index, raw in enumerate(raw_edges):
+        if isinstance(raw, dict) and set(raw) == {"source", "target"}:
+            raw = [raw["source"], raw["target"]]
+        if not (
+            isinstance(raw, list | tuple)
+            and len(raw) == 2
+            and all(isinstance(k, str) for k in raw)
+        ):
+            errors.append(
+                f"edges[{index}]: must be a [source, target] pair of node keys"
+            )
+            continue
+        source, target = raw
+        bad = [k for k in (source, target) if k not in keys]
+        if bad:
+            errors.append(
+                f"edge {source} -> {target}: unknown node {', '.join(repr(k) for k in bad)}"
+            )
+            continue
+        if source == target:
+            errors.append(f"edge {source} -> {target}: a node cannot depend on itself")
+            continue
+        if (source, target) in seen:
+            errors.append(f"edge {source} -> {target}: duplicate edge")
+            continue
+        seen.add((source, target))
+        edges.append([source, target])
+    return edges
+
+
+def find_cycle(keys: Iterable[str], edges: Iterable[Iterable[str]]) -> list[str] | None:
+    """The nodes of one cycle in order, first repeated at the end, or None for a DAG."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(keys)
+    graph.add_edges_from(tuple(e) for e in edges)
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return None
+    return [u for u, _ in cycle] + [cycle[0][0]]
+
+
+def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> dict:
+    """Check a definition in the export shape and return it normalised, or raise DefinitionError."""
+    if not isinstance(data, dict):
+        raise DefinitionError(["a workflow definition must be an object"])
+    known_tasks = registered_task_names() if known_tasks is None else known_tasks
+    errors: list[str] = []
+    unknown = set(data) - TOP_FIELDS
+    if unknown:
+        errors.append(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        errors.append("name must be a slug of letters, digits, '_' or '-'")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        errors.append("description must be a string")
+    triggers = data.get("trigger_event_types", [])
+    if not isinstance(triggers, list) or not all(
+        isinstance(t, str) and EVENT_TYPE_RE.match(t) for t in triggers
+    ):
+        errors.append("trigger_event_types must be a list of event type names")
+        triggers = []
+    event_types = data.get("event_types", {}) or {}
+    if not isinstance(event_types, dict):
+        errors.append("event_types must be an object of name: {concurrency: n}")
+        event_types = {}
+    for et_name, et in event_types.items():
+        if not EVENT_TYPE_RE.match(str(et_name)):
+            errors.append(
+                f"event type '{et_name}': name must use letters, digits, '.', '_' or '-'"
+            )
+        if not isinstance(et, dict) or set(et) - {"concurrency", "description"}:
+            errors.append(
+                f"event type '{et_name}': must be an object with concurrency (and description)"
+            )
+        elif "concurrency" in et and (
+            not _is_int(et["concurrency"]) or et["concurrency"] < 1
+        ):
+            errors.append(
+                f"event type '{et_name}': concurrency must be an integer >= 1"
+            )
+    is_active = data.get("is_active", True)
+    if not isinstance(is_active, bool):
+        errors.append("is_active must be true or false")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        errors.append("nodes must be a non-empty list")
+        raw_nodes = []
+    nodes: list[dict] = []
+    keys: set[str] = set()
+    for index, raw in enumerate(raw_nodes):
+        node = _check_node(index, raw, known_tasks, errors)
+        if node is None:
+            continue
+        if node["key"] in keys:
+            errors.append(f"node '{node['key']}': duplicate key")
+            continue
+        keys.add(node["key"])
+        nodes.append(node)
+    edges = _check_edges(data.get("edges", []), keys, errors)
+    cycle = find_cycle(keys, edges)
+    if cycle:
+        errors.append(f"cycle: {' -> '.join(cycle)}")
+    if errors:
+        raise DefinitionError(errors)
+    return {
+        "name": name,
+        "description": description,
+        "is_active": is_active,
+        "trigger_event_types": list(triggers),
+        "event_types": {str(k): dict(v) for k, v in event_types.items()},
+        "nodes": [
+            {"key": n["key"], **{f: n[f] for f in sorted(NODE_FIELDS - {"key"})}}
+            for n in nodes
+        ],
+        "edges": edges,
+    }
+
+
+def definition_spec(workflow: WorkflowDefinition) -> dict:
+    """The definition as stored now, in the export shape (without live event-type settings)."""
+    nodes = list(workflow.nodes.order_by("id"))
+    by_id = {n.id: n.key for n in nodes}
+    return {
+        "name": workflow.name,
+        "description": workflow.description,
+        "trigger_event_types": list(workflow.trigger_event_types or []),
+        "nodes": [
+            {
+                "key": n.key,
+                "event_type": n.event_type_id,
+                "max_retries": n.max_retries,
+                "params": n.params or {},
+                "retry_delay": float(n.retry_delay),
+                "task": n.task,
+                "timeout": n.timeout,
+                "trigger_rule": n.trigger_rule,
+            }
+            for n in nodes
+        ],
+        "edges": [
+            [by_id[e.source_id], by_id[e.target_id]]
+            for e in workflow.edges.order_by("id")
+        ],
+    }
+
+
+def definition_export(workflow: WorkflowDefinition) -> dict:
+    """The export shape: what import_workflows and POST /api/workflows/ take back unchanged."""
+    spec = definition_spec(workflow)
+    type_names = sorted({n["event_type"] for n in spec["nodes"]})
+    concurrency = dict(
+        EventType.objects.filter(name__in=type_names).values_list("name", "concurrency")
+    )
+    return {
+        "name": spec["name"],
+        "description": spec["description"],
+        "is_active": workflow.is_active,
+        "trigger_event_types": spec["trigger_event_types"],
+        "event_types": {
+            name: {"concurrency": concurrency[name]} for name in type_names
+        },
+        "nodes": spec["nodes"],
+        "edges": spec["edges"],
+    }
+
+
+def workflow_version_sync(*, workflow: WorkflowDefinition) -> WorkflowVersion:
+    """Snapshot the stored definition as a new version if it changed since the last one.
+
+    Runs point at a version row, never at the live nodes, so edits never reach a run in flight.
+    """
+    spec = definition_spec(workflow)
+    latest = workflow.versions.order_by("-version").first()
+    if latest is not None and latest.spec == spec:
+        return latest
+    number = latest.version + 1 if latest else 1
+    WorkflowDefinition.objects.filter(pk=workflow.pk).update(version=number)
+    workflow.version = number
+    return WorkflowVersion.objects.create(workflow=workflow, version=number, spec=spec)
+
+
+@transaction.atomic
+def workflow_definition_save(
+    *, data: Any, known_tasks: set[str] | None = None
+) -> WorkflowDefinition:
+    """Create or replace a definition from the export shape; all or nothing."""
+    spec = definition_validate(data, known_tasks=known_tasks)
+    for et_name, et in spec["event_types"].items():
+        defaults = {k: v for k, v in et.items() if k in ("concurrency", "description")}
+        obj, created = EventType.objects.get_or_create(name=et_name, defaults=defaults)
+        if not created and defaults:
+            EventType.objects.filter(pk=obj.pk).update(**defaults)
+    for et_name in {n["event_type"] for n in spec["nodes"]} - set(spec["event_types"]):
+        EventType.objects.get_or_create(name=et_name)
+    workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(
+        name=spec["name"]
+    )
+    workflow.description = spec["description"]
+    workflow.trigger_event_types = spec["trigger_event_types"]
+    workflow.is_active = spec["is_active"]
+    workflow.save()
+    workflow.edges.all().delete()
+    workflow.nodes.all().delete()
+    created_nodes = Node.objects.bulk_create(
+        Node(workflow=workflow, event_type_id=n.pop("event_type"), **n)
+        for n in [dict(n) for n in spec["nodes"]]
+    )
+    by_key = {n.key: n for n in created_nodes}
+    Edge.objects.bulk_create(
+        Edge(workflow=workflow, source=by_key[s], target=by_key[t])
+        for s, t in spec["edges"]
+    )
+    workflow_version_sync(workflow=workflow)
+    return workflow

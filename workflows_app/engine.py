@@ -1,0 +1,664 @@
+"""Every WorkflowRun and TaskRun transition: atomic, idempotent, and sending messages only after commit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from django.db import IntegrityError, OperationalError, transaction
+from django.utils import timezone
+
+from events_app.models import Event, EventType
+
+from .models import (
+    TaskRun,
+    TriggerRule,
+    WorkflowDefinition,
+    WorkflowRun,
+    WorkflowVersion,
+)
+
+logger = logging.getLogger(__name__)
+
+S = TaskRun.Status
+FINAL = frozenset(TaskRun.FINAL)
+FAILED_LIKE = frozenset({S.FAILURE, S.UPSTREAM_FAILED, S.REVOKED})
+# Seconds between a node's soft time limit and the hard kill.
+HARD_LIMIT_GRACE = 10
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` is the HTTP status the API answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+# --------------------------------------------------------------------------- graph snapshots
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    key: str
+    task: str
+    event_type: str
+    params: dict
+    max_retries: int
+    retry_delay: float
+    timeout: int | None
+    trigger_rule: str
+
+
+@dataclass(frozen=True)
+class Graph:
+    workflow: str
+    version: int
+    nodes: dict[str, NodeSpec]
+    preds: dict[str, tuple[str, ...]]
+    succs: dict[str, tuple[str, ...]]
+
+    @property
+    def roots(self) -> list[str]:
+        return [key for key in self.nodes if not self.preds[key]]
+
+
+def graph_from_spec(spec: dict, *, version: int = 0) -> Graph:
+    """The run-time view of a version's spec: node settings plus predecessor and successor maps."""
+    nodes = {
+        n["key"]: NodeSpec(
+            key=n["key"],
+            task=n["task"],
+            event_type=n["event_type"],
+            params=n.get("params") or {},
+            max_retries=n.get("max_retries", 0),
+            retry_delay=float(n.get("retry_delay", 1.0)),
+            timeout=n.get("timeout"),
+            trigger_rule=n.get("trigger_rule", TriggerRule.ALL_SUCCESS),
+        )
+        for n in spec["nodes"]
+    }
+    preds: dict[str, list[str]] = {key: [] for key in nodes}
+    succs: dict[str, list[str]] = {key: [] for key in nodes}
+    for source, target in spec["edges"]:
+        preds[target].append(source)
+        succs[source].append(target)
+    return Graph(
+        workflow=spec["name"],
+        version=version,
+        nodes=nodes,
+        preds={k: tuple(v) for k, v in preds.items()},
+        succs={k: tuple(v) for k, v in succs.items()},
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def graph_for_version(version_id: int) -> Graph:
+    """Versions never change, so each process parses one at most once."""
+    version = WorkflowVersion.objects.only("spec", "version").get(pk=version_id)
+    return graph_from_spec(version.spec, version=version.version)
+
+
+def trigger_decision(rule: str, upstream: Iterable[str]) -> str:
+    """What becomes of a node whose predecessors are all final: QUEUED, SKIPPED or UPSTREAM_FAILED."""
+    statuses = list(upstream)
+    if rule == TriggerRule.ALL_DONE or not statuses:
+        return S.QUEUED
+    if rule == TriggerRule.ONE_SUCCESS:
+        runs = any(s == S.SUCCESS for s in statuses)
+    else:
+        runs = all(s == S.SUCCESS for s in statuses)
+    if runs:
+        return S.QUEUED
+    if any(s in FAILED_LIKE for s in statuses):
+        return S.UPSTREAM_FAILED
+    return S.SKIPPED
+
+
+# --------------------------------------------------------------------------- plumbing
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retry_on_conflict(func: F) -> F:
+    """Re-run a transition that PostgreSQL aborted for a deadlock; each attempt is a fresh transaction."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(5):
+            try:
+                return func(*args, **kwargs)
+            except OperationalError as exc:
+                if (
+                    "deadlock" not in str(exc).lower()
+                    or attempt == 4
+                    or transaction.get_connection().in_atomic_block
+                ):
+                    raise
+                logger.warning("retrying %s after deadlock", func.__name__)
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Outbox:
+    """Messages to publish once the surrounding transaction commits."""
+
+    messages: list[tuple[dict, dict]] = field(default_factory=list)
+    revokes: list[str] = field(default_factory=list)
+
+    def add(self, event: dict, *, timeout: int | None, countdown: float = 0) -> None:
+        options: dict[str, Any] = {"queue": event["event_type"]}
+        if timeout:
+            options["soft_time_limit"] = timeout
+            options["time_limit"] = timeout + HARD_LIMIT_GRACE
+        if countdown:
+            options["countdown"] = countdown
+        self.messages.append((event, options))
+
+    def flush_on_commit(self) -> None:
+        if self.messages or self.revokes:
+            messages, revokes = list(self.messages), list(self.revokes)
+            transaction.on_commit(lambda: _publish(messages, revokes))
+
+
+def _publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
+    from config.celery import app
+
+    if messages:
+        with app.producer_or_acquire() as producer:
+            for event, options in messages:
+                app.send_task(
+                    event["task_name"],
+                    args=[event],
+                    task_id=event["event_id"],
+                    producer=producer,
+                    **options,
+                )
+    if revokes:
+        app.control.revoke(revokes, terminate=True, signal="SIGTERM")
+
+
+def _new_event(
+    *,
+    run: WorkflowRun,
+    graph: Graph,
+    node: NodeSpec,
+    attempt: int,
+    upstream: dict,
+    now: datetime,
+) -> Event:
+    return Event(
+        event_id=uuid.uuid4(),
+        trace_id=run.trace_id,
+        event_type=node.event_type,
+        task_name=node.task,
+        payload={**run.payload, **node.params},
+        result={},
+        context={
+            "workflow": graph.workflow,
+            "workflow_version": graph.version,
+            "node": node.key,
+            "attempt": attempt,
+            "upstream": upstream,
+        },
+        status=Event.Status.PENDING,
+        timestamp=now,
+    )
+
+
+def _admit(type_names: Iterable[str], outbox: _Outbox) -> None:
+    """Hand QUEUED tasks to Celery, FIFO, while fewer than `concurrency` of their type hold a slot.
+
+    The event-type row lock serialises admission per type across every process, so the count and
+    the hand-out cannot interleave (the race that over-admits in check-then-act schemes). Types are
+    locked in name order so two transitions never wait on each other's types. Both queries use
+    partial indexes, so their cost does not depend on the length of the waiting line.
+    """
+    for name in sorted(set(type_names)):
+        concurrency = (
+            EventType.objects.select_for_update()
+            .filter(name=name)
+            .values_list("concurrency", flat=True)
+            .first()
+        )
+        if concurrency is None:
+            continue
+        free = (
+            concurrency
+            - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
+        )
+        if free <= 0:
+            continue
+        picked = list(
+            TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(event_type_id=name, status=S.QUEUED, holds_slot=False)
+            .order_by("queued_at", "id")
+            .values_list("id", "current_event_id", "node_key", "run__version_id")[:free]
+        )
+        if not picked:
+            continue
+        TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True)
+        events = Event.objects.in_bulk([p[1] for p in picked])
+        for _, event_id, node_key, version_id in picked:
+            outbox.add(
+                events[event_id].as_message(),
+                timeout=graph_for_version(version_id).nodes[node_key].timeout,
+            )
+
+
+def _load_rows(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> None:
+    missing = [k for k in keys if k not in rows]
+    if missing:
+        for row in TaskRun.objects.filter(run=run, node_key__in=missing):
+            rows[row.node_key] = row
+
+
+def _advance(
+    *,
+    run: WorkflowRun,
+    graph: Graph,
+    rows: dict[str, TaskRun],
+    frontier: list[str],
+    now: datetime,
+) -> list[str]:
+    """Settle every WAITING node in `frontier` (and onward) whose predecessors are all final.
+
+    Runs under the run's row lock. Returns the event types that gained QUEUED tasks.
+    """
+    changed: list[TaskRun] = []
+    new_events: list[Event] = []
+    queued_types: list[str] = []
+    seen: set[str] = set()
+    while frontier:
+        _load_rows(run, rows, {k for key in frontier for k in (key, *graph.preds[key])})
+        next_frontier: list[str] = []
+        for key in frontier:
+            row = rows[key]
+            if key in seen or row.status != S.WAITING:
+                continue
+            upstream = [rows[p].status for p in graph.preds[key]]
+            if any(s not in FINAL for s in upstream):
+                continue
+            seen.add(key)
+            node = graph.nodes[key]
+            decision = trigger_decision(node.trigger_rule, upstream)
+            row.status = decision
+            if decision == S.QUEUED:
+                row.queued_at = now
+                results = {
+                    p: rows[p].result if rows[p].status == S.SUCCESS else None
+                    for p in graph.preds[key]
+                }
+                event = _new_event(
+                    run=run,
+                    graph=graph,
+                    node=node,
+                    attempt=1,
+                    upstream=results,
+                    now=now,
+                )
+                new_events.append(event)
+                row.current_event = event
+                queued_types.append(node.event_type)
+            else:
+                row.finished_at = now
+                next_frontier.extend(graph.succs[key])
+            changed.append(row)
+        frontier = next_frontier
+    if new_events:
+        Event.objects.bulk_create(new_events)
+    if changed:
+        TaskRun.objects.bulk_update(
+            changed, ["status", "queued_at", "finished_at", "current_event"]
+        )
+    return queued_types
+
+
+def _finish_run_if_done(run: WorkflowRun, now: datetime) -> None:
+    if TaskRun.objects.filter(run=run).exclude(status__in=FINAL).exists():
+        return
+    failed = TaskRun.objects.filter(
+        run=run, status__in=[S.FAILURE, S.UPSTREAM_FAILED]
+    ).exists()
+    run.status = WorkflowRun.Status.FAILED if failed else WorkflowRun.Status.SUCCESS
+    run.finished_at = now
+    run.save(update_fields=["status", "finished_at"])
+
+
+def _json_safe(value: Any) -> Any:
+    """The value as stored JSON would give it back, or a TypeError for what JSON cannot hold."""
+    return json.loads(json.dumps(value))
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def workflow_version_current(*, workflow: WorkflowDefinition) -> WorkflowVersion:
+    version = WorkflowVersion.objects.filter(
+        workflow=workflow, version=workflow.version
+    ).first()
+    if version is None:
+        from .definitions import workflow_version_sync
+
+        version = workflow_version_sync(workflow=workflow)
+    return version
+
+
+@_retry_on_conflict
+def workflow_run_start(
+    *,
+    workflow: WorkflowDefinition,
+    payload: dict,
+    idempotency_key: str | None = None,
+    user: Any = None,
+    source: str = "api",
+) -> tuple[WorkflowRun, bool]:
+    """Start a run on the workflow's current version; returns (run, created).
+
+    With an idempotency key already used for this workflow, returns that run and starts nothing.
+    """
+    if not workflow.is_active:
+        raise EngineError(f"workflow '{workflow.name}' is inactive", status=409)
+    if not isinstance(payload, dict):
+        raise EngineError("payload must be a JSON object")
+    payload = _json_safe(payload)
+    if idempotency_key:
+        existing = WorkflowRun.objects.filter(
+            workflow=workflow, idempotency_key=idempotency_key
+        ).first()
+        if existing:
+            return existing, False
+    now = timezone.now()
+    outbox = _Outbox()
+    with transaction.atomic():
+        version = workflow_version_current(workflow=workflow)
+        graph = graph_for_version(version.pk)
+        run = WorkflowRun(
+            workflow=workflow,
+            version=version,
+            workflow_version=version.version,
+            payload=payload,
+            idempotency_key=idempotency_key or None,
+            created_by=user if getattr(user, "is_authenticated", False) else None,
+            source=source,
+        )
+        try:
+            with transaction.atomic():
+                run.save(force_insert=True)
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the insert.
+            existing = (
+                idempotency_key
+                and WorkflowRun.objects.filter(
+                    workflow=workflow, idempotency_key=idempotency_key
+                ).first()
+            )
+            if existing:
+                return existing, False
+            raise
+        events = {
+            key: _new_event(
+                run=run,
+                graph=graph,
+                node=graph.nodes[key],
+                attempt=1,
+                upstream={},
+                now=now,
+            )
+            for key in graph.roots
+        }
+        Event.objects.bulk_create(events.values())
+        TaskRun.objects.bulk_create(
+            TaskRun(
+                run=run,
+                node_key=node.key,
+                event_type_id=node.event_type,
+                task_name=node.task,
+                status=S.QUEUED if node.key in events else S.WAITING,
+                queued_at=now if node.key in events else None,
+                current_event=events.get(node.key),
+            )
+            for node in graph.nodes.values()
+        )
+        _admit({graph.nodes[key].event_type for key in events}, outbox)
+        outbox.flush_on_commit()
+    return run, True
+
+
+@_retry_on_conflict
+def task_run_start(*, event_id: str, attempt: int = 1, worker: str = "") -> bool:
+    """Record that a worker began the event's attempt; False means the attempt must not run.
+
+    A task that is final, revoked, or whose event is no longer its current attempt is refused, so a
+    redelivered or stale message never runs finished work again.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        updated = TaskRun.objects.filter(
+            current_event_id=event_id, status__in=[S.QUEUED, S.RETRY]
+        ).update(
+            status=S.STARTED, started_at=now, attempts=attempt, worker=worker[:200]
+        )
+        if not updated:
+            # A redelivery of an attempt that had started (its worker died) may run again.
+            return TaskRun.objects.filter(
+                current_event_id=event_id, status=S.STARTED
+            ).exists()
+        Event.objects.filter(event_id=event_id).update(status=Event.Status.STARTED)
+    return True
+
+
+@_retry_on_conflict
+def task_run_finish(
+    *,
+    trace_id: str,
+    event_id: str,
+    succeeded: bool,
+    result: Any = None,
+    error: str = "",
+) -> None:
+    """Record an attempt's outcome, retry or settle the task, dispatch successors, settle the run.
+
+    Idempotent: a completion for an attempt that is not current or already final changes nothing,
+    so a duplicate never dispatches a successor twice.
+    """
+    if succeeded:
+        try:
+            result = _json_safe(result)
+        except (TypeError, ValueError) as exc:
+            succeeded, result, error = (
+                False,
+                None,
+                f"result is not JSON-serialisable: {exc}",
+            )
+    now = timezone.now()
+    outbox = _Outbox()
+    with transaction.atomic():
+        run = WorkflowRun.objects.select_for_update().filter(trace_id=trace_id).first()
+        if run is None:
+            return
+        row = TaskRun.objects.filter(run=run, current_event_id=event_id).first()
+        if row is None or row.status in FINAL:
+            return
+        graph = graph_for_version(run.version_id)
+        node = graph.nodes[row.node_key]
+        types = [row.event_type_id]
+        if not succeeded and row.attempts <= node.max_retries:
+            attempt = row.attempts + 1
+            previous = (
+                Event.objects.filter(event_id=event_id)
+                .values_list("context", flat=True)
+                .first()
+                or {}
+            )
+            event = _new_event(
+                run=run,
+                graph=graph,
+                node=node,
+                attempt=attempt,
+                upstream=previous.get("upstream", {}),
+                now=now,
+            )
+            event.save(force_insert=True)
+            Event.objects.filter(event_id=event_id).update(
+                status=Event.Status.FAILURE, result={"error": error}
+            )
+            row.status, row.error, row.current_event = S.RETRY, error, event
+            row.save(update_fields=["status", "error", "current_event"])
+            # The retry keeps its slot through the backoff: it was admitted and is not finished.
+            countdown = node.retry_delay * 2 ** (attempt - 2)
+            outbox.add(event.as_message(), timeout=node.timeout, countdown=countdown)
+            outbox.flush_on_commit()
+            return
+        row.status = S.SUCCESS if succeeded else S.FAILURE
+        row.result = result if succeeded else None
+        row.error = "" if succeeded else error
+        row.finished_at = now
+        row.holds_slot = False
+        row.save(
+            update_fields=["status", "result", "error", "finished_at", "holds_slot"]
+        )
+        Event.objects.filter(event_id=event_id).update(
+            status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
+            result=result if succeeded else {"error": error},
+        )
+        rows = {row.node_key: row}
+        types += _advance(
+            run=run,
+            graph=graph,
+            rows=rows,
+            frontier=list(graph.succs[row.node_key]),
+            now=now,
+        )
+        _admit(types, outbox)
+        _finish_run_if_done(run, now)
+        outbox.flush_on_commit()
+
+
+@_retry_on_conflict
+def task_run_retrying(*, event_id: str, error: str = "") -> None:
+    """A task asked Celery to retry itself (`self.retry`): show RETRY until the new attempt starts."""
+    TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED).update(
+        status=S.RETRY, error=error
+    )
+    Event.objects.filter(event_id=event_id).update(status=Event.Status.RETRY)
+
+
+@_retry_on_conflict
+def workflow_run_cancel(*, trace_id: str) -> WorkflowRun:
+    """Cancel a run: every unfinished task ends REVOKED, running ones are terminated.
+
+    Durable: a message already in a queue is refused at start by `task_run_start`, whatever the
+    workers remember, since the row is REVOKED.
+    """
+    now = timezone.now()
+    outbox = _Outbox()
+    with transaction.atomic():
+        run = WorkflowRun.objects.select_for_update().get(trace_id=trace_id)
+        if run.is_final:
+            return run
+        open_rows = list(
+            TaskRun.objects.filter(run=run)
+            .exclude(status__in=FINAL)
+            .values_list("event_type_id", "current_event_id")
+        )
+        TaskRun.objects.filter(run=run).exclude(status__in=FINAL).update(
+            status=S.REVOKED, finished_at=now, holds_slot=False
+        )
+        event_ids = [e for _, e in open_rows if e]
+        Event.objects.filter(event_id__in=event_ids).exclude(
+            status__in=[Event.Status.SUCCESS, Event.Status.FAILURE]
+        ).update(status=Event.Status.REVOKED)
+        outbox.revokes.extend(str(e) for e in event_ids)
+        run.status, run.finished_at = WorkflowRun.Status.CANCELED, now
+        run.save(update_fields=["status", "finished_at"])
+        _admit({t for t, _ in open_rows}, outbox)
+        outbox.flush_on_commit()
+    return run
+
+
+@_retry_on_conflict
+def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
+    """Re-run the failed, upstream-failed and revoked tasks of a final run; successes and results stay."""
+    now = timezone.now()
+    outbox = _Outbox()
+    with transaction.atomic():
+        run = WorkflowRun.objects.select_for_update().get(trace_id=trace_id)
+        if not run.is_final or run.status == WorkflowRun.Status.SUCCESS:
+            raise EngineError(
+                f"run {trace_id} is {run.status}: only a failed or canceled run can be retried",
+                status=409,
+            )
+        reset = list(
+            TaskRun.objects.filter(run=run, status__in=FAILED_LIKE | {S.SKIPPED})
+        )
+        for row in reset:
+            row.status, row.queued_at, row.started_at, row.finished_at = (
+                S.WAITING,
+                None,
+                None,
+                None,
+            )
+            row.result, row.error, row.holds_slot, row.attempts = None, "", False, 0
+        TaskRun.objects.bulk_update(
+            reset,
+            [
+                "status",
+                "queued_at",
+                "started_at",
+                "finished_at",
+                "result",
+                "error",
+                "holds_slot",
+                "attempts",
+            ],
+        )
+        run.status, run.finished_at = WorkflowRun.Status.RUNNING, None
+        run.save(update_fields=["status", "finished_at"])
+        graph = graph_for_version(run.version_id)
+        rows = {row.node_key: row for row in reset}
+        types = _advance(
+            run=run,
+            graph=graph,
+            rows=rows,
+            frontier=[r.node_key for r in reset],
+            now=now,
+        )
+        _admit(types, outbox)
+        _finish_run_if_done(run, now)
+        outbox.flush_on_commit()
+    return run
+
+
+@_retry_on_conflict
+def event_type_admit(*, name: str) -> None:
+    """Re-check an event type's line, e.g. after its concurrency was raised."""
+    outbox = _Outbox()
+    with transaction.atomic():
+        _admit([name], outbox)
+        outbox.flush_on_commit()
+
+
+def event_type_set_concurrency(*, name: str, concurrency: int) -> EventType:
+    """Change a type's limit live: raising it dispatches waiting tasks at once; lowering lets running ones end."""
+    if (
+        not isinstance(concurrency, int)
+        or isinstance(concurrency, bool)
+        or concurrency < 1
+    ):
+        raise EngineError("concurrency must be an integer >= 1")
+    with transaction.atomic():
+        EventType.objects.filter(name=name).update(concurrency=concurrency)
+        event_type_admit(name=name)
+    return EventType.objects.get(name=name)

@@ -1,0 +1,344 @@
+"""Workflow definitions (nodes, edges, immutable versions) and runs (WorkflowRun, TaskRun)."""
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+
+key_validator = RegexValidator(
+    r"^[A-Za-z0-9_-]{1,100}$", "Use letters, digits, '_' or '-'."
+)
+
+
+class TriggerRule(models.TextChoices):
+    ALL_SUCCESS = "all_success", "all succeeded"
+    ALL_DONE = "all_done", "all done"
+    ONE_SUCCESS = "one_success", "one succeeded"
+
+
+class WorkflowDefinition(models.Model):
+    name = models.SlugField(
+        "name",
+        max_length=100,
+        unique=True,
+        help_text="Unique slug used in the API and URLs.",
+    )
+    description = models.TextField("description", blank=True, default="")
+    version = models.PositiveIntegerField(
+        "version",
+        default=1,
+        editable=False,
+        help_text="Bumped on every change; runs keep the version they began with.",
+    )
+    is_active = models.BooleanField(
+        "active", default=True, help_text="Inactive workflows cannot be triggered."
+    )
+    trigger_event_types = models.JSONField(
+        "trigger event types",
+        default=list,
+        blank=True,
+        help_text="Events of these types start a run.",
+    )
+    created_at = models.DateTimeField("created at", auto_now_add=True)
+    updated_at = models.DateTimeField("updated at", auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "workflow definition"
+        verbose_name_plural = "workflow definitions"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Node(models.Model):
+    workflow = models.ForeignKey(
+        WorkflowDefinition,
+        on_delete=models.CASCADE,
+        related_name="nodes",
+        verbose_name="workflow",
+    )
+    key = models.CharField(
+        "key",
+        max_length=100,
+        validators=[key_validator],
+        help_text="Unique within the workflow.",
+    )
+    task = models.CharField(
+        "task", max_length=200, help_text="A registered Celery task name."
+    )
+    event_type = models.ForeignKey(
+        "events_app.EventType",
+        on_delete=models.PROTECT,
+        related_name="nodes",
+        verbose_name="event type",
+        help_text="Its queue and parallelism.",
+    )
+    params = models.JSONField(
+        "params", default=dict, blank=True, help_text="Merged over the run payload."
+    )
+    max_retries = models.PositiveIntegerField(
+        "max retries", default=0, help_text="Retries with exponential backoff."
+    )
+    retry_delay = models.FloatField(
+        "retry delay",
+        default=1.0,
+        validators=[MinValueValidator(0)],
+        help_text="Seconds before the first retry.",
+    )
+    timeout = models.PositiveIntegerField(
+        "timeout",
+        null=True,
+        blank=True,
+        help_text="Seconds; past it the attempt fails.",
+    )
+    trigger_rule = models.CharField(
+        "trigger rule",
+        max_length=20,
+        choices=TriggerRule.choices,
+        default=TriggerRule.ALL_SUCCESS,
+    )
+
+    class Meta:
+        ordering = ["workflow", "id"]
+        verbose_name = "node"
+        verbose_name_plural = "nodes"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "key"], name="node_unique_key_per_workflow"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Edge(models.Model):
+    workflow = models.ForeignKey(
+        WorkflowDefinition,
+        on_delete=models.CASCADE,
+        related_name="edges",
+        verbose_name="workflow",
+    )
+    source = models.ForeignKey(
+        Node, on_delete=models.CASCADE, related_name="out_edges", verbose_name="source"
+    )
+    target = models.ForeignKey(
+        Node, on_delete=models.CASCADE, related_name="in_edges", verbose_name="target"
+    )
+
+    class Meta:
+        ordering = ["workflow", "id"]
+        verbose_name = "edge"
+        verbose_name_plural = "edges"
+        constraints = [
+            models.UniqueConstraint(fields=["source", "target"], name="edge_unique"),
+            models.CheckConstraint(
+                condition=~models.Q(source=models.F("target")), name="edge_no_self_loop"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source_id} -> {self.target_id}"
+
+
+class WorkflowVersion(models.Model):
+    """An immutable snapshot of a definition, shared by every run that began on it."""
+
+    workflow = models.ForeignKey(
+        WorkflowDefinition,
+        on_delete=models.CASCADE,
+        related_name="versions",
+        verbose_name="workflow",
+    )
+    version = models.PositiveIntegerField("version")
+    spec = models.JSONField("spec", help_text="The definition in its export shape.")
+    created_at = models.DateTimeField("created at", auto_now_add=True)
+
+    class Meta:
+        ordering = ["workflow", "-version"]
+        verbose_name = "workflow version"
+        verbose_name_plural = "workflow versions"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "version"], name="workflow_version_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow_id} v{self.version}"
+
+
+class WorkflowRun(models.Model):
+    class Status(models.TextChoices):
+        RUNNING = "RUNNING", "running"
+        SUCCESS = "SUCCESS", "success"
+        FAILED = "FAILED", "failed"
+        CANCELED = "CANCELED", "canceled"
+
+    FINAL = (Status.SUCCESS, Status.FAILED, Status.CANCELED)
+
+    trace_id = models.UUIDField(
+        "trace id", primary_key=True, default=uuid.uuid4, editable=False
+    )
+    workflow = models.ForeignKey(
+        WorkflowDefinition,
+        on_delete=models.PROTECT,
+        related_name="runs",
+        verbose_name="workflow",
+    )
+    version = models.ForeignKey(
+        WorkflowVersion,
+        on_delete=models.PROTECT,
+        related_name="runs",
+        verbose_name="definition version",
+    )
+    workflow_version = models.PositiveIntegerField("workflow version")
+    status = models.CharField(
+        "status", max_length=10, choices=Status.choices, default=Status.RUNNING
+    )
+    payload = models.JSONField("payload", default=dict, blank=True)
+    # NULL, not "", for "no key": the partial unique constraint then ignores keyless runs.
+    idempotency_key = models.CharField(  # noqa: DJ001
+        "idempotency key", max_length=200, null=True, blank=True
+    )
+    source = models.CharField(
+        "source",
+        max_length=100,
+        default="api",
+        help_text="What started it: api, command, event or schedule.",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="workflow_runs",
+        verbose_name="created by",
+    )
+    created_at = models.DateTimeField("created at", auto_now_add=True)
+    finished_at = models.DateTimeField("finished at", null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "workflow run"
+        verbose_name_plural = "workflow runs"
+        indexes = [
+            models.Index(fields=["-created_at"], name="run_created_idx"),
+            models.Index(
+                fields=["workflow", "-created_at"], name="run_workflow_created_idx"
+            ),
+            models.Index(
+                fields=["status", "-created_at"], name="run_status_created_idx"
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="run_unique_idempotency_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return str(self.trace_id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL
+
+
+class TaskRun(models.Model):
+    class Status(models.TextChoices):
+        WAITING = "WAITING", "waiting"
+        QUEUED = "QUEUED", "queued"
+        STARTED = "STARTED", "started"
+        RETRY = "RETRY", "retry"
+        SUCCESS = "SUCCESS", "success"
+        FAILURE = "FAILURE", "failure"
+        SKIPPED = "SKIPPED", "skipped"
+        UPSTREAM_FAILED = "UPSTREAM_FAILED", "upstream failed"
+        REVOKED = "REVOKED", "revoked"
+
+    FINAL = (
+        Status.SUCCESS,
+        Status.FAILURE,
+        Status.SKIPPED,
+        Status.UPSTREAM_FAILED,
+        Status.REVOKED,
+    )
+
+    run = models.ForeignKey(
+        WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run"
+    )
+    node_key = models.CharField("node", max_length=100)
+    event_type = models.ForeignKey(
+        "events_app.EventType",
+        on_delete=models.PROTECT,
+        related_name="task_runs",
+        verbose_name="event type",
+    )
+    task_name = models.CharField("task name", max_length=200)
+    status = models.CharField(
+        "status", max_length=16, choices=Status.choices, default=Status.WAITING
+    )
+    attempts = models.PositiveIntegerField(
+        "attempts", default=0, help_text="Attempts started or sent so far."
+    )
+    holds_slot = models.BooleanField(
+        "holds a slot",
+        default=False,
+        help_text="Handed to Celery and not finished: counts against concurrency.",
+    )
+    current_event = models.ForeignKey(
+        "events_app.Event",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name="current event",
+        help_text="The Event of the latest attempt; its id is the Celery task id.",
+    )
+    queued_at = models.DateTimeField(
+        "queued at", null=True, blank=True, help_text="When it became ready."
+    )
+    started_at = models.DateTimeField("started at", null=True, blank=True)
+    finished_at = models.DateTimeField("finished at", null=True, blank=True)
+    result = models.JSONField("result", null=True, blank=True)
+    error = models.TextField("error", blank=True, default="")
+    worker = models.CharField("worker", max_length=200, blank=True, default="")
+
+    class Meta:
+        ordering = ["run", "id"]
+        verbose_name = "task run"
+        verbose_name_plural = "task runs"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "node_key"], name="task_run_unique_node"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["run", "status"], name="task_run_run_status_idx"),
+            # The waiting line of an event type, in FIFO order; only rows still waiting are indexed.
+            models.Index(
+                fields=["event_type", "queued_at", "id"],
+                condition=models.Q(status="QUEUED", holds_slot=False),
+                name="task_run_line_idx",
+            ),
+            # Occupied slots of an event type: counted on every admission.
+            models.Index(
+                fields=["event_type"],
+                condition=models.Q(holds_slot=True),
+                name="task_run_slot_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{self.node_key}"
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
