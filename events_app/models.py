@@ -67,16 +67,12 @@ class Event(models.Model):
         blank=True,
         help_text="The workflow run this event belongs to, if any.",
     )
-    event_type = models.CharField(
-        "event type", max_length=100, help_text="The node's event type and queue."
-    )
+    event_type = models.CharField("event type", max_length=100, help_text="The node's event type and queue.")
     task_name = models.CharField("task name", max_length=200, blank=True, default="")
     payload = models.JSONField("payload", default=dict, blank=True)
     result = models.JSONField("result", default=dict, blank=True)
     context = models.JSONField("context", default=dict, blank=True)
-    status = models.CharField(
-        "status", max_length=10, choices=Status.choices, default=Status.PENDING
-    )
+    status = models.CharField("status", max_length=10, choices=Status.choices, default=Status.PENDING)
     timestamp = models.DateTimeField("timestamp", help_text="When the event was sent.")
     updated_at = models.DateTimeField("updated at", auto_now=True)
 
@@ -86,9 +82,7 @@ class Event(models.Model):
         verbose_name_plural = "events"
         indexes = [
             models.Index(fields=["trace_id", "timestamp"], name="event_trace_time_idx"),
-            models.Index(
-                fields=["event_type", "-timestamp"], name="event_type_time_idx"
-            ),
+            models.Index(fields=["event_type", "-timestamp"], name="event_type_time_idx"),
         ]
 
     def __str__(self) -> str:
@@ -105,7 +99,5 @@ class Event(models.Model):
             "result": self.result,
             "context": self.context,
             "status": self.status,
-            "timestamp": self.timestamp.astimezone(dt.UTC).strftime(
-                "%Y-%m-%dT%H:%M:%S.%fZ"
-            ),
+            "timestamp": self.timestamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         }

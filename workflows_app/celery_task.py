@@ -8,12 +8,7 @@ from celery.exceptions import Ignore
 
 def event_of(args: Any, task_id: str | None) -> dict | None:
     """The Event when a task was sent by the engine (its task id is the event id), else None."""
-    if (
-        args
-        and isinstance(args[0], dict)
-        and task_id
-        and args[0].get("event_id") == task_id
-    ):
+    if args and isinstance(args[0], dict) and task_id and args[0].get("event_id") == task_id:
         return args[0]
     return None
 

@@ -69,18 +69,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_node(
-    index: int, raw: Any, known_tasks: set[str], errors: list[str]
-) -> dict | None:
+def _check_node(index: int, raw: Any, known_tasks: set[str], errors: list[str]) -> dict | None:
     where = f"nodes[{index}]"
     if not isinstance(raw, dict):
         errors.append(f"{where}: must be an object")
         return None
     unknown = set(raw) - NODE_FIELDS
     if unknown:
-        errors.append(
-            f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}"
-        )
+        errors.append(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     node = {**NODE_DEFAULTS, **{k: v for k, v in raw.items() if k in NODE_FIELDS}}
     key = node.get("key")
     if not isinstance(key, str) or not KEY_RE.match(key):
@@ -94,9 +90,7 @@ def _check_node(
         errors.append(f"{where}: unknown task '{task}' (not a registered Celery task)")
     event_type = node.get("event_type")
     if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
-        errors.append(
-            f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'"
-        )
+        errors.append(f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'")
     if not isinstance(node["params"], dict):
         errors.append(f"{where}: params must be an object")
     if not _is_int(node["max_retries"]) or node["max_retries"] < 0:
@@ -105,9 +99,7 @@ def _check_node(
         errors.append(f"{where}: retry_delay must be a number >= 0")
     else:
         node["retry_delay"] = float(node["retry_delay"])
-    if node["timeout"] is not None and (
-        not _is_int(node["timeout"]) or node["timeout"] < 1
-    ):
+    if node["timeout"] is not None and (not _is_int(node["timeout"]) or node["timeout"] < 1):
         errors.append(f"{where}: timeout must be a positive integer of seconds or null")
     if node["trigger_rule"] not in TriggerRule.values:
         errors.append(
@@ -125,21 +117,13 @@ def _check_edges(raw_edges: Any, keys: set[str], errors: list[str]) -> list[list
     for index, raw in enumerate(raw_edges):
         if isinstance(raw, dict) and set(raw) == {"source", "target"}:
             raw = [raw["source"], raw["target"]]
-        if not (
-            isinstance(raw, list | tuple)
-            and len(raw) == 2
-            and all(isinstance(k, str) for k in raw)
-        ):
-            errors.append(
-                f"edges[{index}]: must be a [source, target] pair of node keys"
-            )
+        if not (isinstance(raw, list | tuple) and len(raw) == 2 and all(isinstance(k, str) for k in raw)):
+            errors.append(f"edges[{index}]: must be a [source, target] pair of node keys")
             continue
         source, target = raw
         bad = [k for k in (source, target) if k not in keys]
         if bad:
-            errors.append(
-                f"edge {source} -> {target}: unknown node {', '.join(repr(k) for k in bad)}"
-            )
+            errors.append(f"edge {source} -> {target}: unknown node {', '.join(repr(k) for k in bad)}")
             continue
         if source == target:
             errors.append(f"edge {source} -> {target}: a node cannot depend on itself")
@@ -180,9 +164,7 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
     if not isinstance(description, str):
         errors.append("description must be a string")
     triggers = data.get("trigger_event_types", [])
-    if not isinstance(triggers, list) or not all(
-        isinstance(t, str) and EVENT_TYPE_RE.match(t) for t in triggers
-    ):
+    if not isinstance(triggers, list) or not all(isinstance(t, str) and EVENT_TYPE_RE.match(t) for t in triggers):
         errors.append("trigger_event_types must be a list of event type names")
         triggers = []
     event_types = data.get("event_types", {}) or {}
@@ -191,19 +173,11 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
         event_types = {}
     for et_name, et in event_types.items():
         if not EVENT_TYPE_RE.match(str(et_name)):
-            errors.append(
-                f"event type '{et_name}': name must use letters, digits, '.', '_' or '-'"
-            )
+            errors.append(f"event type '{et_name}': name must use letters, digits, '.', '_' or '-'")
         if not isinstance(et, dict) or set(et) - {"concurrency", "description"}:
-            errors.append(
-                f"event type '{et_name}': must be an object with concurrency (and description)"
-            )
-        elif "concurrency" in et and (
-            not _is_int(et["concurrency"]) or et["concurrency"] < 1
-        ):
-            errors.append(
-                f"event type '{et_name}': concurrency must be an integer >= 1"
-            )
+            errors.append(f"event type '{et_name}': must be an object with concurrency (and description)")
+        elif "concurrency" in et and (not _is_int(et["concurrency"]) or et["concurrency"] < 1):
+            errors.append(f"event type '{et_name}': concurrency must be an integer >= 1")
     is_active = data.get("is_active", True)
     if not isinstance(is_active, bool):
         errors.append("is_active must be true or false")
@@ -234,10 +208,7 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
         "is_active": is_active,
         "trigger_event_types": list(triggers),
         "event_types": {str(k): dict(v) for k, v in event_types.items()},
-        "nodes": [
-            {"key": n["key"], **{f: n[f] for f in sorted(NODE_FIELDS - {"key"})}}
-            for n in nodes
-        ],
+        "nodes": [{"key": n["key"], **{f: n[f] for f in sorted(NODE_FIELDS - {"key"})}} for n in nodes],
         "edges": edges,
     }
 
@@ -263,10 +234,7 @@ def definition_spec(workflow: WorkflowDefinition) -> dict:
             }
             for n in nodes
         ],
-        "edges": [
-            [by_id[e.source_id], by_id[e.target_id]]
-            for e in workflow.edges.order_by("id")
-        ],
+        "edges": [[by_id[e.source_id], by_id[e.target_id]] for e in workflow.edges.order_by("id")],
     }
 
 
@@ -274,17 +242,13 @@ def definition_export(workflow: WorkflowDefinition) -> dict:
     """The export shape: what import_workflows and POST /api/workflows/ take back unchanged."""
     spec = definition_spec(workflow)
     type_names = sorted({n["event_type"] for n in spec["nodes"]})
-    concurrency = dict(
-        EventType.objects.filter(name__in=type_names).values_list("name", "concurrency")
-    )
+    concurrency = dict(EventType.objects.filter(name__in=type_names).values_list("name", "concurrency"))
     return {
         "name": spec["name"],
         "description": spec["description"],
         "is_active": workflow.is_active,
         "trigger_event_types": spec["trigger_event_types"],
-        "event_types": {
-            name: {"concurrency": concurrency[name]} for name in type_names
-        },
+        "event_types": {name: {"concurrency": concurrency[name]} for name in type_names},
         "nodes": spec["nodes"],
         "edges": spec["edges"],
     }
@@ -306,9 +270,7 @@ def workflow_version_sync(*, workflow: WorkflowDefinition) -> WorkflowVersion:
 
 
 @transaction.atomic
-def workflow_definition_save(
-    *, data: Any, known_tasks: set[str] | None = None
-) -> WorkflowDefinition:
+def workflow_definition_save(*, data: Any, known_tasks: set[str] | None = None) -> WorkflowDefinition:
     """Create or replace a definition from the export shape; all or nothing."""
     spec = definition_validate(data, known_tasks=known_tasks)
     for et_name, et in spec["event_types"].items():
@@ -318,9 +280,7 @@ def workflow_definition_save(
             EventType.objects.filter(pk=obj.pk).update(**defaults)
     for et_name in {n["event_type"] for n in spec["nodes"]} - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)
-    workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(
-        name=spec["name"]
-    )
+    workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(name=spec["name"])
     workflow.description = spec["description"]
     workflow.trigger_event_types = spec["trigger_event_types"]
     workflow.is_active = spec["is_active"]
@@ -328,13 +288,9 @@ def workflow_definition_save(
     workflow.edges.all().delete()
     workflow.nodes.all().delete()
     created_nodes = Node.objects.bulk_create(
-        Node(workflow=workflow, event_type_id=n.pop("event_type"), **n)
-        for n in [dict(n) for n in spec["nodes"]]
+        Node(workflow=workflow, event_type_id=n.pop("event_type"), **n) for n in [dict(n) for n in spec["nodes"]]
     )
     by_key = {n.key: n for n in created_nodes}
-    Edge.objects.bulk_create(
-        Edge(workflow=workflow, source=by_key[s], target=by_key[t])
-        for s, t in spec["edges"]
-    )
+    Edge.objects.bulk_create(Edge(workflow=workflow, source=by_key[s], target=by_key[t]) for s, t in spec["edges"])
     workflow_version_sync(workflow=workflow)
     return workflow

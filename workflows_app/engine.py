@@ -138,11 +138,7 @@ def _retry_on_conflict(func: F) -> F:
             try:
                 return func(*args, **kwargs)
             except OperationalError as exc:
-                if (
-                    "deadlock" not in str(exc).lower()
-                    or attempt == 4
-                    or transaction.get_connection().in_atomic_block
-                ):
+                if "deadlock" not in str(exc).lower() or attempt == 4 or transaction.get_connection().in_atomic_block:
                     raise
                 logger.warning("retrying %s after deadlock", func.__name__)
         raise AssertionError("unreachable")
@@ -227,17 +223,11 @@ def _admit(type_names: Iterable[str], outbox: _Outbox) -> None:
     """
     for name in sorted(set(type_names)):
         concurrency = (
-            EventType.objects.select_for_update()
-            .filter(name=name)
-            .values_list("concurrency", flat=True)
-            .first()
+            EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
         )
         if concurrency is None:
             continue
-        free = (
-            concurrency
-            - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
-        )
+        free = concurrency - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
         if free <= 0:
             continue
         picked = list(
@@ -296,10 +286,7 @@ def _advance(
             row.status = decision
             if decision == S.QUEUED:
                 row.queued_at = now
-                results = {
-                    p: rows[p].result if rows[p].status == S.SUCCESS else None
-                    for p in graph.preds[key]
-                }
+                results = {p: rows[p].result if rows[p].status == S.SUCCESS else None for p in graph.preds[key]}
                 event = _new_event(
                     run=run,
                     graph=graph,
@@ -319,18 +306,14 @@ def _advance(
     if new_events:
         Event.objects.bulk_create(new_events)
     if changed:
-        TaskRun.objects.bulk_update(
-            changed, ["status", "queued_at", "finished_at", "current_event"]
-        )
+        TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
     return queued_types
 
 
 def _finish_run_if_done(run: WorkflowRun, now: datetime) -> None:
     if TaskRun.objects.filter(run=run).exclude(status__in=FINAL).exists():
         return
-    failed = TaskRun.objects.filter(
-        run=run, status__in=[S.FAILURE, S.UPSTREAM_FAILED]
-    ).exists()
+    failed = TaskRun.objects.filter(run=run, status__in=[S.FAILURE, S.UPSTREAM_FAILED]).exists()
     run.status = WorkflowRun.Status.FAILED if failed else WorkflowRun.Status.SUCCESS
     run.finished_at = now
     run.save(update_fields=["status", "finished_at"])
@@ -345,9 +328,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def workflow_version_current(*, workflow: WorkflowDefinition) -> WorkflowVersion:
-    version = WorkflowVersion.objects.filter(
-        workflow=workflow, version=workflow.version
-    ).first()
+    version = WorkflowVersion.objects.filter(workflow=workflow, version=workflow.version).first()
     if version is None:
         from .definitions import workflow_version_sync
 
@@ -374,9 +355,7 @@ def workflow_run_start(
         raise EngineError("payload must be a JSON object")
     payload = _json_safe(payload)
     if idempotency_key:
-        existing = WorkflowRun.objects.filter(
-            workflow=workflow, idempotency_key=idempotency_key
-        ).first()
+        existing = WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
         if existing:
             return existing, False
     now = timezone.now()
@@ -400,9 +379,7 @@ def workflow_run_start(
             # A concurrent request with the same idempotency key won the insert.
             existing = (
                 idempotency_key
-                and WorkflowRun.objects.filter(
-                    workflow=workflow, idempotency_key=idempotency_key
-                ).first()
+                and WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
             )
             if existing:
                 return existing, False
@@ -445,16 +422,12 @@ def task_run_start(*, event_id: str, attempt: int = 1, worker: str = "") -> bool
     """
     now = timezone.now()
     with transaction.atomic():
-        updated = TaskRun.objects.filter(
-            current_event_id=event_id, status__in=[S.QUEUED, S.RETRY]
-        ).update(
+        updated = TaskRun.objects.filter(current_event_id=event_id, status__in=[S.QUEUED, S.RETRY]).update(
             status=S.STARTED, started_at=now, attempts=attempt, worker=worker[:200]
         )
         if not updated:
             # A redelivery of an attempt that had started (its worker died) may run again.
-            return TaskRun.objects.filter(
-                current_event_id=event_id, status=S.STARTED
-            ).exists()
+            return TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED).exists()
         Event.objects.filter(event_id=event_id).update(status=Event.Status.STARTED)
     return True
 
@@ -496,12 +469,7 @@ def task_run_finish(
         types = [row.event_type_id]
         if not succeeded and row.attempts <= node.max_retries:
             attempt = row.attempts + 1
-            previous = (
-                Event.objects.filter(event_id=event_id)
-                .values_list("context", flat=True)
-                .first()
-                or {}
-            )
+            previous = Event.objects.filter(event_id=event_id).values_list("context", flat=True).first() or {}
             event = _new_event(
                 run=run,
                 graph=graph,
@@ -511,9 +479,7 @@ def task_run_finish(
                 now=now,
             )
             event.save(force_insert=True)
-            Event.objects.filter(event_id=event_id).update(
-                status=Event.Status.FAILURE, result={"error": error}
-            )
+            Event.objects.filter(event_id=event_id).update(status=Event.Status.FAILURE, result={"error": error})
             row.status, row.error, row.current_event = S.RETRY, error, event
             row.save(update_fields=["status", "error", "current_event"])
             # The retry keeps its slot through the backoff: it was admitted and is not finished.
@@ -526,9 +492,7 @@ def task_run_finish(
         row.error = "" if succeeded else error
         row.finished_at = now
         row.holds_slot = False
-        row.save(
-            update_fields=["status", "result", "error", "finished_at", "holds_slot"]
-        )
+        row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot"])
         Event.objects.filter(event_id=event_id).update(
             status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
             result=result if succeeded else {"error": error},
@@ -549,9 +513,7 @@ def task_run_finish(
 @_retry_on_conflict
 def task_run_retrying(*, event_id: str, error: str = "") -> None:
     """A task asked Celery to retry itself (`self.retry`): show RETRY until the new attempt starts."""
-    TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED).update(
-        status=S.RETRY, error=error
-    )
+    TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED).update(status=S.RETRY, error=error)
     Event.objects.filter(event_id=event_id).update(status=Event.Status.RETRY)
 
 
@@ -569,9 +531,7 @@ def workflow_run_cancel(*, trace_id: str) -> WorkflowRun:
         if run.is_final:
             return run
         open_rows = list(
-            TaskRun.objects.filter(run=run)
-            .exclude(status__in=FINAL)
-            .values_list("event_type_id", "current_event_id")
+            TaskRun.objects.filter(run=run).exclude(status__in=FINAL).values_list("event_type_id", "current_event_id")
         )
         TaskRun.objects.filter(run=run).exclude(status__in=FINAL).update(
             status=S.REVOKED, finished_at=now, holds_slot=False
@@ -600,9 +560,7 @@ def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
                 f"run {trace_id} is {run.status}: only a failed or canceled run can be retried",
                 status=409,
             )
-        reset = list(
-            TaskRun.objects.filter(run=run, status__in=FAILED_LIKE | {S.SKIPPED})
-        )
+        reset = list(TaskRun.objects.filter(run=run, status__in=FAILED_LIKE | {S.SKIPPED}))
         for row in reset:
             row.status, row.queued_at, row.started_at, row.finished_at = (
                 S.WAITING,
@@ -652,11 +610,7 @@ def event_type_admit(*, name: str) -> None:
 
 def event_type_set_concurrency(*, name: str, concurrency: int) -> EventType:
     """Change a type's limit live: raising it dispatches waiting tasks at once; lowering lets running ones end."""
-    if (
-        not isinstance(concurrency, int)
-        or isinstance(concurrency, bool)
-        or concurrency < 1
-    ):
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
         raise EngineError("concurrency must be an integer >= 1")
     with transaction.atomic():
         EventType.objects.filter(name=name).update(concurrency=concurrency)

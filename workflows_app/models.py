@@ -6,9 +6,7 @@ from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
-key_validator = RegexValidator(
-    r"^[A-Za-z0-9_-]{1,100}$", "Use letters, digits, '_' or '-'."
-)
+key_validator = RegexValidator(r"^[A-Za-z0-9_-]{1,100}$", "Use letters, digits, '_' or '-'.")
 
 
 class TriggerRule(models.TextChoices):
@@ -31,9 +29,7 @@ class WorkflowDefinition(models.Model):
         editable=False,
         help_text="Bumped on every change; runs keep the version they began with.",
     )
-    is_active = models.BooleanField(
-        "active", default=True, help_text="Inactive workflows cannot be triggered."
-    )
+    is_active = models.BooleanField("active", default=True, help_text="Inactive workflows cannot be triggered.")
     trigger_event_types = models.JSONField(
         "trigger event types",
         default=list,
@@ -65,9 +61,7 @@ class Node(models.Model):
         validators=[key_validator],
         help_text="Unique within the workflow.",
     )
-    task = models.CharField(
-        "task", max_length=200, help_text="A registered Celery task name."
-    )
+    task = models.CharField("task", max_length=200, help_text="A registered Celery task name.")
     event_type = models.ForeignKey(
         "events_app.EventType",
         on_delete=models.PROTECT,
@@ -75,12 +69,8 @@ class Node(models.Model):
         verbose_name="event type",
         help_text="Its queue and parallelism.",
     )
-    params = models.JSONField(
-        "params", default=dict, blank=True, help_text="Merged over the run payload."
-    )
-    max_retries = models.PositiveIntegerField(
-        "max retries", default=0, help_text="Retries with exponential backoff."
-    )
+    params = models.JSONField("params", default=dict, blank=True, help_text="Merged over the run payload.")
+    max_retries = models.PositiveIntegerField("max retries", default=0, help_text="Retries with exponential backoff.")
     retry_delay = models.FloatField(
         "retry delay",
         default=1.0,
@@ -104,11 +94,7 @@ class Node(models.Model):
         ordering = ["workflow", "id"]
         verbose_name = "node"
         verbose_name_plural = "nodes"
-        constraints = [
-            models.UniqueConstraint(
-                fields=["workflow", "key"], name="node_unique_key_per_workflow"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["workflow", "key"], name="node_unique_key_per_workflow")]
 
     def __str__(self) -> str:
         return self.key
@@ -121,12 +107,8 @@ class Edge(models.Model):
         related_name="edges",
         verbose_name="workflow",
     )
-    source = models.ForeignKey(
-        Node, on_delete=models.CASCADE, related_name="out_edges", verbose_name="source"
-    )
-    target = models.ForeignKey(
-        Node, on_delete=models.CASCADE, related_name="in_edges", verbose_name="target"
-    )
+    source = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="out_edges", verbose_name="source")
+    target = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="in_edges", verbose_name="target")
 
     class Meta:
         ordering = ["workflow", "id"]
@@ -134,9 +116,7 @@ class Edge(models.Model):
         verbose_name_plural = "edges"
         constraints = [
             models.UniqueConstraint(fields=["source", "target"], name="edge_unique"),
-            models.CheckConstraint(
-                condition=~models.Q(source=models.F("target")), name="edge_no_self_loop"
-            ),
+            models.CheckConstraint(condition=~models.Q(source=models.F("target")), name="edge_no_self_loop"),
         ]
 
     def __str__(self) -> str:
@@ -160,11 +140,7 @@ class WorkflowVersion(models.Model):
         ordering = ["workflow", "-version"]
         verbose_name = "workflow version"
         verbose_name_plural = "workflow versions"
-        constraints = [
-            models.UniqueConstraint(
-                fields=["workflow", "version"], name="workflow_version_unique"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["workflow", "version"], name="workflow_version_unique")]
 
     def __str__(self) -> str:
         return f"{self.workflow_id} v{self.version}"
@@ -179,9 +155,7 @@ class WorkflowRun(models.Model):
 
     FINAL = (Status.SUCCESS, Status.FAILED, Status.CANCELED)
 
-    trace_id = models.UUIDField(
-        "trace id", primary_key=True, default=uuid.uuid4, editable=False
-    )
+    trace_id = models.UUIDField("trace id", primary_key=True, default=uuid.uuid4, editable=False)
     workflow = models.ForeignKey(
         WorkflowDefinition,
         on_delete=models.PROTECT,
@@ -195,9 +169,7 @@ class WorkflowRun(models.Model):
         verbose_name="definition version",
     )
     workflow_version = models.PositiveIntegerField("workflow version")
-    status = models.CharField(
-        "status", max_length=10, choices=Status.choices, default=Status.RUNNING
-    )
+    status = models.CharField("status", max_length=10, choices=Status.choices, default=Status.RUNNING)
     payload = models.JSONField("payload", default=dict, blank=True)
     # NULL, not "", for "no key": the partial unique constraint then ignores keyless runs.
     idempotency_key = models.CharField(  # noqa: DJ001
@@ -226,12 +198,8 @@ class WorkflowRun(models.Model):
         verbose_name_plural = "workflow runs"
         indexes = [
             models.Index(fields=["-created_at"], name="run_created_idx"),
-            models.Index(
-                fields=["workflow", "-created_at"], name="run_workflow_created_idx"
-            ),
-            models.Index(
-                fields=["status", "-created_at"], name="run_status_created_idx"
-            ),
+            models.Index(fields=["workflow", "-created_at"], name="run_workflow_created_idx"),
+            models.Index(fields=["status", "-created_at"], name="run_status_created_idx"),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -269,9 +237,7 @@ class TaskRun(models.Model):
         Status.REVOKED,
     )
 
-    run = models.ForeignKey(
-        WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run"
-    )
+    run = models.ForeignKey(WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run")
     node_key = models.CharField("node", max_length=100)
     event_type = models.ForeignKey(
         "events_app.EventType",
@@ -280,12 +246,8 @@ class TaskRun(models.Model):
         verbose_name="event type",
     )
     task_name = models.CharField("task name", max_length=200)
-    status = models.CharField(
-        "status", max_length=16, choices=Status.choices, default=Status.WAITING
-    )
-    attempts = models.PositiveIntegerField(
-        "attempts", default=0, help_text="Attempts started or sent so far."
-    )
+    status = models.CharField("status", max_length=16, choices=Status.choices, default=Status.WAITING)
+    attempts = models.PositiveIntegerField("attempts", default=0, help_text="Attempts started or sent so far.")
     holds_slot = models.BooleanField(
         "holds a slot",
         default=False,
@@ -300,9 +262,7 @@ class TaskRun(models.Model):
         verbose_name="current event",
         help_text="The Event of the latest attempt; its id is the Celery task id.",
     )
-    queued_at = models.DateTimeField(
-        "queued at", null=True, blank=True, help_text="When it became ready."
-    )
+    queued_at = models.DateTimeField("queued at", null=True, blank=True, help_text="When it became ready.")
     started_at = models.DateTimeField("started at", null=True, blank=True)
     finished_at = models.DateTimeField("finished at", null=True, blank=True)
     result = models.JSONField("result", null=True, blank=True)
@@ -313,11 +273,7 @@ class TaskRun(models.Model):
         ordering = ["run", "id"]
         verbose_name = "task run"
         verbose_name_plural = "task runs"
-        constraints = [
-            models.UniqueConstraint(
-                fields=["run", "node_key"], name="task_run_unique_node"
-            )
-        ]
+        constraints = [models.UniqueConstraint(fields=["run", "node_key"], name="task_run_unique_node")]
         indexes = [
             models.Index(fields=["run", "status"], name="task_run_run_status_idx"),
             # The waiting line of an event type, in FIFO order; only rows still waiting are indexed.

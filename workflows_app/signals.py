@@ -22,9 +22,7 @@ def on_task_postrun(
     from . import engine
 
     if state == states.SUCCESS:
-        engine.task_run_finish(
-            trace_id=event["trace_id"], event_id=task_id, succeeded=True, result=retval
-        )
+        engine.task_run_finish(trace_id=event["trace_id"], event_id=task_id, succeeded=True, result=retval)
     elif state == states.RETRY:
         engine.task_run_retrying(event_id=task_id, error=_describe(retval))
     else:
