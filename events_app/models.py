@@ -70,7 +70,9 @@ class Event(models.Model):
     event_type = models.CharField("event type", max_length=100, help_text="The node's event type and queue.")
     task_name = models.CharField("task name", max_length=200, blank=True, default="")
     payload = models.JSONField("payload", default=dict, blank=True)
-    result = models.JSONField("result", default=dict, blank=True)
+    result = models.JSONField(
+        "result", null=True, default=dict, blank=True, help_text="{} when sent; the task's return value once finished."
+    )
     context = models.JSONField("context", default=dict, blank=True)
     status = models.CharField("status", max_length=10, choices=Status.choices, default=Status.PENDING)
     timestamp = models.DateTimeField("timestamp", help_text="When the event was sent.")

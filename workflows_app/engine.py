@@ -616,3 +616,25 @@ def event_type_set_concurrency(*, name: str, concurrency: int) -> EventType:
         EventType.objects.filter(name=name).update(concurrency=concurrency)
         event_type_admit(name=name)
     return EventType.objects.get(name=name)
+
+
+def event_publish(*, event_type: str, payload: dict, user: Any = None) -> tuple[Event, list[WorkflowRun]]:
+    """Store an outside event and start every active workflow subscribed to its type, all or nothing."""
+    with transaction.atomic():
+        event = Event.objects.create(
+            event_type=event_type,
+            payload=_json_safe(payload),
+            status=Event.Status.SUCCESS,
+            context={"source": "api"},
+            timestamp=timezone.now(),
+        )
+        subscribed = [
+            w
+            for w in WorkflowDefinition.objects.filter(is_active=True).order_by("name")
+            if event_type in (w.trigger_event_types or [])
+        ]
+        runs = [
+            workflow_run_start(workflow=w, payload=payload, user=user, source=f"event:{event.event_id}")[0]
+            for w in subscribed
+        ]
+    return event, runs

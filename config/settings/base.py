@@ -86,9 +86,10 @@ LOGIN_URL = "admin:login"
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=1024 * 1024)
 
 REST_FRAMEWORK = {
+    # Token first: its WWW-Authenticate header makes anonymous calls a 401 rather than a 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["workflows_app.api.parsers.SafeJSONParser"],
@@ -100,6 +101,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "workflows_app.api.errors.exception_handler",
+    "DEFAULT_THROTTLE_RATES": {"trigger": env("EVENTFLOW_TRIGGER_RATE", default="6000/minute")},
 }
 
 SPECTACULAR_SETTINGS = {

@@ -1,15 +1,65 @@
-"""API error shapes."""
+"""One JSON error shape for every API failure: {"detail": message, ...}, with the right status code."""
 
-from rest_framework.views import exception_handler  # noqa: F401
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
+from rest_framework import status
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from workflows_app.definitions import DefinitionError
+from workflows_app.engine import EngineError
 
 
-def handler404(request, exception=None):
-    from django.views.defaults import page_not_found
+class PayloadTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "request body too large"
+    default_code = "payload_too_large"
 
-    return page_not_found(request, exception)
+
+def _first_message(errors: Any) -> str:
+    if isinstance(errors, dict):
+        for field, value in errors.items():
+            return f"{field}: {_first_message(value)}"
+    if isinstance(errors, list) and errors:
+        return _first_message(errors[0])
+    return str(errors)
 
 
-def handler500(request):
-    from django.views.defaults import server_error
+def exception_handler(exc: Exception, context: dict) -> Response | None:
+    """DRF's handler, plus the engine's and the definition format's errors, always with a `detail`."""
+    if isinstance(exc, RequestDataTooBig):
+        return Response({"detail": str(exc)}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, DefinitionError):
+        return Response({"detail": str(exc), "errors": exc.errors}, status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, EngineError):
+        return Response({"detail": str(exc)}, status=exc.status)
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, ValidationError):
+        response.data = {"detail": _first_message(exc.detail), "errors": exc.detail}
+    elif not (isinstance(response.data, dict) and "detail" in response.data):
+        response.data = {"detail": _first_message(response.data)}
+    return response
 
-    return server_error(request)
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
+def handler404(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    return defaults.page_not_found(request, exception or Http404())
+
+
+def handler500(request: HttpRequest) -> HttpResponse:
+    if _is_api(request):
+        return JsonResponse({"detail": "Internal server error."}, status=500)
+    return defaults.server_error(request)

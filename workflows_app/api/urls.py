@@ -1,3 +1,21 @@
-"""API routes."""
+"""API routes (every path of the REST API in one place)."""
 
-urlpatterns: list = []
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
+
+from . import views
+
+urlpatterns = [
+    path("workflows/", views.WorkflowListCreateApi.as_view(), name="api-workflow-list"),
+    path("workflows/<slug:name>/", views.WorkflowDetailApi.as_view(), name="api-workflow-detail"),
+    path("workflows/<slug:name>/runs/", views.RunTriggerApi.as_view(), name="api-run-trigger"),
+    path("runs/", views.RunListApi.as_view(), name="api-run-list"),
+    path("runs/<uuid:trace_id>/", views.RunDetailApi.as_view(), name="api-run-detail"),
+    path("runs/<uuid:trace_id>/events/", views.RunEventsApi.as_view(), name="api-run-events"),
+    path("runs/<uuid:trace_id>/cancel/", views.RunCancelApi.as_view(), name="api-run-cancel"),
+    path("runs/<uuid:trace_id>/retry/", views.RunRetryApi.as_view(), name="api-run-retry"),
+    path("events/", views.EventPublishApi.as_view(), name="api-event-publish"),
+    path("event-types/", views.EventTypeListApi.as_view(), name="api-event-type-list"),
+    path("event-types/<str:name>/", views.EventTypeDetailApi.as_view(), name="api-event-type-detail"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+]

@@ -1,0 +1,101 @@
+"""Django admin for event types (live parallelism, with running and queued counts) and the events log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from workflows_app import engine
+from workflows_app.models import TaskRun
+
+from .models import Event, EventType
+
+
+@admin.register(EventType)
+class EventTypeAdmin(admin.ModelAdmin):
+    list_display = ("name", "concurrency", "running", "queued", "description", "updated_at")
+    list_editable = ("concurrency",)
+    search_fields = ("name", "description")
+    fields = ("name", "concurrency", "running", "queued", "description", "created_at", "updated_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[EventType]:
+        # One join, two conditional counts: the list costs the same query however many tasks exist.
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                running=Count("task_runs", filter=Q(task_runs__holds_slot=True)),
+                queued=Count(
+                    "task_runs",
+                    filter=Q(task_runs__status=TaskRun.Status.QUEUED, task_runs__holds_slot=False),
+                ),
+            )
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: EventType | None = None) -> tuple[str, ...]:
+        # The name is the primary key and the queue name: renaming would create a second type.
+        base = ("running", "queued", "created_at", "updated_at")
+        return ("name", *base) if obj is not None else base
+
+    @admin.display(description="running", ordering="running")
+    def running(self, obj: EventType) -> int:
+        return getattr(obj, "running", 0)
+
+    @admin.display(description="queued", ordering="queued")
+    def queued(self, obj: EventType) -> int:
+        return getattr(obj, "queued", 0)
+
+    def save_model(self, request: HttpRequest, obj: EventType, form: forms.ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # Raising the limit hands waiting tasks to Celery now, not at the next completion. This runs
+        # in the admin's transaction, so it sees the new limit and the messages leave on commit.
+        engine.event_type_admit(name=obj.name)
+
+
+def _run_page(trace_id: Any) -> str:
+    if not trace_id:
+        return "-"
+    url = reverse("workflows_app:run-detail", args=[trace_id])
+    return format_html('<a href="{}">{}</a>', url, url)
+
+
+@admin.register(Event)
+class EventAdmin(admin.ModelAdmin):
+    list_display = ("event_id", "trace_id", "event_type", "task_name", "status", "timestamp", "page_link")
+    list_filter = ("status", "event_type")
+    search_fields = ("event_id", "trace_id")
+    date_hierarchy = "timestamp"
+    fields = (
+        "event_id",
+        "trace_id",
+        "page_link",
+        "event_type",
+        "task_name",
+        "status",
+        "timestamp",
+        "payload",
+        "context",
+        "result",
+        "updated_at",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="status page")
+    def page_link(self, obj: Event) -> str:
+        return _run_page(obj.trace_id)
+
+    # Events are written by the engine only: the admin shows them.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Event | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Event | None = None) -> bool:
+        return False

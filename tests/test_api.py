@@ -1,0 +1,331 @@
+"""The REST API: shapes, permissions, idempotency, and bad input answered with JSON errors and no writes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from events_app.models import Event, EventType
+from tests import factories
+from workflows_app.models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
+
+pytestmark = pytest.mark.django_db
+
+ECHO = "workflows_app.tasks.echo"
+
+
+def counts() -> dict[str, int]:
+    """Row counts of every table a bad request could write to."""
+    models = [WorkflowDefinition, Node, Edge, WorkflowVersion, WorkflowRun, TaskRun, Event, EventType]
+    return {m.__name__: m.objects.count() for m in models}
+
+
+def assert_json_error(response, status: int) -> dict:
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert isinstance(body.get("detail"), str) and body["detail"]
+    return body
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_workflow_list_and_detail_show_nodes_and_edges(api, pipeline):
+    listed = api.get("/api/workflows/").json()
+    assert listed["count"] == 1
+    detail = api.get("/api/workflows/product_pipeline/").json()
+    assert [n["key"] for n in detail["nodes"]] == [
+        "intake",
+        "listing",
+        "image",
+        "upload_ali",
+        "upload_1688",
+        "publish_ali",
+        "publish_1688",
+    ]
+    assert ["intake", "listing"] in detail["edges"]
+    assert detail["event_types"]["product_image"] == {"concurrency": 2}
+    assert detail["version"] == 1
+
+
+def test_create_workflow_then_get_it_back(api):
+    data = factories.spec("made", [("a", ECHO), ("b", ECHO)], [["a", "b"]])
+    response = api.post("/api/workflows/", data, format="json")
+    assert response.status_code == 201, response.content
+    body = api.get("/api/workflows/made/").json()
+    assert body["edges"] == [["a", "b"]]
+    assert WorkflowVersion.objects.filter(workflow__name="made").count() == 1
+
+
+def test_trigger_returns_trace_id_and_creates_all_tasks(api, pipeline):
+    response = api.post("/api/workflows/product_pipeline/runs/", {"payload": {"product": "mug"}}, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert set(body) >= {"trace_id", "status", "url", "status_page"}
+    assert body["status"] == "RUNNING"
+    run = WorkflowRun.objects.get(trace_id=body["trace_id"])
+    statuses = dict(run.tasks.values_list("node_key", "status"))
+    assert statuses["intake"] == "QUEUED"
+    assert {k for k, s in statuses.items() if s == "WAITING"} == set(statuses) - {"intake"}
+    intake = run.tasks.get(node_key="intake")
+    assert intake.holds_slot is True  # concurrency 5 on product_src leaves room
+    event = intake.current_event
+    assert event.payload == {"product": "mug"}
+    assert event.context == {
+        "workflow": "product_pipeline",
+        "workflow_version": 1,
+        "node": "intake",
+        "attempt": 1,
+        "upstream": {},
+    }
+
+
+def test_trigger_with_idempotency_key_returns_the_same_run(api, pipeline):
+    url = "/api/workflows/product_pipeline/runs/"
+    first = api.post(url, {"payload": {}}, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+    second = api.post(url, {"payload": {}}, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["trace_id"] == second.json()["trace_id"]
+    assert WorkflowRun.objects.count() == 1
+
+
+def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
+    trace_id = api.post("/api/workflows/product_pipeline/runs/", {}, format="json").json()["trace_id"]
+    body = api.get(f"/api/runs/{trace_id}/").json()
+    assert body["workflow"] == "product_pipeline" and body["workflow_version"] == 1
+    assert len(body["tasks"]) == 7
+    intake = body["tasks"][0]
+    assert set(intake) == {
+        "node",
+        "event_type",
+        "task_name",
+        "status",
+        "attempts",
+        "queued_at",
+        "started_at",
+        "finished_at",
+        "result",
+        "error",
+    }
+    assert intake["queued_at"].endswith("Z") and intake["started_at"] is None
+
+
+def test_run_list_filters_and_paginates(api, pipeline):
+    other = factories.workflow(factories.spec("other"))
+    for _ in range(2):
+        api.post("/api/workflows/product_pipeline/runs/", {}, format="json")
+    api.post(f"/api/workflows/{other.name}/runs/", {}, format="json")
+    body = api.get("/api/runs/?workflow=product_pipeline").json()
+    assert body["count"] == 2 and set(body) == {"count", "next", "previous", "results"}
+    assert api.get("/api/runs/?status=SUCCESS").json()["count"] == 0
+    assert api.get("/api/runs/?status=running").json()["count"] == 3
+
+
+def test_run_detail_query_count_does_not_grow_with_nodes(api):
+    def queries_for(n: int) -> int:
+        wf = factories.workflow(factories.spec(f"wide{n}", [(f"n{i}", ECHO) for i in range(n)]))
+        trace_id = api.post(f"/api/workflows/{wf.name}/runs/", {}, format="json").json()["trace_id"]
+        with CaptureQueriesContext(connection) as ctx:
+            assert api.get(f"/api/runs/{trace_id}/").status_code == 200
+        return len(ctx.captured_queries)
+
+    assert queries_for(3) == queries_for(40)
+
+
+def test_events_of_a_run(api, pipeline):
+    trace_id = api.post("/api/workflows/product_pipeline/runs/", {}, format="json").json()["trace_id"]
+    body = api.get(f"/api/runs/{trace_id}/events/").json()
+    assert body["count"] == 1
+    assert body["results"][0]["context"]["node"] == "intake"
+
+
+def test_cancel_revokes_every_unfinished_task(api, pipeline):
+    trace_id = api.post("/api/workflows/product_pipeline/runs/", {}, format="json").json()["trace_id"]
+    response = api.post(f"/api/runs/{trace_id}/cancel/")
+    assert response.status_code == 200 and response.json()["status"] == "CANCELED"
+    assert set(TaskRun.objects.filter(run_id=trace_id).values_list("status", flat=True)) == {"REVOKED"}
+    assert not TaskRun.objects.filter(holds_slot=True).exists()
+
+
+def test_publish_event_starts_subscribed_workflows_only(api, pipeline):
+    factories.workflow(factories.spec("deaf"))
+    response = api.post("/api/events/", {"event_type": "product.created", "payload": {"p": 1}}, format="json")
+    assert response.status_code == 201, response.content
+    trace_ids = response.json()["trace_ids"]
+    assert len(trace_ids) == 1
+    assert WorkflowRun.objects.get(trace_id=trace_ids[0]).workflow.name == "product_pipeline"
+    nobody = api.post("/api/events/", {"event_type": "nobody.listens"}, format="json")
+    assert nobody.status_code == 201 and nobody.json()["trace_ids"] == []
+
+
+def test_event_types_show_counts_and_take_a_new_limit(api, pipeline):
+    api.post("/api/workflows/product_pipeline/runs/", {}, format="json")
+    types = {t["name"]: t for t in api.get("/api/event-types/").json()["results"]}
+    assert types["product_src"] == {
+        "name": "product_src",
+        "concurrency": 5,
+        "description": "",
+        "running": 1,
+        "queued": 0,
+    }
+    response = api.patch("/api/event-types/product_image/", {"concurrency": 7}, format="json")
+    assert response.status_code == 200 and response.json()["concurrency"] == 7
+
+
+def test_schema_is_served(api):
+    response = api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    assert "/api/workflows/{name}/runs/" in json.loads(response.content)["paths"]
+
+
+# --------------------------------------------------------------------------- bad input: clear error, nothing written
+
+TRIGGER = "/api/workflows/product_pipeline/runs/"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        ("{not json", "application/json", 400),
+        ('{"payload": [1, 2]}', "application/json", 400),
+        ('{"payload": "text"}', "application/json", 400),
+        ('{"payload": {}, "surprise": 1}', "application/json", 400),
+        ("[1, 2, 3]", "application/json", 400),
+        ('{"payload": ' + "[" * 5000 + "]" * 5000 + "}", "application/json", 400),
+        ('{"payload": {"big": "' + "x" * (2 * 1024 * 1024) + '"}}', "application/json", 413),
+        ('{"payload": {"big": "' + "x" * (300 * 1024) + '"}}', "application/json", 413),
+        ("payload=1", "application/x-www-form-urlencoded", 415),
+        ('{"payload": {}}\xff', "application/json", 400),
+    ],
+    ids=[
+        "malformed",
+        "list-payload",
+        "string-payload",
+        "unknown-field",
+        "array-body",
+        "deeply-nested",
+        "over-body-limit",
+        "over-payload-limit",
+        "form-encoded",
+        "trailing-garbage",
+    ],
+)
+def test_trigger_bad_body(api, pipeline, body, content_type, status):
+    before = counts()
+    response = api.generic("POST", TRIGGER, body.encode("utf-8", "surrogateescape"), content_type=content_type)
+    assert_json_error(response, status)
+    assert counts() == before
+
+
+def test_trigger_unknown_workflow_is_404(api, pipeline):
+    before = counts()
+    body = assert_json_error(api.post("/api/workflows/nope/runs/", {}, format="json"), 404)
+    assert "nope" in body["detail"]
+    assert counts() == before
+
+
+def test_trigger_inactive_workflow_is_409(api, pipeline):
+    response = api.patch("/api/workflows/product_pipeline/", {"is_active": False}, format="json")
+    assert response.status_code == 200 and response.json()["is_active"] is False
+    before = counts()
+    assert "inactive" in assert_json_error(api.post(TRIGGER, {}, format="json"), 409)["detail"]
+    assert counts() == before
+
+
+@pytest.mark.parametrize("headers", [{}, {"HTTP_AUTHORIZATION": "Token not-a-real-token"}])
+def test_anonymous_or_bad_token_is_refused(anon_api, pipeline, headers):
+    before = counts()
+    for method, path in [
+        ("post", TRIGGER),
+        ("get", "/api/runs/"),
+        ("get", "/api/workflows/"),
+        ("post", "/api/events/"),
+        ("get", "/api/event-types/"),
+    ]:
+        response = getattr(anon_api, method)(path, {}, format="json", **headers)
+        assert_json_error(response, 401)
+    assert counts() == before
+
+
+def test_user_without_trigger_permission_gets_403(user, pipeline):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(user)
+    before = counts()
+    assert_json_error(client.post(TRIGGER, {}, format="json"), 403)
+    assert client.get("/api/runs/").status_code == 200
+    assert counts() == before
+
+
+def test_unknown_run_and_malformed_trace_id_are_json_404(api):
+    assert_json_error(api.get(f"/api/runs/{uuid.uuid4()}/"), 404)
+    assert_json_error(api.get("/api/runs/not-a-uuid/"), 404)
+    assert_json_error(api.post(f"/api/runs/{uuid.uuid4()}/cancel/"), 404)
+    assert_json_error(api.get("/api/no/such/endpoint/"), 404)
+
+
+def test_retry_of_a_running_run_is_409(api, pipeline):
+    trace_id = api.post(TRIGGER, {}, format="json").json()["trace_id"]
+    assert_json_error(api.post(f"/api/runs/{trace_id}/retry/"), 409)
+
+
+@pytest.mark.parametrize(
+    ("definition", "needle"),
+    [
+        (factories.spec("cyc", [("a", ECHO), ("b", ECHO), ("c", ECHO)], [["a", "b"], ["b", "c"], ["c", "a"]]), "cycle"),
+        (factories.spec("unk", [("a", "no.such.task")]), "unknown task 'no.such.task'"),
+        (factories.spec("self", [("a", ECHO)], [["a", "a"]]), "itself"),
+        (factories.spec("dup", [("a", ECHO), ("a", ECHO)]), "duplicate key"),
+        (factories.spec("dangle", [("a", ECHO)], [["a", "ghost"]]), "unknown node 'ghost'"),
+        (factories.spec("rule", [{"key": "a", "task": ECHO, "trigger_rule": "whenever"}]), "trigger_rule"),
+        (factories.spec("typ", [{"key": "a", "task": ECHO, "max_retries": "three"}]), "max_retries"),
+        (factories.spec("extra", [("a", ECHO)], unexpected=True), "unknown field"),
+        ({"name": "no nodes", "nodes": []}, "nodes"),
+        ({"name": "x", "nodes": "a"}, "nodes"),
+        ([1, 2], "object"),
+    ],
+    ids=["cycle", "unknown-task", "self-edge", "dup-key", "dangling", "rule", "type", "extra", "empty", "str", "list"],
+)
+def test_create_invalid_workflow_is_400_naming_the_problem(api, definition, needle):
+    before = counts()
+    body = assert_json_error(api.post("/api/workflows/", definition, format="json"), 400)
+    assert needle in body["detail"]
+    assert counts() == before
+
+
+def test_cycle_error_names_the_cycle(api):
+    definition = factories.spec("cyc", [("a", ECHO), ("b", ECHO), ("c", ECHO)], [["a", "b"], ["b", "c"], ["c", "b"]])
+    body = api.post("/api/workflows/", definition, format="json").json()
+    assert "cycle: b -> c -> b" in body["detail"] or "cycle: c -> b -> c" in body["detail"]
+
+
+def test_create_existing_name_is_409(api, pipeline):
+    before = counts()
+    assert_json_error(api.post("/api/workflows/", factories.product_pipeline_spec(), format="json"), 409)
+    assert counts() == before
+
+
+def test_patch_with_a_cycle_changes_nothing(api, pipeline):
+    before = counts()
+    edges = [*factories.product_pipeline_spec()["edges"], ["publish_ali", "intake"]]
+    assert_json_error(api.patch("/api/workflows/product_pipeline/", {"edges": edges}, format="json"), 400)
+    assert counts() == before
+    assert WorkflowDefinition.objects.get(name="product_pipeline").version == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", None, 1.5])
+def test_event_type_bad_concurrency(api, pipeline, value):
+    assert_json_error(api.patch("/api/event-types/product_src/", {"concurrency": value}, format="json"), 400)
+    assert EventType.objects.get(name="product_src").concurrency == 5
+
+
+def test_publish_event_bad_type_is_400(api):
+    before = counts()
+    assert_json_error(api.post("/api/events/", {"event_type": "has spaces"}, format="json"), 400)
+    assert_json_error(api.post("/api/events/", {"payload": {}}, format="json"), 400)
+    assert counts() == before

@@ -1,0 +1,236 @@
+"""End to end: real worker processes, driven through the public API, on PostgreSQL and the test broker."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+from django.core.management import call_command
+
+import tests.e2e_tasks  # noqa: F401 - registers the capture task here as the workers' --include does there
+from events_app.models import Event
+from tests import factories
+from tests.workers import ROOT, wait_for, worker_env
+from workflows_app.engine import graph_for_version
+from workflows_app.models import TaskRun, WorkflowRun
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+PIPELINE_QUEUES = [
+    "product_src",
+    "product_listing",
+    "product_image",
+    "product_upload_ali",
+    "product_upload_1688",
+    "product_public_ali",
+    "product_public_1688",
+]
+ECHO, FAIL, SLEEP, CAPTURE = (
+    "workflows_app.tasks.echo",
+    "workflows_app.tasks.fail",
+    "workflows_app.tasks.sleep",
+    "tests.e2e_tasks.capture",
+)
+EVENT_FIELDS = {
+    "event_id",
+    "trace_id",
+    "event_type",
+    "task_name",
+    "payload",
+    "result",
+    "context",
+    "status",
+    "timestamp",
+}
+
+
+def trigger(api, workflow: str, payload: dict | None = None) -> str:
+    response = api.post(f"/api/workflows/{workflow}/runs/", {"payload": payload or {}}, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()["trace_id"]
+
+
+def wait_final(trace_ids: list[str], timeout: float = 90) -> dict[str, str]:
+    def finished() -> dict[str, str] | None:
+        statuses = dict(WorkflowRun.objects.filter(trace_id__in=trace_ids).values_list("trace_id", "status"))
+        return statuses if all(s != WorkflowRun.Status.RUNNING for s in statuses.values()) else None
+
+    return {str(k): v for k, v in wait_for(finished, timeout=timeout, what=f"{len(trace_ids)} runs to finish").items()}
+
+
+def tasks_of(trace_id: str) -> dict[str, TaskRun]:
+    return {t.node_key: t for t in TaskRun.objects.filter(run_id=trace_id)}
+
+
+def test_product_pipeline_ten_runs_through_the_api(workers, api, admin_client):
+    call_command("import_workflows", str(factories.EXAMPLES / "product_pipeline.yaml"))
+    workers(PIPELINE_QUEUES[:3], concurrency=2, name="intake")
+    workers(PIPELINE_QUEUES[3:], concurrency=2, name="publish")
+    trace_ids = [trigger(api, "product_pipeline", {"product": f"sku-{i}"}) for i in range(10)]
+
+    assert set(wait_final(trace_ids).values()) == {"SUCCESS"}
+
+    for trace_id in trace_ids:
+        run = WorkflowRun.objects.get(trace_id=trace_id)
+        graph = graph_for_version(run.version_id)
+        tasks = tasks_of(trace_id)
+        assert set(tasks) == set(graph.nodes)
+        for key, task in tasks.items():
+            assert task.status == "SUCCESS" and task.attempts == 1
+            for pred in graph.preds[key]:
+                assert task.started_at > tasks[pred].finished_at, f"{key} started before {pred} finished"
+
+        body = api.get(f"/api/runs/{trace_id}/").json()
+        assert {t["node"]: t["status"] for t in body["tasks"]} == dict.fromkeys(graph.nodes, "SUCCESS")
+        page = admin_client.get(f"/runs/{trace_id}/").content.decode()
+        for key in graph.nodes:
+            assert re.search(rf'data-node="{key}"[^>]*data-status="SUCCESS"', page), f"{key} missing on the page"
+
+
+def test_failing_node_fails_the_run_but_independent_branches_finish(workers, api):
+    factories.workflow(
+        factories.spec(
+            "branchy",
+            [
+                ("a", ECHO),
+                ("b", FAIL),
+                ("c", ECHO),
+                ("c2", ECHO),
+                ("d", ECHO),
+                ("e", ECHO),
+                {"key": "g", "task": ECHO, "trigger_rule": "all_done"},
+                {"key": "h", "task": ECHO, "trigger_rule": "one_success"},
+            ],
+            [["a", "b"], ["b", "c"], ["c", "c2"], ["a", "d"], ["d", "e"], ["b", "g"], ["b", "h"], ["d", "h"]],
+            event_type="e2e",
+        )
+    )
+    workers(["e2e"], concurrency=2)
+    trace_id = trigger(api, "branchy", {"message": "card declined"})
+
+    assert wait_final([trace_id]) == {trace_id: "FAILED"}
+    statuses = {k: t.status for k, t in tasks_of(trace_id).items()}
+    assert statuses == {
+        "a": "SUCCESS",
+        "b": "FAILURE",
+        "c": "UPSTREAM_FAILED",
+        "c2": "UPSTREAM_FAILED",
+        "d": "SUCCESS",
+        "e": "SUCCESS",
+        "g": "SUCCESS",
+        "h": "SUCCESS",
+    }
+    assert "RuntimeError: card declined" in tasks_of(trace_id)["b"].error
+    assert not TaskRun.objects.filter(holds_slot=True).exists()
+
+
+def test_every_event_has_exactly_the_spec_fields(workers, api):
+    factories.workflow(
+        factories.spec(
+            "capture",
+            [("first", CAPTURE), {"key": "second", "task": CAPTURE, "params": {"extra": 1}}],
+            [["first", "second"]],
+            event_type="e2e",
+        )
+    )
+    workers(["e2e"], concurrency=1)
+    trace_id = trigger(api, "capture", {"order": 7})
+    assert wait_final([trace_id]) == {trace_id: "SUCCESS"}
+
+    tasks = tasks_of(trace_id)
+    received = tasks["second"].result["event"]
+    assert set(received) == EVENT_FIELDS
+    assert received["event_id"] == str(tasks["second"].current_event_id)
+    assert received["trace_id"] == trace_id
+    assert received["event_type"] == "e2e" and received["task_name"] == CAPTURE
+    assert received["payload"] == {"order": 7, "extra": 1}
+    assert received["result"] == {} and received["status"] == "PENDING"
+    assert received["context"] == {
+        "workflow": "capture",
+        "workflow_version": 1,
+        "node": "second",
+        "attempt": 1,
+        "upstream": {"first": tasks["first"].result},
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", received["timestamp"])
+    uuid.UUID(received["event_id"])
+
+    events = api.get(f"/api/runs/{trace_id}/events/").json()
+    assert [e["context"]["node"] for e in events["results"]] == ["first", "second"]
+    assert all(set(e) == EVENT_FIELDS and e["status"] == "SUCCESS" for e in events["results"])
+    assert events["results"][1]["result"] == tasks["second"].result
+
+
+def test_editing_a_definition_does_not_change_a_run_in_flight(workers, api):
+    factories.workflow(
+        factories.spec(
+            "evolving",
+            [{"key": "slow", "task": SLEEP, "params": {"seconds": 1.5}}, ("after", ECHO)],
+            [["slow", "after"]],
+            event_type="e2e",
+        )
+    )
+    workers(["e2e"], concurrency=2)
+    first = trigger(api, "evolving")
+    wait_for(lambda: tasks_of(first)["slow"].status == "STARTED", timeout=30, what="slow to start")
+
+    definition = api.get("/api/workflows/evolving/").json()
+    definition["nodes"][1]["params"] = {"new": True}
+    definition["nodes"].append({"key": "added", "task": ECHO, "event_type": "e2e"})
+    definition["edges"].append(["after", "added"])
+    changes = {k: definition[k] for k in ("nodes", "edges")}
+    assert api.patch("/api/workflows/evolving/", changes, format="json").json()["version"] == 2
+    second = trigger(api, "evolving")
+
+    assert wait_final([first, second]) == {first: "SUCCESS", second: "SUCCESS"}
+    old = tasks_of(first)
+    assert set(old) == {"slow", "after"}
+    assert "new" not in old["after"].current_event.payload
+    assert WorkflowRun.objects.get(trace_id=first).workflow_version == 1
+    assert set(tasks_of(second)) == {"slow", "after", "added"}
+    assert tasks_of(second)["after"].current_event.payload["new"] is True
+
+
+def test_retries_with_backoff_then_failure(workers, api):
+    factories.workflow(
+        factories.spec("flaky", [{"key": "x", "task": FAIL, "max_retries": 2, "retry_delay": 0.2}], event_type="e2e")
+    )
+    workers(["e2e"], concurrency=1)
+    trace_id = trigger(api, "flaky")
+    assert wait_final([trace_id]) == {trace_id: "FAILED"}
+    task = tasks_of(trace_id)["x"]
+    assert task.status == "FAILURE" and task.attempts == 3
+    attempts = list(Event.objects.filter(trace_id=trace_id).order_by("timestamp"))
+    assert [e.context["attempt"] for e in attempts] == [1, 2, 3]
+    assert [e.status for e in attempts] == ["FAILURE"] * 3
+    # Each retry's Event is created when the previous attempt fails and sent after its backoff:
+    # 0.2 s before the second attempt, then 0.4 s before the third.
+    assert (attempts[2].timestamp - attempts[1].timestamp).total_seconds() >= 0.2
+    assert (task.finished_at - attempts[2].timestamp).total_seconds() >= 0.4
+
+
+def test_trigger_workflow_command_waits_for_success(workers):
+    call_command("import_workflows", str(factories.EXAMPLES / "product_pipeline.yaml"))
+    workers(PIPELINE_QUEUES, concurrency=2)
+    manage = [sys.executable, "manage.py"]
+    done = subprocess.run(
+        [*manage, "trigger_workflow", "product_pipeline", "--payload", '{"product": "lamp"}', "--wait"],
+        cwd=ROOT,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    trace_id = done.stdout.splitlines()[0].strip()
+    assert WorkflowRun.objects.get(trace_id=trace_id).status == "SUCCESS"
+
+    status = subprocess.run(
+        [*manage, "workflow_status", trace_id], cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    for key in ("intake", "listing", "image", "upload_ali", "upload_1688", "publish_ali", "publish_1688"):
+        assert re.search(rf"^\s*{key}\s.*SUCCESS", status.stdout, re.MULTILINE), status.stdout

@@ -1,0 +1,160 @@
+"""Engine transitions on PostgreSQL, driven directly (each test states its graph); publishing is recorded."""
+
+from __future__ import annotations
+
+import pytest
+
+from events_app.models import Event, EventType
+from tests import factories
+from workflows_app import engine
+from workflows_app.models import TaskRun, WorkflowRun
+
+pytestmark = pytest.mark.django_db
+
+ECHO = "workflows_app.tasks.echo"
+
+
+@pytest.fixture
+def sent(monkeypatch, django_capture_on_commit_callbacks):
+    """Messages the engine publishes after commit, in order, as (node, attempt, options)."""
+    published: list[tuple[str, int, dict]] = []
+
+    def record(messages, revokes):
+        published.extend((e["context"]["node"], e["context"]["attempt"], o) for e, o in messages)
+
+    monkeypatch.setattr(engine, "_publish", record)
+    return published
+
+
+def start(workflow, payload=None, capture=None) -> WorkflowRun:
+    with capture(execute=True):
+        return engine.workflow_run_start(workflow=workflow, payload=payload or {})[0]
+
+
+def run_task(run: WorkflowRun, key: str, capture, *, ok: bool = True, result=None) -> None:
+    """Play what a worker does for a task: start it, then report its outcome."""
+    task = TaskRun.objects.get(run=run, node_key=key)
+    event = task.current_event
+    assert engine.task_run_start(event_id=str(event.event_id), attempt=event.context["attempt"])
+    with capture(execute=True):
+        engine.task_run_finish(
+            trace_id=str(run.trace_id), event_id=str(event.event_id), succeeded=ok, result=result, error="boom"
+        )
+
+
+def statuses(run: WorkflowRun) -> dict[str, str]:
+    return dict(TaskRun.objects.filter(run=run).values_list("node_key", "status"))
+
+
+def test_diamond_dispatches_join_once_even_when_completions_repeat(sent, django_capture_on_commit_callbacks):
+    # a -> b, a -> c, b -> d, c -> d
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(
+        factories.spec("diamond", [(k, ECHO) for k in "abcd"], [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]])
+    )
+    EventType.objects.filter(name="q_default").update(concurrency=10)
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap, result={"n": 1})
+    event_a = TaskRun.objects.get(run=run, node_key="a").current_event_id
+    with cap(execute=True):  # the same completion delivered again
+        engine.task_run_finish(trace_id=str(run.trace_id), event_id=str(event_a), succeeded=True, result={"n": 1})
+    run_task(run, "b", cap)
+    assert statuses(run)["d"] == "WAITING"
+    run_task(run, "c", cap)
+    with cap(execute=True):  # and a stale duplicate of c after d became ready
+        event_c = TaskRun.objects.get(run=run, node_key="c").current_event_id
+        engine.task_run_finish(trace_id=str(run.trace_id), event_id=str(event_c), succeeded=True)
+    assert [node for node, _, _ in sent] == ["a", "b", "c", "d"]
+    d_event = TaskRun.objects.get(run=run, node_key="d").current_event
+    assert set(d_event.context["upstream"]) == {"b", "c"}
+    run_task(run, "d", cap)
+    run.refresh_from_db()
+    assert run.status == "SUCCESS" and run.finished_at is not None
+    assert Event.objects.filter(trace_id=run.trace_id).count() == 4
+
+
+def test_finished_task_refuses_to_start_again(sent, django_capture_on_commit_callbacks):
+    wf = factories.workflow(factories.spec("one", [("a", ECHO)]))
+    run = start(wf, capture=django_capture_on_commit_callbacks)
+    run_task(run, "a", django_capture_on_commit_callbacks)
+    event_id = str(TaskRun.objects.get(run=run).current_event_id)
+    assert engine.task_run_start(event_id=event_id) is False
+
+
+def test_admission_respects_concurrency_and_fifo(sent, django_capture_on_commit_callbacks):
+    # five independent roots on one event type with concurrency 2
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("fan", [(f"n{i}", ECHO) for i in range(5)], event_type="narrow"))
+    EventType.objects.filter(name="narrow").update(concurrency=2)
+    run = start(wf, capture=cap)
+    assert [n for n, _, _ in sent] == ["n0", "n1"]
+    assert TaskRun.objects.filter(holds_slot=True).count() == 2
+    run_task(run, "n1", cap)
+    assert [n for n, _, _ in sent] == ["n0", "n1", "n2"]
+    with cap(execute=True):
+        engine.event_type_set_concurrency(name="narrow", concurrency=4)
+    assert [n for n, _, _ in sent] == ["n0", "n1", "n2", "n3", "n4"]
+    assert TaskRun.objects.filter(holds_slot=True).count() == 4
+
+
+def test_failure_retries_then_fails_and_keeps_independent_branch(sent, django_capture_on_commit_callbacks):
+    # a -> b (fails, 1 retry) -> c ; a -> d
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(
+        factories.spec(
+            "retrying",
+            [("a", ECHO), {"key": "b", "task": ECHO, "max_retries": 1, "retry_delay": 2}, ("c", ECHO), ("d", ECHO)],
+            [["a", "b"], ["b", "c"], ["a", "d"]],
+        )
+    )
+    EventType.objects.filter(name="q_default").update(concurrency=10)
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap)
+    run_task(run, "b", cap, ok=False)
+    assert statuses(run)["b"] == "RETRY"
+    assert sent[-1][:2] == ("b", 2) and sent[-1][2]["countdown"] == 2
+    run_task(run, "b", cap, ok=False)
+    run_task(run, "d", cap)
+    assert statuses(run) == {"a": "SUCCESS", "b": "FAILURE", "c": "UPSTREAM_FAILED", "d": "SUCCESS"}
+    run.refresh_from_db()
+    assert run.status == "FAILED"
+    assert not TaskRun.objects.filter(holds_slot=True).exists()
+
+
+def test_retry_from_failure_keeps_successes(sent, django_capture_on_commit_callbacks):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("rerun", [(k, ECHO) for k in "abc"], [["a", "b"], ["b", "c"]]))
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap, result={"kept": True})
+    run_task(run, "b", cap, ok=False)
+    assert statuses(run) == {"a": "SUCCESS", "b": "FAILURE", "c": "UPSTREAM_FAILED"}
+    with cap(execute=True):
+        engine.workflow_run_retry(trace_id=str(run.trace_id))
+    assert statuses(run) == {"a": "SUCCESS", "b": "QUEUED", "c": "WAITING"}
+    run_task(run, "b", cap)
+    run_task(run, "c", cap)
+    run.refresh_from_db()
+    assert run.status == "SUCCESS"
+    assert TaskRun.objects.get(run=run, node_key="a").result == {"kept": True}
+    assert [n for n, _, _ in sent].count("a") == 1
+
+
+def test_cancel_then_late_start_is_refused(sent, django_capture_on_commit_callbacks):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("stop", [(k, ECHO) for k in "ab"], [["a", "b"]]))
+    run = start(wf, capture=cap)
+    event_id = str(TaskRun.objects.get(run=run, node_key="a").current_event_id)
+    with cap(execute=True):
+        engine.workflow_run_cancel(trace_id=str(run.trace_id))
+    assert engine.task_run_start(event_id=event_id) is False
+    assert set(statuses(run).values()) == {"REVOKED"}
+    assert Event.objects.get(event_id=event_id).status == "REVOKED"
+
+
+def test_unserialisable_result_fails_the_task(sent, django_capture_on_commit_callbacks):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("weird", [("a", ECHO)]))
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap, result={"when": object()})
+    task = TaskRun.objects.get(run=run)
+    assert task.status == "FAILURE" and "JSON" in task.error

@@ -1,0 +1,131 @@
+"""Start and stop real `celery worker` processes against the test database and broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from django.conf import settings
+from django.db import close_old_connections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll until `condition()` is truthy and return its value; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        close_old_connections()
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def database_url() -> str:
+    """The URL of the database this test process uses now (the test database, once set up)."""
+    db = settings.DATABASES["default"]
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        DATABASE_URL=database_url(),
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Worker:
+    """One `celery worker` process consuming some queues; stop() ends it and what it spawned."""
+
+    def __init__(self, name: str, queues: Iterable[str], *, concurrency: int, log_dir: Path):
+        self.name = f"{name}@{socket.gethostname()}"
+        self.queues = list(queues)
+        self.log_path = log_dir / f"{name}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "config",
+            "worker",
+            "-Q",
+            ",".join(self.queues),
+            "-c",
+            str(concurrency),
+            "-n",
+            self.name,
+            "--pool",
+            "prefork",
+            "--include",
+            "tests.e2e_tasks",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd, cwd=ROOT, env=worker_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        from config.celery import app
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited: {self.log_path.read_text()[-3000:]}")
+            return bool(app.control.ping(destination=[self.name], timeout=0.5))
+
+        wait_for(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def purge_broker() -> None:
+    """Drop messages left in the test broker by earlier runs, so they cannot reach these workers."""
+    import redis
+
+    if settings.CELERY_BROKER_URL.startswith("redis"):
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    else:
+        from config.celery import app
+
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            for queue in _all_queue_names():
+                try:
+                    channel.queue_purge(queue)
+                except Exception:  # noqa: BLE001 - a queue that was never declared has nothing to purge
+                    channel = conn.channel()
+
+
+def _all_queue_names() -> list[str]:
+    from events_app.models import EventType
+
+    return ["celery", *EventType.objects.values_list("name", flat=True)]
