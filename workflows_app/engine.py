@@ -169,20 +169,26 @@ class _Outbox:
 
 
 def _publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
+    """Send after commit. A failure here is logged, not raised: the rows are committed and say what
+    should be in flight, so the caller's request still succeeds and the message can be sent again."""
     from config.celery import app
 
     if messages:
-        with app.producer_or_acquire() as producer:
-            for event, options in messages:
-                app.send_task(
-                    event["task_name"],
-                    args=[event],
-                    task_id=event["event_id"],
-                    producer=producer,
-                    **options,
-                )
+        try:
+            with app.producer_or_acquire() as producer:
+                for event, options in messages:
+                    app.send_task(
+                        event["task_name"], args=[event], task_id=event["event_id"], producer=producer, **options
+                    )
+        except Exception:
+            logger.exception("could not publish %d task message(s) to the broker", len(messages))
     if revokes:
-        app.control.revoke(revokes, terminate=True, signal="SIGTERM")
+        try:
+            app.control.revoke(revokes, terminate=True, signal="SIGTERM")
+        except Exception:
+            # Some transports (the embedded file broker) have no broadcast; the durable cancel
+            # check in the worker still refuses these attempts.
+            logger.warning("could not broadcast revoke of %d task(s)", len(revokes), exc_info=True)
 
 
 def _new_event(
