@@ -108,6 +108,11 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Eventflow API",
     "DESCRIPTION": "Trigger workflows of Celery tasks and watch their runs.",
     "VERSION": "1.0.0",
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "workflows_app.models.WorkflowRun.Status",
+        "TaskRunStatusEnum": "workflows_app.models.TaskRun.Status",
+        "EventStatusEnum": "events_app.models.Event.Status",
+    },
 }
 
 # Celery: JSON only, late acks so a task whose worker dies is redelivered rather than lost,

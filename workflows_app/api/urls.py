@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView
 from . import views
 
 urlpatterns = [
+    path("", views.api_root, name="api-root"),
     path("workflows/", views.WorkflowListCreateApi.as_view(), name="api-workflow-list"),
     path("workflows/<slug:name>/", views.WorkflowDetailApi.as_view(), name="api-workflow-detail"),
     path("workflows/<slug:name>/runs/", views.RunTriggerApi.as_view(), name="api-run-trigger"),

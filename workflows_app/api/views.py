@@ -11,10 +11,12 @@ from django.http import Http404
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.decorators import api_view
 from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.reverse import reverse as api_reverse
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
@@ -69,6 +71,14 @@ def _run_or_404(trace_id: str) -> WorkflowRun:
     if run is None:
         raise Http404(f"run '{trace_id}' not found")
     return run
+
+
+@extend_schema(exclude=True)
+@api_view(["GET"])
+def api_root(request: Request) -> Response:
+    """The entry points of the API, so a browser or client can find its way from /api/."""
+    names = ("workflow-list", "run-list", "event-type-list", "event-publish", "schema")
+    return Response({name: api_reverse(f"api-{name}", request=request) for name in names})
 
 
 # --------------------------------------------------------------------------- workflows
@@ -198,6 +208,9 @@ class RunTriggerApi(APIView):
     class InputSerializer(serializers.Serializer):
         payload = serializers.JSONField(required=False, default=dict)
 
+        class Meta:
+            ref_name = "RunTriggerInput"
+
     @extend_schema(
         request=InputSerializer,
         parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
@@ -311,6 +324,9 @@ class EventPublishApi(APIView):
         event_type = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
         payload = serializers.JSONField(required=False, default=dict)
 
+        class Meta:
+            ref_name = "EventPublishInput"
+
     @extend_schema(
         request=InputSerializer,
         responses={
@@ -360,6 +376,9 @@ class EventTypeDetailApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         concurrency = serializers.IntegerField(min_value=1, max_value=100000)
+
+        class Meta:
+            ref_name = "EventTypeInput"
 
     def _get(self, name: str) -> EventType:
         event_type = selectors.event_type_list().filter(name=name).first()
