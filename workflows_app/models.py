@@ -94,7 +94,14 @@ class Node(models.Model):
         ordering = ["workflow", "id"]
         verbose_name = "node"
         verbose_name_plural = "nodes"
-        constraints = [models.UniqueConstraint(fields=["workflow", "key"], name="node_unique_key_per_workflow")]
+        # Deferred so that swapping two keys in one admin save does not trip over itself mid-way.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "key"],
+                name="node_unique_key_per_workflow",
+                deferrable=models.Deferrable.DEFERRED,
+            )
+        ]
 
     def __str__(self) -> str:
         return self.key
@@ -268,6 +275,12 @@ class TaskRun(models.Model):
     result = models.JSONField("result", null=True, blank=True)
     error = models.TextField("error", blank=True, default="")
     worker = models.CharField("worker", max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(
+        "lease expires at",
+        null=True,
+        blank=True,
+        help_text="While STARTED, its worker renews this; past it the attempt is taken as lost.",
+    )
 
     class Meta:
         ordering = ["run", "id"]
