@@ -66,8 +66,8 @@ def workers(transactional_db, tmp_path):
     purge_broker()
     started: list[Worker] = []
 
-    def start(queues, *, concurrency: int = 2, name: str | None = None) -> Worker:
-        worker = Worker(name or f"w{len(started)}", queues, concurrency=concurrency, log_dir=tmp_path)
+    def start(queues, *, concurrency: int = 2, name: str | None = None, env: dict | None = None) -> Worker:
+        worker = Worker(name or f"w{len(started)}", queues, concurrency=concurrency, log_dir=tmp_path, env=env)
         started.append(worker)
         worker.wait_ready()
         return worker

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from events_app.models import EventType
+from events_app.models import Event, EventType
 from tests import factories
 from tests.workers import wait_for
 from workflows_app.models import TaskRun, WorkflowRun
@@ -109,3 +109,46 @@ def test_two_hundred_racing_completions_never_admit_an_eleventh(workers, api):
     assert max_overlap(intervals) <= 10
     assert not TaskRun.objects.filter(event_type_id="race", holds_slot=True).exists()
     assert not TaskRun.objects.filter(event_type_id="race").exclude(status="SUCCESS").exists()
+
+
+LEASE, RECONCILE = 3.0, 1.0
+FAST_LEASE = {"EVENTFLOW_LEASE_SECONDS": str(LEASE), "EVENTFLOW_RECONCILE_SECONDS": str(RECONCILE)}
+
+
+def test_killed_worker_gives_its_slot_back_within_the_lease_bound(workers, api):
+    nodes = [
+        {"key": f"n{i}", "task": SLEEP, "params": {"seconds": 1.5}, "max_retries": 1, "retry_delay": 0.1}
+        for i in range(6)
+    ]
+    factories.workflow(factories.spec("doomed", nodes, event_type="narrow"))
+    EventType.objects.filter(name="narrow").update(concurrency=2)
+    victim = workers(["narrow"], concurrency=2, name="victim", env=FAST_LEASE)
+    workers(["narrow"], concurrency=2, name="survivor", env=FAST_LEASE)
+    trace_id = trigger(api, "doomed")
+    held = TaskRun.objects.filter(run_id=trace_id, status="STARTED", worker=victim.name)
+    wait_for(held.exists, timeout=30, what="the victim to hold a slot")
+    lost = set(held.values_list("node_key", flat=True))
+
+    victim.kill()
+    killed_at = datetime.now(tz=TaskRun.objects.first().queued_at.tzinfo)
+    wait_for(
+        lambda: (
+            not TaskRun.objects.filter(run_id=trace_id, node_key__in=lost, status="STARTED", worker=victim.name)
+            .exclude(attempts__gt=1)
+            .exists()
+        ),
+        timeout=LEASE + RECONCILE + 10,
+        what="the lost attempts to be settled",
+    )
+    freed_after = (datetime.now(tz=killed_at.tzinfo) - killed_at).total_seconds()
+    assert freed_after <= LEASE + RECONCILE + 2, f"slot came back after {freed_after:.1f}s"
+
+    wait_for(lambda: finished(trace_id), timeout=60, what="the run to finish")
+    tasks = {t.node_key: t for t in TaskRun.objects.filter(run_id=trace_id)}
+    assert {t.status for t in tasks.values()} == {"SUCCESS"}
+    for key in lost:
+        assert tasks[key].attempts == 2
+        first = Event.objects.get(trace_id=trace_id, context__node=key, context__attempt=1)
+        assert first.status == "FAILURE" and "worker lost" in first.result["error"]
+    assert max_overlap([(t.started_at, t.finished_at) for t in tasks.values()]) <= 2
+    assert not TaskRun.objects.filter(holds_slot=True).exists()

@@ -52,7 +52,9 @@ def worker_env(**extra: str) -> dict[str, str]:
 class Worker:
     """One `celery worker` process consuming some queues; stop() ends it and what it spawned."""
 
-    def __init__(self, name: str, queues: Iterable[str], *, concurrency: int, log_dir: Path):
+    def __init__(
+        self, name: str, queues: Iterable[str], *, concurrency: int, log_dir: Path, env: dict[str, str] | None = None
+    ):
         self.name = f"{name}@{socket.gethostname()}"
         self.queues = list(queues)
         self.log_path = log_dir / f"{name}.log"
@@ -80,7 +82,12 @@ class Worker:
         ]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            cmd, cwd=ROOT, env=worker_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=ROOT,
+            env=worker_env(**(env or {})),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -102,6 +109,11 @@ class Worker:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once, as a lost host would vanish."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
     def log(self) -> str:
         return self.log_path.read_text()

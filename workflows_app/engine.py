@@ -8,9 +8,10 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
@@ -419,23 +420,62 @@ def workflow_run_start(
     return run, True
 
 
+def _lease_expiry(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.EVENTFLOW["LEASE_SECONDS"])
+
+
 @_retry_on_conflict
 def task_run_start(*, event_id: str, attempt: int = 1, worker: str = "") -> bool:
     """Record that a worker began the event's attempt; False means the attempt must not run.
 
     A task that is final, revoked, or whose event is no longer its current attempt is refused, so a
-    redelivered or stale message never runs finished work again.
+    redelivered or stale message never runs finished work again. A redelivered attempt that is
+    still STARTED runs again only once its lease has lapsed (its first holder is gone).
     """
     now = timezone.now()
+    fields = {"started_at": now, "worker": worker[:200], "lease_expires_at": _lease_expiry(now)}
     with transaction.atomic():
         updated = TaskRun.objects.filter(current_event_id=event_id, status__in=[S.QUEUED, S.RETRY]).update(
-            status=S.STARTED, started_at=now, attempts=attempt, worker=worker[:200]
+            status=S.STARTED, attempts=attempt, **fields
         )
         if not updated:
-            # A redelivery of an attempt that had started (its worker died) may run again.
-            return TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED).exists()
+            return bool(
+                TaskRun.objects.filter(current_event_id=event_id, status=S.STARTED, lease_expires_at__lt=now).update(
+                    **fields
+                )
+            )
         Event.objects.filter(event_id=event_id).update(status=Event.Status.STARTED)
     return True
+
+
+def task_runs_renew(*, event_ids: Iterable[str]) -> int:
+    """Extend the leases of the attempts a worker is running; one statement for all of them."""
+    ids = list(event_ids)
+    if not ids:
+        return 0
+    return TaskRun.objects.filter(current_event_id__in=ids, status=S.STARTED).update(
+        lease_expires_at=_lease_expiry(timezone.now())
+    )
+
+
+def task_runs_reconcile(*, limit: int = 200) -> int:
+    """Settle started attempts whose lease lapsed: their worker died, so each is retried or failed
+    per its node's policy and its slot is freed. Safe to run from many processes at once."""
+    now = timezone.now()
+    lapsed = list(
+        TaskRun.objects.filter(status=S.STARTED, lease_expires_at__lt=now)
+        .order_by("lease_expires_at")
+        .values_list("run_id", "current_event_id", "worker")[:limit]
+    )
+    for trace_id, event_id, worker in lapsed:
+        task_run_finish(
+            trace_id=str(trace_id),
+            event_id=str(event_id),
+            succeeded=False,
+            error=f"worker lost: {worker or 'unknown worker'} stopped renewing the lease of this attempt",
+            lost=True,
+        )
+    return len(lapsed)
 
 
 @_retry_on_conflict
@@ -446,6 +486,7 @@ def task_run_finish(
     succeeded: bool,
     result: Any = None,
     error: str = "",
+    lost: bool = False,
 ) -> None:
     """Record an attempt's outcome, retry or settle the task, dispatch successors, settle the run.
 
@@ -470,6 +511,8 @@ def task_run_finish(
         row = TaskRun.objects.filter(run=run, current_event_id=event_id).first()
         if row is None or row.status in FINAL:
             return
+        if lost and not (row.status == S.STARTED and row.lease_expires_at and row.lease_expires_at < now):
+            return  # renewed or finished since the reconciler looked
         graph = graph_for_version(run.version_id)
         node = graph.nodes[row.node_key]
         types = [row.event_type_id]
@@ -486,8 +529,8 @@ def task_run_finish(
             )
             event.save(force_insert=True)
             Event.objects.filter(event_id=event_id).update(status=Event.Status.FAILURE, result={"error": error})
-            row.status, row.error, row.current_event = S.RETRY, error, event
-            row.save(update_fields=["status", "error", "current_event"])
+            row.status, row.error, row.current_event, row.lease_expires_at = S.RETRY, error, event, None
+            row.save(update_fields=["status", "error", "current_event", "lease_expires_at"])
             # The retry keeps its slot through the backoff: it was admitted and is not finished.
             countdown = node.retry_delay * 2 ** (attempt - 2)
             outbox.add(event.as_message(), timeout=node.timeout, countdown=countdown)
@@ -498,7 +541,8 @@ def task_run_finish(
         row.error = "" if succeeded else error
         row.finished_at = now
         row.holds_slot = False
-        row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot"])
+        row.lease_expires_at = None
+        row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot", "lease_expires_at"])
         Event.objects.filter(event_id=event_id).update(
             status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
             result=result if succeeded else {"error": error},

@@ -151,6 +151,11 @@ EVENTFLOW = {
     "MAX_PAYLOAD_BYTES": env.int("EVENTFLOW_MAX_PAYLOAD_BYTES", default=256 * 1024),
     # Deepest accepted nesting of a JSON body.
     "MAX_JSON_DEPTH": env.int("EVENTFLOW_MAX_JSON_DEPTH", default=64),
+    # A started task's worker renews its lease every third of this; a task whose lease lapses
+    # (its worker or pool process died) is retried or failed, and its slot freed.
+    "LEASE_SECONDS": env.float("EVENTFLOW_LEASE_SECONDS", default=30.0),
+    # How often each worker looks for lapsed leases.
+    "RECONCILE_SECONDS": env.float("EVENTFLOW_RECONCILE_SECONDS", default=5.0),
 }
 
 LOGGING = {
