@@ -6,13 +6,12 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
-from django.db.models import Count, Q, QuerySet
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
-from workflows_app import engine
-from workflows_app.models import TaskRun
+from workflows_app import engine, selectors
 
 from .models import Event, EventType
 
@@ -25,18 +24,8 @@ class EventTypeAdmin(admin.ModelAdmin):
     fields = ("name", "concurrency", "running", "queued", "description", "created_at", "updated_at")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[EventType]:
-        # One join, two conditional counts: the list costs the same query however many tasks exist.
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                running=Count("task_runs", filter=Q(task_runs__holds_slot=True)),
-                queued=Count(
-                    "task_runs",
-                    filter=Q(task_runs__status=TaskRun.Status.QUEUED, task_runs__holds_slot=False),
-                ),
-            )
-        )
+        # The same counts as the API and the queues page, read from the partial indexes only.
+        return selectors.event_type_queue_list()
 
     def get_readonly_fields(self, request: HttpRequest, obj: EventType | None = None) -> tuple[str, ...]:
         # The name is the primary key and the queue name: renaming would create a second type.

@@ -171,7 +171,14 @@ def test_event_types_show_counts_and_take_a_new_limit(api, pipeline):
         "description": "",
         "running": 1,
         "queued": 0,
+        "oldest_queued_at": None,
+        "oldest_wait_seconds": None,
     }
+    EventType.objects.filter(name="product_src").update(concurrency=1)
+    api.post("/api/workflows/product_pipeline/runs/", {}, format="json")
+    waiting = api.get("/api/event-types/product_src/").json()
+    assert (waiting["running"], waiting["queued"]) == (1, 1)
+    assert waiting["oldest_queued_at"].endswith("Z") and waiting["oldest_wait_seconds"] >= 0
     response = api.patch("/api/event-types/product_image/", {"concurrency": 7}, format="json")
     assert response.status_code == 200 and response.json()["concurrency"] == 7
 

@@ -56,21 +56,6 @@ def run_events(*, trace_id: str) -> QuerySet[Event]:
     return Event.objects.filter(trace_id=trace_id).order_by("timestamp", "event_id")
 
 
-def event_type_list() -> QuerySet:
-    """Event types with their occupied slots (`running`) and waiting line length (`queued`), in one query."""
-    from django.db.models import Count, Q
-
-    from events_app.models import EventType
-
-    return EventType.objects.annotate(
-        running=Count("task_runs", filter=Q(task_runs__holds_slot=True)),
-        queued=Count("task_runs", filter=Q(task_runs__status="QUEUED", task_runs__holds_slot=False)),
-    ).order_by("name")
-
-
-# --------------------------------------------------------------------------- pages
-
-
 def run_status_counts(*, workflow: str | None = None) -> dict[str, int]:
     """Runs per status (every status present, zeros included) for the run list's workflow filter; one query."""
     runs = WorkflowRun.objects.all()

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import transaction
 from django.http import Http404
 from django.urls import reverse
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.decorators import api_view
@@ -350,12 +351,18 @@ class EventPublishApi(APIView):
 
 
 class EventTypeOutputSerializer(serializers.ModelSerializer):
-    running = serializers.IntegerField(read_only=True)
-    queued = serializers.IntegerField(read_only=True)
+    running = serializers.IntegerField(read_only=True, help_text="Tasks holding a slot: sent and not finished.")
+    queued = serializers.IntegerField(read_only=True, help_text="Ready tasks waiting for a slot.")
+    oldest_queued_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    oldest_wait_seconds = serializers.SerializerMethodField()
 
     class Meta:
         model = EventType
-        fields = ["name", "concurrency", "description", "running", "queued"]
+        fields = ["name", "concurrency", "description", "running", "queued", "oldest_queued_at", "oldest_wait_seconds"]
+
+    def get_oldest_wait_seconds(self, event_type: EventType) -> float | None:
+        oldest = getattr(event_type, "oldest_queued_at", None)
+        return round((timezone.now() - oldest).total_seconds(), 3) if oldest else None
 
 
 class EventTypeListApi(APIView):
@@ -364,7 +371,7 @@ class EventTypeListApi(APIView):
         from rest_framework.settings import api_settings
 
         paginator = api_settings.DEFAULT_PAGINATION_CLASS()
-        page = paginator.paginate_queryset(selectors.event_type_list(), request, view=self)
+        page = paginator.paginate_queryset(selectors.event_type_queue_list(), request, view=self)
         return paginator.get_paginated_response(EventTypeOutputSerializer(page, many=True).data)
 
 
@@ -381,7 +388,7 @@ class EventTypeDetailApi(APIView):
             ref_name = "EventTypeInput"
 
     def _get(self, name: str) -> EventType:
-        event_type = selectors.event_type_list().filter(name=name).first()
+        event_type = selectors.event_type_queue_list().filter(name=name).first()
         if event_type is None:
             raise Http404(f"event type '{name}' not found")
         return event_type
