@@ -1,9 +1,40 @@
 """The base class of every task on the app: asks the engine before an Event's attempt may run."""
 
-from typing import Any
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import Ignore
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def with_database_retry(call: Callable[[], T], *, what: str) -> T:
+    """Run `call`, retrying while the database is unreachable, up to EVENTFLOW["DB_RETRY_SECONDS"].
+
+    Celery only logs a signal handler's exception, so giving up at the first connection error
+    would silently drop a completion during a short database outage.
+    """
+    from django.conf import settings
+    from django.db import InterfaceError, OperationalError, connections
+
+    deadline = time.monotonic() + settings.EVENTFLOW["DB_RETRY_SECONDS"]
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unavailable while %s (%s); retrying in %.1fs", what, exc, delay)
+            # Drop the broken connection so the next attempt opens a fresh one.
+            for connection in connections.all(initialized_only=True):
+                connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def event_of(args: Any, task_id: str | None) -> dict | None:
@@ -27,10 +58,12 @@ class EventTask(Task):
             from . import engine
 
             attempt = (event.get("context") or {}).get("attempt", 1)
-            if not engine.task_run_start(
-                event_id=event["event_id"],
-                attempt=attempt,
-                worker=request.hostname or "",
-            ):
+            allowed = with_database_retry(
+                lambda: engine.task_run_start(
+                    event_id=event["event_id"], attempt=attempt, worker=request.hostname or ""
+                ),
+                what="recording a task start",
+            )
+            if not allowed:
                 raise Ignore()
         return super().__call__(*args, **kwargs)

@@ -1,11 +1,12 @@
 """Celery signal handlers: thin, they hand each finished attempt to the engine."""
 
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals, states
 
-from .celery_task import event_of
+from .celery_task import event_of, with_database_retry
 
 
 def on_task_postrun(
@@ -21,17 +22,18 @@ def on_task_postrun(
         return
     from . import engine
 
+    record: Callable[[], None]
     if state == states.SUCCESS:
-        engine.task_run_finish(trace_id=event["trace_id"], event_id=task_id, succeeded=True, result=retval)
-    elif state == states.RETRY:
-        engine.task_run_retrying(event_id=task_id, error=_describe(retval))
-    else:
-        engine.task_run_finish(
-            trace_id=event["trace_id"],
-            event_id=task_id,
-            succeeded=False,
-            error=_describe(retval),
+        record = lambda: engine.task_run_finish(  # noqa: E731
+            trace_id=event["trace_id"], event_id=task_id, succeeded=True, result=retval
         )
+    elif state == states.RETRY:
+        record = lambda: engine.task_run_retrying(event_id=task_id, error=_describe(retval))  # noqa: E731
+    else:
+        record = lambda: engine.task_run_finish(  # noqa: E731
+            trace_id=event["trace_id"], event_id=task_id, succeeded=False, error=_describe(retval)
+        )
+    with_database_retry(record, what="recording a task outcome")
 
 
 def _describe(exc: Any) -> str:

@@ -154,6 +154,8 @@ EVENTFLOW = {
     # A started task's worker renews its lease every third of this; a task whose lease lapses
     # (its worker or pool process died) is retried or failed, and its slot freed.
     "LEASE_SECONDS": env.float("EVENTFLOW_LEASE_SECONDS", default=30.0),
+    # How long a worker keeps retrying to record a start or an outcome while the database is down.
+    "DB_RETRY_SECONDS": env.float("EVENTFLOW_DB_RETRY_SECONDS", default=120.0),
     # How often each worker looks for lapsed leases.
     "RECONCILE_SECONDS": env.float("EVENTFLOW_RECONCILE_SECONDS", default=5.0),
 }
