@@ -85,3 +85,45 @@ def test_demo_runs_the_product_pipeline_on_embedded_defaults(tmp_path: Path) -> 
         assert "Traceback" not in log.read_text(), f"{log.name}:\n{log.read_text()[-3000:]}"
     # Every process it started was gone by the time it returned.
     assert left == {}
+
+
+@pytest.mark.e2e
+def test_demo_uses_postgresql_and_redis_when_told(tmp_path: Path) -> None:
+    import psycopg
+    import redis
+
+    project = tmp_path / "eventflow"
+    shutil.copytree(
+        ROOT,
+        project,
+        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"),
+    )
+    database = "eventflow_demo_check"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{database}"')
+    broker = "redis://127.0.0.1:6379/12"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
+        "CELERY_BROKER_URL": broker,
+    }
+    try:
+        result = run_demo(project, env, "--no-serve", "--runs", "1", timeout=240)
+    finally:
+        for pid in processes_in(project):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    trace_id = RUN_URL.findall(result.stdout)[0].rstrip("/").rsplit("/", 1)[1]
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}") as conn:
+        status = conn.execute("SELECT status FROM workflows_app_workflowrun WHERE trace_id = %s", [trace_id]).fetchone()
+    assert status == ("SUCCESS",)
+    assert not (project / "var" / "eventflow.sqlite3").exists()
+    assert not (project / "var" / "broker" / "queue").exists()
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
