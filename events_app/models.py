@@ -77,6 +77,14 @@ class Event(models.Model):
     status = models.CharField("status", max_length=10, choices=Status.choices, default=Status.PENDING)
     timestamp = models.DateTimeField("timestamp", help_text="When the event was sent.")
     updated_at = models.DateTimeField("updated at", auto_now=True)
+    # NULL, not "", for "no key": the partial unique constraint then ignores keyless events.
+    idempotency_key = models.CharField(  # noqa: DJ001
+        "idempotency key",
+        max_length=200,
+        null=True,
+        blank=True,
+        help_text="For a published event: the Idempotency-Key it was sent with; unique per event type.",
+    )
 
     class Meta:
         ordering = ["timestamp"]
@@ -85,6 +93,13 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["trace_id", "timestamp"], name="event_trace_time_idx"),
             models.Index(fields=["event_type", "-timestamp"], name="event_type_time_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["event_type", "idempotency_key"],
+                condition=models.Q(idempotency_key__isnull=False),
+                name="event_unique_idempotency_key",
+            )
         ]
 
     def __str__(self) -> str:

@@ -1,9 +1,58 @@
 """Tasks only end-to-end tests load into their workers (with `celery worker --include`)."""
 
-from celery import shared_task
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from celery import shared_task, signals
+
+
+def _redis() -> redis.Redis:
+    """The test broker's Redis, also used as a counter store the test process can read."""
+    return redis.Redis.from_url(os.environ.get("E2E_COUNTER_URL", "redis://127.0.0.1:6379/9"))
 
 
 @shared_task(name="tests.e2e_tasks.capture")
 def capture(event: dict) -> dict:
     """Return the Event exactly as the task received it, so a test can check its fields."""
     return {"event": event}
+
+
+@shared_task(name="tests.e2e_tasks.count")
+def count(event: dict) -> dict:
+    """Count executions per event id (a body that runs twice counts 2), then sleep a little."""
+    runs = _redis().incr(f"runs:{event['event_id']}")
+    _redis().incr(f"node-runs:{event['trace_id']}:{event['context']['node']}")
+    time.sleep(float(event["payload"].get("seconds", 0)))
+    return {"runs": runs}
+
+
+@shared_task(name="tests.e2e_tasks.flaky")
+def flaky(event: dict) -> dict:
+    """Fail while the run's `broken` flag is set in Redis; succeed once the test clears it."""
+    if _redis().exists(f"broken:{event['trace_id']}"):
+        raise RuntimeError("dependency unavailable")
+    return {"ok": True}
+
+
+@shared_task(name="tests.e2e_tasks.die_after_return")
+def die_after_return(event: dict) -> dict:
+    """Return normally; the receiver below then kills the worker before the outcome is recorded."""
+    return {"answer": 42}
+
+
+@signals.task_success.connect
+def _kill_worker_after_body(sender=None, **_: object) -> None:
+    # task_success fires after the result backend stored the outcome and before task_postrun,
+    # where the engine records it: dying here is the crash between the two.
+    if getattr(sender, "name", "") != "tests.e2e_tasks.die_after_return":
+        return
+    marker = Path(tempfile.gettempdir()) / f"eventflow-died-{sender.request.id}"
+    if marker.exists():
+        return  # die once per attempt: a second delivery must be able to finish
+    marker.write_text("")
+    os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(1)

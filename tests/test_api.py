@@ -110,8 +110,16 @@ def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
         "finished_at",
         "result",
         "error",
+        "event_id",
+        "result_url",
     }
     assert intake["queued_at"].endswith("Z") and intake["started_at"] is None
+    # The latest attempt's event id is its Celery task id; result_url is where its stored result is read.
+    assert intake["event_id"] == str(
+        WorkflowRun.objects.get(trace_id=trace_id).tasks.get(node_key="intake").current_event_id
+    )
+    assert intake["result_url"].endswith(f"/api/task-results/{intake['event_id']}/")
+    assert body["tasks"][1]["event_id"] is None and body["tasks"][1]["result_url"] is None
 
 
 def test_run_list_filters_and_paginates(api, pipeline):

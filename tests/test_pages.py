@@ -1,4 +1,4 @@
-"""The server-rendered pages: login, run list, run status page and its live fragment, workflow, queues."""
+"""The server-rendered pages: login, run list, run status page, its live fragment and nodes, workflows, queues."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.db import connection
+from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
+from events_app.models import Event
 from tests import factories
-from workflows_app import engine, graph_svg
-from workflows_app.models import TaskRun, WorkflowRun
+from workflows_app import engine, graph_svg, selectors, views
+from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 PIPELINE_KEYS = ["intake", "listing", "image", "upload_ali", "upload_1688", "publish_ali", "publish_1688"]
 NODE_ATTRS = re.compile(r'data-node="([^"]+)" data-status="([^"]+)"')
+SLEEP = "workflows_app.tasks.sleep"
+TRACEBACK = 'Traceback (most recent call last):\n  File "tasks.py", line 3, in fail\nRuntimeError: disk full'
 
 pytestmark = pytest.mark.django_db
 
@@ -25,6 +30,13 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def browser(client, user):
     client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def operator(client, trigger_user):
+    """A client signed in as a user allowed to cancel and retry runs."""
+    client.force_login(trigger_user)
     return client
 
 
@@ -58,15 +70,146 @@ def line_workflow(name: str = "line", size: int = 3, *, concurrency: int = 1):
     )
 
 
+def layered_workflow(name: str, size: int, *, width: int = 10, event_type: str = "q_layers") -> WorkflowDefinition:
+    """`size` sleep nodes in layers of `width`, each after one or two nodes of the layer before it."""
+    keys = [f"n{i:03d}" for i in range(size)]
+    edges = []
+    for i in range(width, size):
+        above = (i // width - 1) * width
+        edges.append([keys[above + i % width], keys[i]])
+        if i % 3 == 0:
+            edges.append([keys[above + (i + 1) % width], keys[i]])
+    return factories.workflow(
+        factories.spec(
+            name,
+            [{"key": key, "task": SLEEP, "params": {"seconds": 0.01}} for key in keys],
+            edges,
+            event_type=event_type,
+            event_types={event_type: {"concurrency": 4}},
+        )
+    )
+
+
+def run_with_history(run: WorkflowRun) -> WorkflowRun:
+    """Give a just-started run a past, as a busy run would have it, straight in the rows.
+
+    In definition order: the first half SUCCESS (every seventh after a failed first attempt), then
+    FAILURE with a traceback, STARTED, QUEUED in line, and WAITING; each attempt has its Event.
+    """
+    now = timezone.now()
+    # The events the start sent to the roots are replaced by the made-up history.
+    TaskRun.objects.filter(run=run).update(current_event=None)
+    Event.objects.filter(trace_id=run.trace_id).delete()
+    tasks = list(TaskRun.objects.filter(run=run).order_by("id"))
+    events: list[Event] = []
+    total = len(tasks)
+    for i, task in enumerate(tasks):
+        share = i / total
+        status = (
+            TaskRun.Status.SUCCESS
+            if share < 0.5
+            else TaskRun.Status.FAILURE
+            if share < 0.6
+            else TaskRun.Status.STARTED
+            if share < 0.7
+            else TaskRun.Status.QUEUED
+            if share < 0.8
+            else TaskRun.Status.WAITING
+        )
+        begun = now - timedelta(seconds=total - i)
+        # (event status, result) per attempt; a task waiting in line already has the event it will be sent with.
+        attempts = {
+            TaskRun.Status.SUCCESS: [("SUCCESS", {"n": i})],
+            TaskRun.Status.FAILURE: [("FAILURE", {"error": TRACEBACK})],
+            TaskRun.Status.STARTED: [("STARTED", {})],
+            TaskRun.Status.QUEUED: [("PENDING", {})],
+            TaskRun.Status.WAITING: [],
+        }[status]
+        if i % 7 == 0 and status in (TaskRun.Status.SUCCESS, TaskRun.Status.FAILURE):
+            attempts = [("FAILURE", {"error": TRACEBACK}), *attempts]
+        for attempt, (event_status, result) in enumerate(attempts, start=1):
+            events.append(
+                Event(
+                    event_id=uuid.uuid4(),
+                    trace_id=run.trace_id,
+                    event_type=task.event_type_id,
+                    task_name=task.task_name,
+                    payload={**run.payload, "seconds": 0.01},
+                    result=result,
+                    context={"workflow": run.workflow.name, "node": task.node_key, "attempt": attempt, "upstream": {}},
+                    status=event_status,
+                    timestamp=begun + timedelta(milliseconds=100 * attempt),
+                )
+            )
+        ran = status not in (TaskRun.Status.QUEUED, TaskRun.Status.WAITING)
+        task.status = status
+        task.attempts = len(attempts) if ran else 0
+        task.queued_at = begun if status != TaskRun.Status.WAITING else None
+        task.started_at = begun + timedelta(milliseconds=200) if ran else None
+        task.finished_at = now if status in (TaskRun.Status.SUCCESS, TaskRun.Status.FAILURE) else None
+        task.holds_slot = status == TaskRun.Status.STARTED
+        task.error = TRACEBACK if status == TaskRun.Status.FAILURE else ""
+        task.result = {"n": i} if status == TaskRun.Status.SUCCESS else None
+        task.current_event = events[-1] if attempts else None
+    Event.objects.bulk_create(events)
+    TaskRun.objects.bulk_update(
+        tasks,
+        [
+            "status",
+            "attempts",
+            "queued_at",
+            "started_at",
+            "finished_at",
+            "holds_slot",
+            "error",
+            "result",
+            "current_event",
+        ],
+    )
+    return run
+
+
+def runs_bulk_insert(workflow: WorkflowDefinition, count: int, *, spread: timedelta = timedelta(days=30)) -> None:
+    """Insert `count` runs of `workflow` in one statement, spread evenly over the last `spread`.
+
+    Statuses cycle SUCCESS, SUCCESS, SUCCESS, FAILED, CANCELED, RUNNING; no tasks, as a list page reads none.
+    """
+    version = workflow.versions.order_by("-version").first()
+    step = spread.total_seconds() / max(count, 1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {WorkflowRun._meta.db_table}
+                (trace_id, workflow_id, version_id, workflow_version, status, payload, source, created_at, finished_at)
+            SELECT gen_random_uuid(), %s, %s, %s,
+                   (ARRAY['SUCCESS', 'SUCCESS', 'SUCCESS', 'FAILED', 'CANCELED', 'RUNNING'])[1 + g %% 6],
+                   '{{}}'::jsonb, 'bulk', now() - make_interval(secs => g * %s),
+                   CASE WHEN g %% 6 = 5 THEN NULL ELSE now() - make_interval(secs => g * %s - 2) END
+            FROM generate_series(1, %s) AS g
+            """,
+            [workflow.pk, version.pk, version.version, step, step, count],
+        )
+
+
+def _queries(client, url: str, data: dict | None = None) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url, data or {})
+        assert response.status_code == 200, url
+    return len(captured.captured_queries)
+
+
 # --------------------------------------------------------------------------- access
 
 
-@pytest.mark.parametrize("page", ["run-list", "run-detail", "run-live", "workflow-detail", "queue-list"])
+@pytest.mark.parametrize(
+    "page", ["run-list", "run-detail", "run-live", "run-node", "workflow-list", "workflow-detail", "queue-list"]
+)
 def test_every_page_sends_anonymous_users_to_login(client, pipeline, page):
     run = start(pipeline)
     args = {
         "run-detail": [run.trace_id],
         "run-live": [run.trace_id],
+        "run-node": [run.trace_id, "intake"],
         "workflow-detail": [pipeline.name],
     }.get(page, [])
     url = reverse(f"workflows_app:{page}", args=args)
@@ -78,10 +221,36 @@ def test_every_page_sends_anonymous_users_to_login(client, pipeline, page):
     assert "next=" in response["Location"]
 
 
+@pytest.mark.parametrize(
+    "page", ["run-list", "run-detail", "run-live", "run-node", "workflow-list", "workflow-detail", "queue-list"]
+)
+def test_pages_open_to_anonymous_users_when_the_admin_says_so(client, pipeline, page):
+    run = start(pipeline)
+    args = {
+        "run-detail": [run.trace_id],
+        "run-live": [run.trace_id],
+        "run-node": [run.trace_id, "intake"],
+        "workflow-detail": [pipeline.name],
+    }.get(page, [])
+
+    with override_settings(EVENTFLOW={**settings.EVENTFLOW, "PUBLIC_PAGES": True}):
+        response = client.get(reverse(f"workflows_app:{page}", args=args))
+        cancel = client.post(reverse("workflows_app:run-cancel", args=[run.trace_id]))
+
+    assert response.status_code == 200
+    # Open pages do not open the actions: changing a run still takes the permission.
+    assert cancel.status_code == 403
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.RUNNING
+
+
+def test_pages_need_a_login_by_default():
+    assert settings.EVENTFLOW["PUBLIC_PAGES"] is False
+
+
 def test_nav_links_every_section(browser):
     html = browser.get(reverse("workflows_app:run-list")).content.decode()
 
-    for href in ('href="/runs/"', 'href="/queues/"', 'href="/admin/"', 'href="/api/"'):
+    for href in ('href="/runs/"', 'href="/workflows/"', 'href="/queues/"', 'href="/admin/"', 'href="/api/"'):
         assert href in html
 
 
@@ -121,19 +290,110 @@ def test_run_list_filters_by_workflow_and_status_and_counts_per_status(browser, 
     assert re.search(r'data-count-status="ALL">all <strong>3</strong>', all_runs)
 
 
-def test_run_list_ignores_an_unknown_status_and_paginates(browser):
+def test_run_list_filters_by_time_and_counts_within_the_window(browser, pipeline):
+    now = timezone.now()
+    old, last_week, today = start(pipeline), start(pipeline), start(pipeline)
+    WorkflowRun.objects.filter(pk=old.pk).update(created_at=now - timedelta(days=40))
+    WorkflowRun.objects.filter(pk=last_week.pk).update(created_at=now - timedelta(days=6))
+    url = reverse("workflows_app:run-list")
+    day = (now - timedelta(days=6)).date().isoformat()
+
+    week = browser.get(url, {"since": "7d"}).content.decode()
+    hour = browser.get(url, {"since": "1h"}).content.decode()
+    until_day = browser.get(url, {"until": day}).content.decode()
+    on_day = browser.get(url, {"since": day, "until": day}).content.decode()
+
+    assert str(today.trace_id) in week and str(last_week.trace_id) in week and str(old.trace_id) not in week
+    assert re.search(r'data-count-status="ALL">all <strong>2</strong>', week)
+    assert str(today.trace_id) in hour and str(last_week.trace_id) not in hour
+    # A bare date as the end includes that whole day.
+    assert str(last_week.trace_id) in until_day and str(old.trace_id) in until_day
+    assert str(today.trace_id) not in until_day
+    assert re.findall(r'<tr data-trace-id="([^"]+)"', on_day) == [str(last_week.trace_id)]
+    # The status chips keep the time window.
+    assert "since=7d&amp;status=RUNNING" in week
+
+
+def test_run_list_ignores_a_time_filter_it_cannot_read(browser, pipeline):
+    run = start(pipeline)
+
+    response = browser.get(reverse("workflows_app:run-list"), {"since": "yesterday-ish", "until": "2026-13-45"})
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert str(run.trace_id) in html
+    assert '"since" ignored' in html and '"until" ignored' in html
+
+
+def test_parse_moment_reads_dates_times_and_spans():
+    now = timezone.now()
+
+    assert views.parse_moment("24h", now=now) == now - timedelta(hours=24)
+    assert views.parse_moment("15m", now=now) == now - timedelta(minutes=15)
+    assert views.parse_moment("2026-11-21").isoformat() == "2026-11-21T00:00:00+00:00"
+    assert views.parse_moment("2026-11-21", end=True).isoformat() == "2026-11-22T00:00:00+00:00"
+    assert views.parse_moment("2026-11-21T10:30").isoformat() == "2026-11-21T10:30:00+00:00"
+    assert views.parse_moment("2026-11-21T10:30:00+02:00").isoformat() == "2026-11-21T10:30:00+02:00"
+    assert views.parse_moment("") is None and views.parse_moment("soon") is None
+    assert views.parse_moment("2026-02-30") is None
+
+
+def test_run_list_pages_by_keyset_both_ways(browser):
     workflow = factories.workflow(factories.spec("many"))
     runs = [start(workflow) for _ in range(51)]
     url = reverse("workflows_app:run-list")
 
-    first = browser.get(url, {"status": "bogus"})
-    second = browser.get(url, {"page": 2})
+    first = browser.get(url, {"status": "bogus"}).content.decode()
+    older_link = re.search(r'href="\?([^"]+)" rel="next"', first).group(1).replace("&amp;", "&")
+    second = browser.get(f"{url}?{older_link}").content.decode()
+    newer_link = re.search(r'href="\?([^"]+)" rel="prev"', second).group(1).replace("&amp;", "&")
+    back = browser.get(f"{url}?{newer_link}").content.decode()
 
-    assert first.status_code == 200
-    assert first.content.decode().count("data-trace-id=") == 50
-    assert "page 1 of 2" in first.content.decode()
-    assert second.content.decode().count("data-trace-id=") == 1
-    assert str(runs[0].trace_id) in second.content.decode()
+    assert first.count("data-trace-id=") == 50
+    assert 'rel="prev"' not in first
+    assert re.findall(r'<tr data-trace-id="([^"]+)"', second) == [str(runs[0].trace_id)]
+    assert 'rel="next"' not in second and 'data-page="newest"' in second
+    assert re.findall(r'<tr data-trace-id="([^"]+)"', back) == re.findall(r'<tr data-trace-id="([^"]+)"', first)
+
+
+def test_run_list_keyset_breaks_ties_on_the_same_instant(browser):
+    workflow = factories.workflow(factories.spec("ties"))
+    runs = [start(workflow) for _ in range(7)]
+    moment = timezone.now()
+    WorkflowRun.objects.update(created_at=moment)
+    expected = sorted(str(r.trace_id) for r in runs)
+    seen: list[str] = []
+
+    older, more = None, True
+    while more:
+        page, more = selectors.run_page_list(older_than=older, limit=3)
+        seen += [str(r.trace_id) for r in page]
+        older = (page[-1].created_at, str(page[-1].trace_id))
+
+    back, _ = selectors.run_page_list(newer_than=(moment, expected[3]), limit=2)
+    assert seen == expected
+    assert [str(r.trace_id) for r in back] == expected[1:3]
+
+
+def test_run_list_ignores_a_malformed_cursor(browser, pipeline):
+    run = start(pipeline)
+
+    for cursor in ("nonsense", "2026-11-21T10:00:00_not-a-uuid", f"2026-11-21T10:00:00_{uuid.uuid4()}"):
+        response = browser.get(reverse("workflows_app:run-list"), {"older": cursor})
+        assert response.status_code == 200
+        assert str(run.trace_id) in response.content.decode()
+
+
+def test_run_list_caps_each_count(browser, pipeline, monkeypatch):
+    monkeypatch.setattr(views, "RUN_COUNT_CAP", 2)
+    for _ in range(3):
+        start(pipeline)
+
+    html = browser.get(reverse("workflows_app:run-list")).content.decode()
+
+    assert re.search(r'data-count-status="RUNNING">.*?<strong>2\+</strong>', html)
+    assert re.search(r'data-count-status="ALL">all <strong>2\+</strong>', html)
+    assert html.count("data-trace-id=") == 3
 
 
 def test_run_list_survives_a_workflow_filter_that_is_no_slug(browser, pipeline):
@@ -220,7 +480,7 @@ def test_final_run_page_does_not_poll(browser, pipeline):
     fragment = browser.get(reverse("workflows_app:run-live", args=[run.trace_id])).content.decode()
 
     assert 'data-final="true"' in html and 'data-final="true"' in fragment
-    assert "fetch(" not in html
+    assert "function poll" not in html
     assert set(svg_nodes(html).values()) == {"SUCCESS"}
 
 
@@ -229,7 +489,7 @@ def test_running_run_page_polls_the_live_fragment(browser, pipeline):
 
     html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
 
-    assert "fetch(" in html
+    assert "function poll" in html
     assert 'data-live-url="{}"'.format(reverse("workflows_app:run-live", args=[run.trace_id])) in html
 
 
@@ -266,6 +526,157 @@ def test_malformed_trace_id_is_a_plain_404(browser):
     assert "Traceback" not in html and "URLconf" not in html
 
 
+# --------------------------------------------------------------------------- node detail
+
+
+def test_every_node_links_to_its_detail_from_the_graph_and_the_table(browser, pipeline):
+    run = start(pipeline)
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+
+    for key in PIPELINE_KEYS:
+        url = reverse("workflows_app:run-node", args=[run.trace_id, key])
+        assert f'<a href="{url}" class="dag-link" data-node-link="{key}">' in section(
+            html, '<svg class="dag"', "</svg>"
+        )
+        assert f'<a href="{url}" data-node-link="{key}">' in section(html, '<table class="grid tasks">', "</table>")
+    assert 'id="node-panel"' in html
+
+
+def test_node_detail_shows_payload_result_error_every_attempt_and_its_event(browser):
+    run = run_with_history(start(layered_workflow("detail", 30), {"product": "lamp"}))
+    failed = TaskRun.objects.filter(run=run, status=TaskRun.Status.FAILURE).order_by("id").first()
+    retried = TaskRun.objects.filter(run=run, status=TaskRun.Status.SUCCESS, attempts=2).first()
+    url = reverse("workflows_app:run-node", args=[run.trace_id, failed.node_key])
+
+    page = browser.get(url)
+    fragment = browser.get(url, {"fragment": "1"})
+    success = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, retried.node_key])).content.decode()
+
+    assert page.status_code == 200 and fragment.status_code == 200
+    html, part = page.content.decode(), fragment.content.decode()
+    assert "<html" in html and "<html" not in part
+    assert part.lstrip().startswith(f'<div class="node-detail" data-node="{failed.node_key}" data-status="FAILURE"')
+    assert "RuntimeError: disk full" in part and "Traceback (most recent call last)" in part
+    assert "&quot;product&quot;: &quot;lamp&quot;" in part
+    assert f'data-event-id="{failed.current_event_id}"' in part
+    assert f"&quot;event_id&quot;: &quot;{failed.current_event_id}&quot;" in part
+    assert reverse("workflows_app:run-detail", args=[run.trace_id]) in part
+    # A retried node lists both attempts, the failed one with its error; its result is shown.
+    assert success.count('<tr data-event-id="') == 2
+    assert 'data-status="FAILURE"' in section(success, '<table class="grid attempts">', "</table>")
+    assert "&quot;n&quot;:" in section(success, '<pre class="result">', "</pre>")
+
+
+def test_node_detail_of_a_node_not_sent_yet(browser, pipeline):
+    run = start(pipeline, {"product": "lamp"})
+
+    html = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, "publish_ali"])).content.decode()
+
+    assert 'data-status="WAITING"' in html
+    assert "Not sent yet" in html and "No event yet" in html
+    # The payload it will get: the run's, with the node's params over it.
+    assert "&quot;product&quot;: &quot;lamp&quot;" in html
+    assert reverse("workflows_app:run-node", args=[run.trace_id, "upload_ali"]) in html
+
+
+def test_node_detail_shows_the_place_in_line(browser):
+    workflow = line_workflow(size=3, concurrency=1)
+    run = start(workflow)
+
+    html = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, "n2"])).content.decode()
+
+    assert "#2 in line" in html
+
+
+def test_unknown_or_malformed_node_is_a_plain_404(browser, pipeline):
+    run = start(pipeline)
+
+    unknown = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, "nope"]))
+    malformed = browser.get(f"/runs/{run.trace_id}/nodes/not%20a%20key/")
+    no_run = browser.get(reverse("workflows_app:run-node", args=[uuid.uuid4(), "intake"]))
+
+    for response in (unknown, malformed, no_run):
+        assert response.status_code == 404
+        html = response.content.decode()
+        assert "Not found" in html and "Traceback" not in html
+
+
+# --------------------------------------------------------------------------- cancel and retry
+
+
+def test_cancel_button_cancels_the_run_and_says_so(operator, pipeline):
+    run = start(pipeline)
+    page = operator.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+    cancel_url = reverse("workflows_app:run-cancel", args=[run.trace_id])
+
+    response = operator.post(cancel_url, follow=True)
+
+    assert f'action="{cancel_url}"' in page and "csrfmiddlewaretoken" in page
+    assert response.redirect_chain == [(reverse("workflows_app:run-detail", args=[run.trace_id]), 302)]
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.CANCELED
+    html = response.content.decode()
+    assert "Run canceled" in html
+    assert set(svg_nodes(html).values()) == {"REVOKED"}
+    # A final, canceled run offers a retry and no cancel.
+    assert 'data-action="retry"' in html and 'data-action="cancel"' not in html
+
+
+def test_retry_button_restarts_a_failed_run(operator, pipeline):
+    run = start(pipeline)
+    engine.workflow_run_cancel(trace_id=str(run.trace_id))
+
+    response = operator.post(reverse("workflows_app:run-retry", args=[run.trace_id]), follow=True)
+
+    assert response.status_code == 200
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.RUNNING
+    assert "Run restarted" in response.content.decode()
+
+
+def test_refused_retry_is_a_message_not_an_error(operator, pipeline):
+    run = start(pipeline)
+
+    response = operator.post(reverse("workflows_app:run-retry", args=[run.trace_id]), follow=True)
+    again = operator.post(reverse("workflows_app:run-cancel", args=[run.trace_id]), follow=True)
+    twice = operator.post(reverse("workflows_app:run-cancel", args=[run.trace_id]), follow=True)
+
+    assert response.status_code == 200
+    assert "only a failed or canceled run can be retried" in response.content.decode()
+    assert 'class="error"' in response.content.decode()
+    assert again.status_code == 200 and twice.status_code == 200
+    assert "already CANCELED: nothing to cancel" in twice.content.decode()
+
+
+def test_actions_need_the_change_permission(browser, client, pipeline):
+    run = start(pipeline)
+    page = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+
+    denied = browser.post(reverse("workflows_app:run-cancel", args=[run.trace_id]))
+    client.logout()
+    anonymous = client.post(reverse("workflows_app:run-retry", args=[run.trace_id]))
+
+    assert 'data-action="cancel"' not in page
+    assert denied.status_code == 403 and anonymous.status_code == 403
+    assert "Traceback" not in denied.content.decode()
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.RUNNING
+
+
+def test_actions_are_post_only_with_csrf(trigger_user, pipeline):
+    run = start(pipeline)
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(trigger_user)
+    url = reverse("workflows_app:run-cancel", args=[run.trace_id])
+
+    assert strict.get(url).status_code == 405
+    assert strict.post(url).status_code == 403
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.RUNNING
+
+
+def test_action_on_an_unknown_run_is_a_404(operator, db):
+    assert operator.post(reverse("workflows_app:run-cancel", args=[uuid.uuid4()])).status_code == 404
+    assert operator.post("/runs/not-a-uuid/retry/").status_code == 404
+
+
 # --------------------------------------------------------------------------- workflow page
 
 
@@ -287,6 +698,35 @@ def test_workflow_page_draws_the_definition_with_its_settings(browser, pipeline)
 
 def test_unknown_workflow_is_a_404(browser, db):
     assert browser.get(reverse("workflows_app:workflow-detail", args=["nope"])).status_code == 404
+
+
+def test_workflow_list_shows_each_workflow_with_its_latest_run(browser, pipeline):
+    idle = factories.workflow(factories.spec("idle"))
+    start(pipeline)
+    latest = start(pipeline)
+
+    html = browser.get(reverse("workflows_app:workflow-list")).content.decode()
+
+    assert reverse("workflows_app:workflow-detail", args=[pipeline.name]) in html
+    assert reverse("workflows_app:workflow-detail", args=[idle.name]) in html
+    row = section(html, f'data-workflow="{pipeline.name}"', "</tr>")
+    assert reverse("workflows_app:run-detail", args=[latest.trace_id]) in row
+    assert '<td class="num">7</td>' in row
+    assert "none yet" in section(html, 'data-workflow="idle"', "</tr>")
+    assert reverse("admin:workflows_app_workflowdefinition_change", args=[idle.pk]) in html
+
+
+def test_admin_change_page_of_a_workflow_previews_its_graph(admin_client, pipeline):
+    html = admin_client.get(
+        reverse("admin:workflows_app_workflowdefinition_change", args=[pipeline.pk])
+    ).content.decode()
+
+    drawn = re.findall(r'<g class="dag-node" data-node="([^"]+)"', html)
+    assert sorted(drawn) == sorted(PIPELINE_KEYS)
+    assert html.count('class="dag-edge"') == 8
+    assert f'href="{reverse("workflows_app:workflow-detail", args=[pipeline.name])}#node-intake"' in html
+    add = admin_client.get(reverse("admin:workflows_app_workflowdefinition_add"))
+    assert add.status_code == 200
 
 
 # --------------------------------------------------------------------------- queues page
@@ -313,62 +753,155 @@ def test_queue_page_lists_idle_types_with_zeros(browser, pipeline):
     assert 'data-event-type="product_image" data-running="0" data-queued="0"' in html
 
 
+def test_queue_page_counts_tasks_finished_in_the_last_hour(browser):
+    workflow = line_workflow(size=5, concurrency=5)
+    run = start(workflow)
+    now = timezone.now()
+    finished = {
+        "n0": (TaskRun.Status.SUCCESS, now - timedelta(minutes=5)),
+        "n1": (TaskRun.Status.SUCCESS, now - timedelta(minutes=59)),
+        "n2": (TaskRun.Status.FAILURE, now - timedelta(minutes=10)),
+        "n3": (TaskRun.Status.SUCCESS, now - timedelta(minutes=61)),
+        "n4": (TaskRun.Status.REVOKED, now - timedelta(minutes=1)),
+    }
+    for key, (status, at) in finished.items():
+        TaskRun.objects.filter(run=run, node_key=key).update(status=status, finished_at=at, holds_slot=False)
+
+    html = browser.get(reverse("workflows_app:queue-list")).content.decode()
+
+    # Revoked tasks never ran to an end and the one past the hour is out of the window.
+    assert 'data-done-last-hour="3" data-failed-last-hour="1"' in html
+    assert reverse("admin:events_app_eventtype_change", args=["q_line"]) in html
+
+
+def test_throughput_counts_read_the_index_of_finished_tasks(db):
+    queryset = selectors.event_type_queue_page_list(since=timezone.now() - timedelta(hours=1))
+    sql, params = queryset.query.sql_with_params()
+
+    with connection.cursor() as cursor:
+        # On a near-empty table the planner would scan it whole; this asks whether the index can serve.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+
+    assert "task_run_done_idx" in plan
+
+
+# --------------------------------------------------------------------------- links
+
+
+def test_pages_link_to_each_other_and_to_the_admin(admin_client, pipeline):
+    run = start(pipeline)
+    run_url = reverse("workflows_app:run-detail", args=[run.trace_id])
+    workflow_url = reverse("workflows_app:workflow-detail", args=[pipeline.name])
+    pages = {
+        "runs": reverse("workflows_app:run-list"),
+        "run": run_url,
+        "node": reverse("workflows_app:run-node", args=[run.trace_id, "intake"]),
+        "workflows": reverse("workflows_app:workflow-list"),
+        "workflow": workflow_url,
+        "queues": reverse("workflows_app:queue-list"),
+    }
+    html = {name: admin_client.get(url).content.decode() for name, url in pages.items()}
+    nav = ("/runs/", "/workflows/", "/queues/", "/admin/")
+
+    for name, body in html.items():
+        for href in nav:
+            assert f'href="{href}"' in body, (name, href)
+    assert run_url in html["runs"] and workflow_url in html["runs"]
+    assert workflow_url in html["run"] and pages["node"] in html["run"]
+    assert reverse("admin:workflows_app_workflowrun_change", args=[run.pk]) in html["run"]
+    assert run_url in html["node"] and workflow_url in html["node"]
+    assert reverse("admin:workflows_app_taskrun_change", args=[run.tasks.get(node_key="intake").pk]) in html["node"]
+    assert workflow_url in html["workflows"]
+    assert run_url in html["workflow"]
+    assert reverse("admin:workflows_app_workflowdefinition_change", args=[pipeline.pk]) in html["workflow"]
+    assert reverse("admin:events_app_eventtype_change", args=["product_src"]) in html["queues"]
+
+
+def test_admin_pages_link_back_to_the_status_pages(admin_client, pipeline):
+    run = start(pipeline)
+    task = run.tasks.get(node_key="intake")
+    admin_pages = [
+        reverse("admin:index"),
+        reverse("admin:workflows_app_workflowrun_change", args=[run.pk]),
+        reverse("admin:workflows_app_workflowrun_changelist"),
+        reverse("admin:workflows_app_taskrun_change", args=[task.pk]),
+        reverse("admin:workflows_app_workflowdefinition_change", args=[pipeline.pk]),
+    ]
+    html = [admin_client.get(url).content.decode() for url in admin_pages]
+
+    assert 'href="/"' in html[0]  # "View site", which leads to the run list
+    assert admin_client.get("/").url == reverse("workflows_app:run-list")
+    assert reverse("workflows_app:run-detail", args=[run.trace_id]) in html[1]
+    assert reverse("workflows_app:run-detail", args=[run.trace_id]) in html[2]
+    assert reverse("workflows_app:run-detail", args=[run.trace_id]) in html[3]
+    assert reverse("workflows_app:workflow-detail", args=[pipeline.name]) in html[4]
+
+
 # --------------------------------------------------------------------------- query counts
 
 
-def _queries(client, url: str) -> int:
-    with CaptureQueriesContext(connection) as captured:
-        assert client.get(url).status_code == 200
-    return len(captured.captured_queries)
-
-
-def _wide_and_deep(name: str, size: int):
-    """Half the nodes in a chain, the rest independent roots: both layers and a waiting line."""
-    keys = [f"n{i}" for i in range(size)]
-    chain = keys[: size // 2]
-    return factories.workflow(
-        factories.spec(
-            name,
-            [(key, "workflows_app.tasks.echo") for key in keys],
-            [[a, b] for a, b in zip(chain, chain[1:], strict=False)],
-            event_type="q_count",
-            event_types={"q_count": {"concurrency": 2}},
-        )
-    )
-
-
 def test_run_page_query_count_does_not_grow_with_the_graph(browser):
-    small, large = start(_wide_and_deep("small", 3)), start(_wide_and_deep("large", 30))
-    for run in (small, large):
-        TaskRun.objects.filter(run=run).update(error="boom")
+    small = run_with_history(start(layered_workflow("small", 3, width=2)))
+    large = run_with_history(start(layered_workflow("large", 300, event_type="q_large")))
 
-    counts = {
-        size: (
+    def counts(run: WorkflowRun) -> tuple[int, int, int]:
+        return (
             _queries(browser, reverse("workflows_app:run-detail", args=[run.trace_id])),
             _queries(browser, reverse("workflows_app:run-live", args=[run.trace_id])),
+            _queries(browser, reverse("workflows_app:run-node", args=[run.trace_id, "n000"]), {"fragment": "1"}),
         )
-        for size, run in (("small", small), ("large", large))
-    }
 
-    assert counts["small"] == counts["large"]
+    large_html = browser.get(reverse("workflows_app:run-detail", args=[large.trace_id])).content.decode()
+    assert len(svg_nodes(large_html)) == 300
+    assert set(svg_nodes(large_html).values()) == {"SUCCESS", "FAILURE", "STARTED", "QUEUED", "WAITING"}
+    assert counts(small) == counts(large)
+
+
+def test_run_list_query_count_does_not_grow_with_100000_runs(browser):
+    workflow = factories.workflow(factories.spec("busy"))
+    start(workflow)
+    url = reverse("workflows_app:run-list")
+    views_of_the_list = [
+        {},
+        {"workflow": "busy", "status": "FAILED"},
+        {"since": "7d", "status": "SUCCESS"},
+    ]
+    before = [_queries(browser, url, data) for data in views_of_the_list]
+
+    runs_bulk_insert(workflow, 100_000)
+    after = [_queries(browser, url, data) for data in views_of_the_list]
+    page = browser.get(url, {"workflow": "busy"}).content.decode()
+    older = re.search(r'href="\?([^"]+)" rel="next"', page).group(1).replace("&amp;", "&")
+    deep = _queries(browser, f"{url}?{older}")
+
+    assert WorkflowRun.objects.count() == 100_001
+    assert before == after
+    assert deep == after[0]
+    assert page.count("data-trace-id=") == views.RUNS_PER_PAGE
+    # Counts stop at the cap rather than reading all 100,000 rows.
+    assert re.search(r'data-count-status="SUCCESS">.*?<strong>10,000\+</strong>', page)
 
 
 def test_list_pages_query_count_does_not_grow_with_rows(browser):
-    few = _wide_and_deep("few", 3)
+    few = layered_workflow("few", 3, width=2)
     start(few)
     before = {
         "runs": _queries(browser, reverse("workflows_app:run-list")),
+        "workflows": _queries(browser, reverse("workflows_app:workflow-list")),
         "workflow": _queries(browser, reverse("workflows_app:workflow-detail", args=["few"])),
         "queues": _queries(browser, reverse("workflows_app:queue-list")),
     }
-    many = _wide_and_deep("many", 30)
+    many = layered_workflow("many", 30, event_type="q_many")
     for _ in range(5):
-        start(many)
+        run_with_history(start(many))
         start(few)
     factories.workflow(factories.spec("other_types", event_type="q_other"))
 
     after = {
         "runs": _queries(browser, reverse("workflows_app:run-list")),
+        "workflows": _queries(browser, reverse("workflows_app:workflow-list")),
         "workflow": _queries(browser, reverse("workflows_app:workflow-detail", args=["many"])),
         "queues": _queries(browser, reverse("workflows_app:queue-list")),
     }

@@ -11,10 +11,12 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Count, QuerySet
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils.html import format_html
 
+from . import graph_svg
+from .admin_schedule import schedule_view
 from .definitions import DefinitionError, definition_validate, registered_task_names, workflow_version_sync
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun
 
@@ -260,9 +262,18 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):
     list_display = ("name", "version", "is_active", "node_count", "updated_at", "page_link")
     list_filter = ("is_active",)
     search_fields = ("name", "description")
-    fields = ("name", "description", "is_active", "trigger_event_types", "version", "page_link", "updated_at")
-    readonly_fields = ("version", "page_link", "updated_at")
-    actions = ("activate", "deactivate")
+    fields = (
+        "name",
+        "description",
+        "is_active",
+        "trigger_event_types",
+        "version",
+        "page_link",
+        "updated_at",
+        "graph_preview",
+    )
+    readonly_fields = ("version", "page_link", "updated_at", "graph_preview")
+    actions = ("activate", "deactivate", "schedule")
     formfield_overrides = {models.JSONField: {"widget": forms.Textarea(attrs={"rows": 2, "cols": 60})}}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[WorkflowDefinition]:
@@ -278,6 +289,21 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):
             return "-"
         url = reverse("workflows_app:workflow-detail", args=[obj.name])
         return format_html('<a href="{}">{}</a>', url, url)
+
+    @admin.display(description="graph (as saved)")
+    def graph_preview(self, obj: WorkflowDefinition) -> str:
+        """The drawing of the workflow page, each node linking to its row there."""
+        if obj.pk is None:
+            return "-"
+        nodes = list(obj.nodes.select_related("event_type").order_by("id"))
+        key_of = {node.id: node.key for node in nodes}
+        edges = [(key_of[e.source_id], key_of[e.target_id]) for e in obj.edges.order_by("id")]
+        if not nodes:
+            return "no nodes yet"
+        url = reverse("workflows_app:workflow-detail", args=[obj.name])
+        svg = graph_svg.workflow_svg(nodes, edges, label=f"{obj.name} definition", href=lambda key: f"{url}#node-{key}")
+        # The admin's form rows grow with their content: a bounded, scrolling box keeps the form in view.
+        return format_html('<div class="graph" style="overflow:auto;max-width:min(1100px,70vw)">{}</div>', svg)
 
     def get_inline_instances(self, request: HttpRequest, obj: WorkflowDefinition | None = None) -> list:
         # Edges link saved nodes, so a new workflow gets its nodes first and its edges on the next save.
@@ -313,6 +339,25 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):
     def deactivate(self, request: HttpRequest, queryset: QuerySet[WorkflowDefinition]) -> None:
         count = queryset.update(is_active=False)
         self.message_user(request, f"{count} workflow(s) deactivated.", messages.SUCCESS)
+
+    @admin.action(description="Schedule this workflow", permissions=["change"])
+    def schedule(self, request: HttpRequest, queryset: QuerySet[WorkflowDefinition]) -> HttpResponseRedirect | None:
+        workflows = list(queryset[:2])
+        if len(workflows) != 1:
+            self.message_user(request, "Select exactly one workflow to schedule.", messages.WARNING)
+            return None
+        return HttpResponseRedirect(reverse("admin:workflows_app_workflowdefinition_schedule", args=[workflows[0].pk]))
+
+    def get_urls(self) -> list:
+        schedule = path(
+            "<path:object_id>/schedule/",
+            self.admin_site.admin_view(self.schedule_view),
+            name="workflows_app_workflowdefinition_schedule",
+        )
+        return [schedule, *super().get_urls()]
+
+    def schedule_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return schedule_view(self, request, object_id)
 
 
 # --------------------------------------------------------------------------- runs (view only)

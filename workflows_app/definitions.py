@@ -54,11 +54,16 @@ class DefinitionError(ValueError):
 
 
 def registered_task_names() -> set[str]:
-    """Every task name the Celery app knows, after autodiscovery of the installed apps' tasks."""
+    """Every task a node may run: those the Celery app knows after autodiscovery, except Celery's
+    own and the engine's maintenance tasks (marked `eventflow_internal`), which take no Event."""
     from config.celery import app
 
     app.loader.import_default_modules()
-    return {name for name in app.tasks if not name.startswith("celery.")}
+    return {
+        name
+        for name, task in app.tasks.items()
+        if not name.startswith("celery.") and not getattr(task, "eventflow_internal", False)
+    }
 
 
 def _is_int(value: Any) -> bool:

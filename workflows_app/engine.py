@@ -220,14 +220,16 @@ def _new_event(
     )
 
 
-def _admit(type_names: Iterable[str], outbox: _Outbox) -> None:
+def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = ()) -> None:
     """Hand QUEUED tasks to Celery, FIFO, while fewer than `concurrency` of their type hold a slot.
 
     The event-type row lock serialises admission per type across every process, so the count and
     the hand-out cannot interleave (the race that over-admits in check-then-act schemes). Types are
     locked in name order so two transitions never wait on each other's types. Both queries use
-    partial indexes, so their cost does not depend on the length of the waiting line.
+    partial indexes, so their cost does not depend on the length of the waiting line. `known` are
+    events created in this transaction: they are not read back.
     """
+    known_events = {event.event_id: event for event in known}
     for name in sorted(set(type_names)):
         concurrency = (
             EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
@@ -245,8 +247,13 @@ def _admit(type_names: Iterable[str], outbox: _Outbox) -> None:
         )
         if not picked:
             continue
-        TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True)
-        events = Event.objects.in_bulk([p[1] for p in picked])
+        TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(
+            holds_slot=True, lease_expires_at=_dispatch_deadline(timezone.now())
+        )
+        events = {p[1]: known_events[p[1]] for p in picked if p[1] in known_events}
+        missing = [p[1] for p in picked if p[1] not in events]
+        if missing:
+            events.update(Event.objects.in_bulk(missing))
         for _, event_id, node_key, version_id in picked:
             outbox.add(
                 events[event_id].as_message(),
@@ -257,7 +264,8 @@ def _admit(type_names: Iterable[str], outbox: _Outbox) -> None:
 def _load_rows(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> None:
     missing = [k for k in keys if k not in rows]
     if missing:
-        for row in TaskRun.objects.filter(run=run, node_key__in=missing):
+        # order_by(): Meta.ordering would join the run's table only to sort rows kept in a dict.
+        for row in TaskRun.objects.filter(run=run, node_key__in=missing).order_by():
             rows[row.node_key] = row
 
 
@@ -268,10 +276,12 @@ def _advance(
     rows: dict[str, TaskRun],
     frontier: list[str],
     now: datetime,
+    created: list[Event] | None = None,
 ) -> list[str]:
     """Settle every WAITING node in `frontier` (and onward) whose predecessors are all final.
 
-    Runs under the run's row lock. Returns the event types that gained QUEUED tasks.
+    Runs under the run's row lock. Returns the event types that gained QUEUED tasks; the events it
+    creates are appended to `created` when given.
     """
     changed: list[TaskRun] = []
     new_events: list[Event] = []
@@ -312,6 +322,8 @@ def _advance(
         frontier = next_frontier
     if new_events:
         Event.objects.bulk_create(new_events)
+        if created is not None:
+            created.extend(new_events)
     if changed:
         TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
     return queued_types
@@ -351,10 +363,12 @@ def workflow_run_start(
     idempotency_key: str | None = None,
     user: Any = None,
     source: str = "api",
+    trigger_event: Event | None = None,
 ) -> tuple[WorkflowRun, bool]:
     """Start a run on the workflow's current version; returns (run, created).
 
     With an idempotency key already used for this workflow, returns that run and starts nothing.
+    `trigger_event` is the published event that started it, listed first among the run's events.
     """
     if not workflow.is_active:
         raise EngineError(f"workflow '{workflow.name}' is inactive", status=409)
@@ -378,6 +392,7 @@ def workflow_run_start(
             idempotency_key=idempotency_key or None,
             created_by=user if getattr(user, "is_authenticated", False) else None,
             source=source,
+            trigger_event=trigger_event,
         )
         try:
             with transaction.atomic():
@@ -415,13 +430,17 @@ def workflow_run_start(
             )
             for node in graph.nodes.values()
         )
-        _admit({graph.nodes[key].event_type for key in events}, outbox)
+        _admit({graph.nodes[key].event_type for key in events}, outbox, known=events.values())
         outbox.flush_on_commit()
     return run, True
 
 
 def _lease_expiry(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.EVENTFLOW["LEASE_SECONDS"])
+
+
+def _dispatch_deadline(due: datetime) -> datetime:
+    return due + timedelta(seconds=settings.EVENTFLOW["DISPATCH_GRACE_SECONDS"])
 
 
 @_retry_on_conflict
@@ -458,24 +477,77 @@ def task_runs_renew(*, event_ids: Iterable[str]) -> int:
     )
 
 
+def _stored_outcomes(event_ids: list[str]) -> dict[str, tuple[bool, Any, str]]:
+    """Outcomes Celery stored in the result backend for these attempts, when it stores results.
+
+    The backend is written before `task_postrun` fires, so an attempt whose worker died between
+    the two finished in Celery although the engine never heard of it.
+    """
+    from django_celery_results.models import TaskResult
+
+    outcomes = {}
+    rows = TaskResult.objects.filter(task_id__in=event_ids, status__in=["SUCCESS", "FAILURE"])
+    for task_id, status, raw, traceback in rows.values_list("task_id", "status", "result", "traceback"):
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            value = raw
+        succeeded = status == "SUCCESS"
+        outcomes[task_id] = (succeeded, value if succeeded else None, "" if succeeded else (traceback or str(value)))
+    return outcomes
+
+
 def task_runs_reconcile(*, limit: int = 200) -> int:
-    """Settle started attempts whose lease lapsed: their worker died, so each is retried or failed
-    per its node's policy and its slot is freed. Safe to run from many processes at once."""
+    """Bring every slot holder past its deadline to a definite state; returns how many it handled.
+
+    Started attempts whose lease lapsed (their worker died) take the outcome Celery stored, if
+    any, else are retried or failed per the node's policy, freeing the slot. Sent tasks that never
+    started (their message was lost) are sent again with the same event id. Safe to run from many
+    processes at once: each transition re-checks under the run's lock.
+    """
     now = timezone.now()
-    lapsed = list(
-        TaskRun.objects.filter(status=S.STARTED, lease_expires_at__lt=now)
+    overdue = list(
+        TaskRun.objects.filter(holds_slot=True, lease_expires_at__lt=now)
         .order_by("lease_expires_at")
-        .values_list("run_id", "current_event_id", "worker")[:limit]
+        .values_list("id", "run_id", "current_event_id", "status", "worker")[:limit]
     )
-    for trace_id, event_id, worker in lapsed:
-        task_run_finish(
-            trace_id=str(trace_id),
-            event_id=str(event_id),
-            succeeded=False,
-            error=f"worker lost: {worker or 'unknown worker'} stopped renewing the lease of this attempt",
-            lost=True,
+    started = [row for row in overdue if row[3] == S.STARTED]
+    outcomes = _stored_outcomes([str(row[2]) for row in started]) if started else {}
+    for _, trace_id, event_id, _, worker in started:
+        succeeded, result, error = outcomes.get(
+            str(event_id),
+            (False, None, f"worker lost: {worker or 'unknown worker'} stopped renewing the lease of this attempt"),
         )
-    return len(lapsed)
+        task_run_finish(
+            trace_id=str(trace_id), event_id=str(event_id), succeeded=succeeded, result=result, error=error, lost=True
+        )
+    unstarted = [row for row in overdue if row[3] in (S.QUEUED, S.RETRY)]
+    if unstarted:
+        task_runs_redispatch(ids=[row[0] for row in unstarted])
+    return len(overdue)
+
+
+@_retry_on_conflict
+def task_runs_redispatch(*, ids: list[int]) -> None:
+    """Send again the current attempt of tasks that hold a slot but never started.
+
+    The same event id goes out again, so if the first message was only late, whichever copy
+    starts first runs and the other is refused.
+    """
+    outbox = _Outbox()
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(id__in=ids, holds_slot=True, status__in=[S.QUEUED, S.RETRY], lease_expires_at__lt=now)
+            .select_related("current_event", "run")
+        )
+        for row in rows:
+            logger.warning("sending %s of run %s again: it did not start in time", row.node_key, row.run_id)
+            timeout = graph_for_version(row.run.version_id).nodes[row.node_key].timeout
+            outbox.add(row.current_event.as_message(), timeout=timeout)
+        TaskRun.objects.filter(id__in=[r.id for r in rows]).update(lease_expires_at=_dispatch_deadline(now))
+        outbox.flush_on_commit()
 
 
 @_retry_on_conflict
@@ -508,7 +580,8 @@ def task_run_finish(
         run = WorkflowRun.objects.select_for_update().filter(trace_id=trace_id).first()
         if run is None:
             return
-        row = TaskRun.objects.filter(run=run, current_event_id=event_id).first()
+        # order_by("pk"): Meta.ordering would join the run's table to sort this single row.
+        row = TaskRun.objects.filter(run=run, current_event_id=event_id).order_by("pk").first()
         if row is None or row.status in FINAL:
             return
         if lost and not (row.status == S.STARTED and row.lease_expires_at and row.lease_expires_at < now):
@@ -529,10 +602,11 @@ def task_run_finish(
             )
             event.save(force_insert=True)
             Event.objects.filter(event_id=event_id).update(status=Event.Status.FAILURE, result={"error": error})
-            row.status, row.error, row.current_event, row.lease_expires_at = S.RETRY, error, event, None
-            row.save(update_fields=["status", "error", "current_event", "lease_expires_at"])
             # The retry keeps its slot through the backoff: it was admitted and is not finished.
             countdown = node.retry_delay * 2 ** (attempt - 2)
+            row.status, row.error, row.current_event = S.RETRY, error, event
+            row.lease_expires_at = _dispatch_deadline(now + timedelta(seconds=countdown))
+            row.save(update_fields=["status", "error", "current_event", "lease_expires_at"])
             outbox.add(event.as_message(), timeout=node.timeout, countdown=countdown)
             outbox.flush_on_commit()
             return
@@ -548,15 +622,18 @@ def task_run_finish(
             result=result if succeeded else {"error": error},
         )
         rows = {row.node_key: row}
-        types += _advance(
+        created: list[Event] = []
+        queued = _advance(
             run=run,
             graph=graph,
             rows=rows,
             frontier=list(graph.succs[row.node_key]),
             now=now,
+            created=created,
         )
-        _admit(types, outbox)
-        _finish_run_if_done(run, now)
+        _admit(types + queued, outbox, known=created)
+        if not queued:  # a successor just became QUEUED, so the run cannot be done yet
+            _finish_run_if_done(run, now)
         outbox.flush_on_commit()
 
 
@@ -668,23 +745,54 @@ def event_type_set_concurrency(*, name: str, concurrency: int) -> EventType:
     return EventType.objects.get(name=name)
 
 
-def event_publish(*, event_type: str, payload: dict, user: Any = None) -> tuple[Event, list[WorkflowRun]]:
-    """Store an outside event and start every active workflow subscribed to its type, all or nothing."""
+def _published(*, event_type: str, idempotency_key: str) -> tuple[Event, list[WorkflowRun]] | None:
+    event = Event.objects.filter(event_type=event_type, idempotency_key=idempotency_key).first()
+    if event is None:
+        return None
+    runs = WorkflowRun.objects.filter(trigger_event=event).select_related("workflow").order_by("workflow__name")
+    return event, list(runs)
+
+
+def event_publish(
+    *, event_type: str, payload: dict, user: Any = None, idempotency_key: str | None = None
+) -> tuple[Event, list[WorkflowRun], bool]:
+    """Store an outside event and start every active workflow subscribed to its type, all or nothing.
+
+    Returns (event, runs, created). With an idempotency key already used for this event type, returns
+    that event and the runs it started, and writes nothing.
+    """
+    if idempotency_key:
+        existing = _published(event_type=event_type, idempotency_key=idempotency_key)
+        if existing:
+            return (*existing, False)
     with transaction.atomic():
-        event = Event.objects.create(
+        event = Event(
             event_type=event_type,
             payload=_json_safe(payload),
             status=Event.Status.SUCCESS,
             context={"source": "api"},
             timestamp=timezone.now(),
+            idempotency_key=idempotency_key or None,
         )
+        try:
+            with transaction.atomic():
+                event.save(force_insert=True)
+        except IntegrityError:
+            # A concurrent request with the same key won the insert; the unique constraint made this
+            # one wait for its commit, so its runs are visible now.
+            existing = idempotency_key and _published(event_type=event_type, idempotency_key=idempotency_key)
+            if existing:
+                return (*existing, False)
+            raise
         subscribed = [
             w
             for w in WorkflowDefinition.objects.filter(is_active=True).order_by("name")
             if event_type in (w.trigger_event_types or [])
         ]
         runs = [
-            workflow_run_start(workflow=w, payload=payload, user=user, source=f"event:{event.event_id}")[0]
+            workflow_run_start(
+                workflow=w, payload=payload, user=user, source=f"event:{event.event_id}", trigger_event=event
+            )[0]
             for w in subscribed
         ]
-    return event, runs
+    return event, runs, True

@@ -53,7 +53,7 @@ class LeaseKeeper(bootsteps.StartStopStep):
                 self.last_reconcile = time.monotonic()
                 settled = engine.task_runs_reconcile()
                 if settled:
-                    logger.warning("settled %d attempt(s) whose worker was lost", settled)
+                    logger.warning("brought %d overdue task(s) to a definite state", settled)
         except Exception:
             # A database outage must not stop the worker; the next tick tries again.
             logger.exception("lease renewal failed")

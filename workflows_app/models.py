@@ -196,6 +196,15 @@ class WorkflowRun(models.Model):
         related_name="workflow_runs",
         verbose_name="created by",
     )
+    trigger_event = models.ForeignKey(
+        "events_app.Event",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="triggered_runs",
+        verbose_name="trigger event",
+        help_text="The published event that started this run, if an event did.",
+    )
     created_at = models.DateTimeField("created at", auto_now_add=True)
     finished_at = models.DateTimeField("finished at", null=True, blank=True)
 
@@ -207,6 +216,12 @@ class WorkflowRun(models.Model):
             models.Index(fields=["-created_at"], name="run_created_idx"),
             models.Index(fields=["workflow", "-created_at"], name="run_workflow_created_idx"),
             models.Index(fields=["status", "-created_at"], name="run_status_created_idx"),
+            # The run list filtered by workflow and status, and its per-status counts within a workflow.
+            models.Index(fields=["workflow", "status", "-created_at"], name="run_workflow_status_idx"),
+            # purge_runs walks finished runs oldest first; unfinished runs are not in it.
+            models.Index(
+                fields=["finished_at"], condition=models.Q(finished_at__isnull=False), name="run_finished_idx"
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -279,7 +294,10 @@ class TaskRun(models.Model):
         "lease expires at",
         null=True,
         blank=True,
-        help_text="While STARTED, its worker renews this; past it the attempt is taken as lost.",
+        help_text=(
+            "For a task holding a slot, when its state must next be confirmed: a sent task must have "
+            "started by then, a started one's worker must have renewed it. Past it, the reconciler acts."
+        ),
     )
 
     class Meta:
@@ -300,6 +318,18 @@ class TaskRun(models.Model):
                 fields=["event_type"],
                 condition=models.Q(holds_slot=True),
                 name="task_run_slot_idx",
+            ),
+            # Slot holders by deadline: what the reconciler scans.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=models.Q(holds_slot=True),
+                name="task_run_deadline_idx",
+            ),
+            # Tasks that ran to an end, by type and time: the queues page's throughput of the last hour.
+            models.Index(
+                fields=["event_type", "finished_at"],
+                condition=models.Q(status__in=["SUCCESS", "FAILURE"]),
+                name="task_run_done_idx",
             ),
         ]
 

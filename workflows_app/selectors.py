@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from django.db import connections
 from django.db.models import (
     Case,
     Count,
@@ -53,17 +56,94 @@ def run_tasks(*, run: WorkflowRun) -> list[TaskRun]:
 
 
 def run_events(*, trace_id: str) -> QuerySet[Event]:
-    return Event.objects.filter(trace_id=trace_id).order_by("timestamp", "event_id")
+    """The run's events: the published event that started it first (when one did), then every attempt's.
+
+    The trigger event carries no trace_id (one event may start many runs), so it is found through
+    the run's `trigger_event`; both halves are index lookups.
+    """
+    trigger = WorkflowRun.objects.filter(trace_id=trace_id).values("trigger_event_id")[:1]
+    return (
+        Event.objects.filter(Q(trace_id=trace_id) | Q(event_id=Subquery(trigger)))
+        .annotate(is_attempt=Case(When(trace_id=trace_id, then=1), default=0, output_field=IntegerField()))
+        .order_by("is_attempt", "timestamp", "event_id")
+    )
 
 
-def run_status_counts(*, workflow: str | None = None) -> dict[str, int]:
-    """Runs per status (every status present, zeros included) for the run list's workflow filter; one query."""
+def _runs_filtered(
+    *, workflow: str | None = None, since: datetime | None = None, until: datetime | None = None
+) -> QuerySet[WorkflowRun]:
     runs = WorkflowRun.objects.all()
     if workflow:
         runs = runs.filter(workflow__name=workflow)
-    return runs.aggregate(
-        **{status: Count("trace_id", filter=Q(status=status)) for status in WorkflowRun.Status.values}
-    )
+    if since:
+        runs = runs.filter(created_at__gte=since)
+    if until:
+        runs = runs.filter(created_at__lt=until)
+    return runs
+
+
+def run_status_counts(
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    cap: int | None = None,
+) -> dict[str, int]:
+    """Runs per status (every status present, zeros included) for the run list's filters; one query.
+
+    With `cap`, each status is counted up to `cap + 1` only: a count past `cap` means "more than
+    cap". Each capped count is a LIMITed range scan of the (status, created_at) index, so the cost
+    stops growing with the table, where an exact count has to visit every matching row.
+    """
+    runs = _runs_filtered(workflow=workflow, since=since, until=until)
+    if cap is None:
+        return runs.aggregate(
+            **{status: Count("trace_id", filter=Q(status=status)) for status in WorkflowRun.Status.values}
+        )
+    parts, params = [], []
+    for status in WorkflowRun.Status.values:
+        sql, sql_params = runs.filter(status=status).order_by().values("pk")[: cap + 1].query.sql_with_params()
+        parts.append(f"(SELECT COUNT(*) FROM ({sql}) AS capped)")
+        params.extend(sql_params)
+    with connections[runs.db].cursor() as cursor:
+        cursor.execute("SELECT " + ", ".join(parts), params)
+        row = cursor.fetchone()
+    return dict(zip(WorkflowRun.Status.values, row, strict=True))
+
+
+def run_page_list(
+    *,
+    workflow: str | None = None,
+    status: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    older_than: tuple[datetime, str] | None = None,
+    newer_than: tuple[datetime, str] | None = None,
+    limit: int = 50,
+) -> tuple[list[WorkflowRun], bool]:
+    """One page of runs, newest first, by keyset: (runs, more) where `more` says a further page exists.
+
+    The cursor is a (created_at, trace_id) pair: `older_than` pages towards older runs, `newer_than`
+    back towards newer ones (`more` then tells whether newer runs remain). Each page is a range scan of
+    a created_at index, however deep it is, where OFFSET would read and drop every row before it.
+    """
+    runs = _runs_filtered(workflow=workflow, since=since, until=until).select_related("workflow")
+    if status:
+        runs = runs.filter(status=status)
+    if newer_than is not None:
+        moment, trace_id = newer_than
+        runs = (
+            runs.filter(created_at__gte=moment)
+            .exclude(created_at=moment, trace_id__gte=trace_id)
+            .order_by("created_at", "-trace_id")
+        )
+        page = list(runs[: limit + 1])
+        return page[:limit][::-1], len(page) > limit
+    if older_than is not None:
+        moment, trace_id = older_than
+        runs = runs.filter(created_at__lte=moment).exclude(created_at=moment, trace_id__lte=trace_id)
+    page = list(runs.order_by("-created_at", "trace_id")[: limit + 1])
+    return page[:limit], len(page) > limit
 
 
 def _line_position() -> Case:
@@ -97,7 +177,8 @@ def _line_position() -> Case:
 
 def run_page_get(*, trace_id: str) -> WorkflowRun | None:
     """The run with its version's spec, and its tasks (definition order) each annotated `line_position`."""
-    tasks = TaskRun.objects.order_by("id").annotate(line_position=_line_position())
+    # Results are shown in a node's detail only; the run page never reads them.
+    tasks = TaskRun.objects.order_by("id").defer("result").annotate(line_position=_line_position())
     return (
         WorkflowRun.objects.select_related("workflow", "version")
         .prefetch_related(Prefetch("tasks", queryset=tasks))
@@ -140,4 +221,64 @@ def event_type_queue_list() -> QuerySet[EventType]:
             line.order_by().annotate(n=Func(F("id"), function="COUNT")).values("n"), output_field=IntegerField()
         ),
         oldest_queued_at=Subquery(line.order_by("queued_at", "id").values("queued_at")[:1]),
+    )
+
+
+def task_page_get(*, trace_id: str, node: str) -> TaskRun | None:
+    """One task of a run, for its detail: with its run, the run's version spec, its event type and
+    its latest Event, annotated `line_position`."""
+    return (
+        TaskRun.objects.select_related("run__workflow", "run__version", "event_type", "current_event")
+        .annotate(line_position=_line_position())
+        .filter(run_id=trace_id, node_key=node)
+        .first()
+    )
+
+
+def task_neighbour_statuses(*, trace_id: str, nodes: list[str]) -> dict[str, str]:
+    """Status of each named task of the run (a node's predecessors and successors); one query."""
+    if not nodes:
+        return {}
+    return dict(TaskRun.objects.filter(run_id=trace_id, node_key__in=nodes).values_list("node_key", "status"))
+
+
+def node_events(*, trace_id: str, node: str) -> QuerySet[Event]:
+    """Every attempt of one node, as its Events in the order they were sent; reads the trace_id index."""
+    return Event.objects.filter(trace_id=trace_id, context__node=node).order_by("timestamp", "event_id")
+
+
+def workflow_page_list() -> QuerySet[WorkflowDefinition]:
+    """Every definition with its node count and its latest run (each a lookup on the run index)."""
+    latest = WorkflowRun.objects.filter(workflow=OuterRef("pk")).order_by("-created_at", "trace_id")
+    return WorkflowDefinition.objects.order_by("name").annotate(
+        node_count=Subquery(
+            Node.objects.filter(workflow=OuterRef("pk"))
+            .order_by()
+            .annotate(n=Func(F("id"), function="COUNT"))
+            .values("n"),
+            output_field=IntegerField(),
+        ),
+        last_run_id=Subquery(latest.values("trace_id")[:1]),
+        last_run_status=Subquery(latest.values("status")[:1]),
+        last_run_at=Subquery(latest.values("created_at")[:1]),
+    )
+
+
+def event_type_queue_page_list(*, since: datetime) -> QuerySet[EventType]:
+    """The queue list plus `done_since` and `failed_since`: tasks of each type that finished after `since`.
+
+    Both counts read the partial index of finished task runs by (event type, finished_at), so the
+    cost follows the tasks in the window, not the whole task history.
+    """
+    done = TaskRun.objects.filter(
+        event_type_id=OuterRef("name"),
+        status__in=[TaskRun.Status.SUCCESS, TaskRun.Status.FAILURE],
+        finished_at__gte=since,
+    ).order_by()
+    failed = done.filter(status=TaskRun.Status.FAILURE)
+    return event_type_queue_list().annotate(
+        done_since=Subquery(done.annotate(n=Func(F("id"), function="COUNT")).values("n"), output_field=IntegerField()),
+        failed_since=Subquery(
+            failed.annotate(n=Func(F("id"), function="COUNT")).values("n"), output_field=IntegerField()
+        ),
     )

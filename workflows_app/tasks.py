@@ -1,8 +1,12 @@
-"""Built-in tasks for demos, tests and smoke checks; each takes the Event as its only argument."""
+"""Built-in tasks: echo, sleep and fail take the Event as their only argument; the rest are maintenance tasks."""
 
 import time
+from datetime import timedelta
 
 from celery import shared_task
+
+from .retention import runs_purge
+from .schedules import scheduled_run_start
 
 
 @shared_task(name="workflows_app.tasks.echo")
@@ -25,3 +29,16 @@ def sleep(event: dict) -> dict:
 @shared_task(name="workflows_app.tasks.fail")
 def fail(event: dict) -> None:
     raise RuntimeError(event["payload"].get("message", "failed"))
+
+
+@shared_task(name="workflows_app.tasks.start_scheduled_run", bind=True, eventflow_internal=True)
+def start_scheduled_run(self, workflow: str, payload: dict | None = None, schedule: str = "") -> dict:
+    """Start one run for a django-celery-beat schedule; its runs have source "schedule:<schedule>"."""
+    run = scheduled_run_start(workflow=workflow, payload=payload or {}, schedule=schedule, tick_id=self.request.id)
+    return {"trace_id": str(run.trace_id) if run else None, "workflow": workflow, "schedule": schedule}
+
+
+@shared_task(name="workflows_app.tasks.purge_runs", eventflow_internal=True)
+def purge_runs(older_than_days: float = 30, batch_size: int = 1000) -> dict:
+    """The `purge_runs` command as a task, for a beat schedule; returns the rows removed per kind."""
+    return runs_purge(older_than=timedelta(days=older_than_days), batch_size=batch_size).as_dict()

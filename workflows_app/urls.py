@@ -1,4 +1,4 @@
-"""Status pages: runs, a run, a workflow, the queues."""
+"""Status pages: runs, a run and its nodes (with cancel and retry), workflows, the queues."""
 
 from django.urls import path
 
@@ -15,6 +15,10 @@ urlpatterns = [
         views.RunLiveFragmentView.as_view(),
         name="run-live",
     ),
+    path("runs/<uuid:trace_id>/nodes/<slug:key>/", views.RunNodeView.as_view(), name="run-node"),
+    path("runs/<uuid:trace_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
+    path("runs/<uuid:trace_id>/retry/", views.RunRetryView.as_view(), name="run-retry"),
+    path("workflows/", views.WorkflowListView.as_view(), name="workflow-list"),
     path(
         "workflows/<slug:name>/",
         views.WorkflowDetailView.as_view(),

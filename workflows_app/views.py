@@ -1,31 +1,45 @@
-"""Server-rendered status pages: the run list, a run (with its live fragment), a workflow, the queues."""
+"""Server-rendered status pages: runs, a run (live fragment, node detail, cancel and retry), workflows, queues."""
 
 from __future__ import annotations
 
+import html
 import json
-from datetime import datetime, timedelta
-from functools import cached_property
+import re
+import uuid
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
-from django.contrib.auth.mixins import LoginRequiredMixin
-from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin, PermissionRequiredMixin
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.http import urlencode
+from django.utils.safestring import SafeString, mark_safe
+from django.views import View
 from django.views.generic import TemplateView
 
-from . import graph_svg, selectors
-from .engine import graph_from_spec
+from . import engine, graph_svg, selectors
+from .engine import EngineError, graph_from_spec
 from .models import TaskRun, WorkflowRun
 
 RUNS_PER_PAGE = 50
 RECENT_RUNS = 20
+# Per-status counts on the run list stop at this many (shown as "10,000+"): counting further would
+# cost time in proportion to the table, and past it the exact figure does not change a decision.
+RUN_COUNT_CAP = 10_000
+THROUGHPUT_WINDOW = timedelta(hours=1)
 # Long payloads, results and errors are cut: the live fragment is fetched every second per viewer.
 PAYLOAD_PREVIEW_CHARS = 20_000
 RESULT_PREVIEW_CHARS = 160
 ERROR_PREVIEW_CHARS = 200
+DETAIL_CHARS = 50_000
+RELATIVE_SINCE = re.compile(r"^(\d{1,4})([mhd])$")
+RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+QUICK_RANGES = (("1h", "last hour"), ("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days"))
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -58,6 +72,14 @@ def _preview(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _pretty(value: Any, limit: int = DETAIL_CHARS) -> str:
+    """Indented JSON for a detail view, cut at `limit` characters."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def _first_line(text: str) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     # A Python traceback's useful line is its last one; any other message leads with it.
@@ -65,20 +87,122 @@ def _first_line(text: str) -> str:
     return _preview(line.strip(), ERROR_PREVIEW_CHARS)
 
 
-class _KnownCountPaginator(Paginator):
-    """A paginator told its total, which the per-status aggregate already gave: one COUNT saved."""
-
-    def __init__(self, object_list: Any, per_page: int, *, count: int):
-        super().__init__(object_list, per_page)
-        self._known_count = count
-
-    @cached_property
-    def count(self) -> int:
-        return self._known_count
+# The task and event tables of a large run have thousands of cells and the live fragment is redrawn
+# every second, so their rows are built here with plain string formatting: Django's template loop
+# and `date` filter cost about ten times as much per cell.
+def escape(value: Any) -> str:
+    return html.escape(str(value))
 
 
-class PageMixin(LoginRequiredMixin):
-    """Login required; the nav entry to highlight and the status palette for base.html."""
+def _time_cell(moment: datetime | None, tz: tzinfo) -> str:
+    if moment is None:
+        return "<td></td>"
+    local = moment.astimezone(tz)
+    stamp = local.isoformat()
+    return f'<td><time datetime="{stamp}">{local:%H:%M:%S}</time></td>'
+
+
+def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
+    """The <tr> of each task of the run page's task table."""
+    parts = []
+    tz = timezone.get_current_timezone()
+    for row in rows:
+        task = row["task"]
+        key, status = escape(row["key"]), escape(task.status)
+        place = ""
+        if row["place"]:
+            position = "" if task.line_position is None else task.line_position
+            place = f' <span class="muted" data-line-position="{position}">{escape(row["place"])}</span>'
+        duration = escape(row["duration"])
+        if row["running"]:
+            duration = f'<span class="muted">{duration} so far</span>'
+        parts.append(
+            f'<tr id="task-{key}" data-node="{key}" data-status="{status}">'
+            f'<td><a href="{escape(row["detail_url"])}" data-node-link="{key}"><strong>{key}</strong></a></td>'
+            f"<td>{escape(task.event_type_id)}</td>"
+            f'<td class="mono">{escape(task.task_name)}</td>'
+            f'<td><span class="badge st-{status}">{status}</span>{place}</td>'
+            f'<td class="num">{task.attempts}</td>'
+            f"{_time_cell(task.queued_at, tz)}{_time_cell(task.started_at, tz)}{_time_cell(task.finished_at, tz)}"
+            f'<td class="num">{escape(row["waited"])}</td>'
+            f'<td class="num">{duration}</td>'
+            f'<td class="wrap error" title="{escape(row["error_full"])}">{escape(row["error"])}</td>'
+            "</tr>\n"
+        )
+    return mark_safe("".join(parts))  # every value above is escaped
+
+
+def event_rows_html(events: list[dict[str, Any]], *, run_url: str) -> SafeString:
+    """The <tr> of each event of the run page's event table, in order."""
+    parts = []
+    tz = timezone.get_current_timezone()
+    run_url = escape(run_url)
+    for item in events:
+        event = item["event"]
+        node = escape(item["node"])
+        link = (
+            f'<a href="{run_url}nodes/{node}/" data-node-link="{node}">{node}</a>'
+            if node
+            else '<span class="muted">trigger</span>'
+        )
+        status = escape(event.status)
+        stamp = event.timestamp.astimezone(tz)
+        parts.append(
+            f'<tr data-event-id="{event.event_id}">'
+            f'<td><time datetime="{stamp.isoformat()}">{stamp:%H:%M:%S}</time></td>'
+            f"<td>{link}</td>"
+            f'<td class="num">{escape(item["attempt"])}</td>'
+            f"<td>{escape(event.event_type)}</td>"
+            f'<td><span class="badge st-{status}">{status}</span></td>'
+            f'<td class="mono">{event.event_id}</td>'
+            f'<td class="wrap mono">{escape(item["result"])}</td>'
+            "</tr>\n"
+        )
+    return mark_safe("".join(parts))  # every value above is escaped
+
+
+def node_rows_html(nodes: list[Any], *, queues_url: str) -> SafeString:
+    """The <tr> of each node of the workflow page's node table (`after` and `params_json` set on each)."""
+    parts = []
+    for node in nodes:
+        key, event_type = escape(node.key), escape(node.event_type_id)
+        timeout = f"{node.timeout} s" if node.timeout else '<span class="muted">\u2014</span>'
+        after = ", ".join(f'<a href="#node-{escape(source)}">{escape(source)}</a>' for source in node.after)
+        parts.append(
+            f'<tr id="node-{key}" data-node="{key}">'
+            f"<td><strong>{key}</strong></td>"
+            f'<td class="mono">{escape(node.task)}</td>'
+            f"<td>{event_type}</td>"
+            f'<td class="num"><a href="{escape(queues_url)}#queue-{event_type}" title="its queue">'
+            f"{node.event_type.concurrency}</a></td>"
+            f'<td class="num">{node.max_retries}</td>'
+            f'<td class="num">{escape(node.retry_delay)} s</td>'
+            f'<td class="num">{timeout}</td>'
+            f"<td>{escape(node.get_trigger_rule_display())}</td>"
+            f"<td>{after}</td>"
+            f'<td class="wrap mono">{escape(node.params_json)}</td>'
+            "</tr>\n"
+        )
+    return mark_safe("".join(parts))  # every value above is escaped
+
+
+def pages_public() -> bool:
+    """Whether the status pages are open without a login (EVENTFLOW_PUBLIC_PAGES; off by default)."""
+    return bool(settings.EVENTFLOW.get("PUBLIC_PAGES", False))
+
+
+class LoginUnlessPublicMixin(LoginRequiredMixin):
+    """A login is required unless the administrator opened the pages to everyone."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if pages_public():
+            # Skip LoginRequiredMixin's check only; the view's own dispatch still runs.
+            return super(LoginRequiredMixin, self).dispatch(request, *args, **kwargs)
+        return super().dispatch(request, *args, **kwargs)
+
+
+class PageMixin(LoginUnlessPublicMixin):
+    """The nav entry to highlight and the status palette for base.html."""
 
     nav = ""
 
@@ -88,6 +212,55 @@ class PageMixin(LoginRequiredMixin):
         return context
 
 
+# --------------------------------------------------------------------------- run list
+
+
+def parse_moment(text: str, *, end: bool = False, now: datetime | None = None) -> datetime | None:
+    """A time filter: ISO date or date-time (UTC when naive), or a span back from now such as 15m, 24h, 7d.
+
+    A bare date given as an end (`end=True`) means the end of that day. None for anything else.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    relative = RELATIVE_SINCE.match(text)
+    if relative:
+        amount, unit = relative.groups()
+        return (now or timezone.now()) - timedelta(**{RELATIVE_UNITS[unit]: int(amount)})
+    try:
+        # A bare date first: parse_datetime would read it as midnight, losing "end of that day".
+        day = parse_date(text) if len(text) == 10 else None
+        moment = parse_datetime(text) if day is None else None
+    except ValueError:
+        return None
+    if day is not None:
+        moment = datetime(day.year, day.month, day.day) + (timedelta(days=1) if end else timedelta())
+    if moment is None:
+        return None
+    return timezone.make_aware(moment, timezone.get_current_timezone()) if timezone.is_naive(moment) else moment
+
+
+def cursor_encode(run: WorkflowRun) -> str:
+    return f"{run.created_at.isoformat()}_{run.trace_id}"
+
+
+def cursor_decode(text: str) -> tuple[datetime, str] | None:
+    """The (created_at, trace_id) pair a page link carries; None when it is not one."""
+    moment_text, _, trace_text = (text or "").rpartition("_")
+    try:
+        moment = parse_datetime(moment_text)
+        trace_id = str(uuid.UUID(trace_text))
+    except ValueError:
+        return None
+    if moment is None or timezone.is_naive(moment):
+        return None
+    return moment, trace_id
+
+
+def _count_label(count: int) -> str:
+    return f"{RUN_COUNT_CAP:,}+" if count > RUN_COUNT_CAP else f"{count:,}"
+
+
 class RunListView(PageMixin, TemplateView):
     template_name = "workflows_app/run_list.html"
     nav = "runs"
@@ -95,31 +268,76 @@ class RunListView(PageMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         params = self.request.GET
+        now = timezone.now()
         workflow = params.get("workflow", "").strip()
         status = params.get("status", "").strip().upper()
         if status not in WorkflowRun.Status.values:
             status = ""
-        counts = selectors.run_status_counts(workflow=workflow or None)
-        total = counts[status] if status else sum(counts.values())
-        runs = selectors.run_list(workflow=workflow or None, status=status or None)
-        page = _KnownCountPaginator(runs, RUNS_PER_PAGE, count=total).get_page(params.get("page"))
-        now = timezone.now()
-        for run in page.object_list:
+        since_text, until_text = params.get("since", "").strip(), params.get("until", "").strip()
+        since = parse_moment(since_text, now=now)
+        until = parse_moment(until_text, end=True, now=now)
+        ignored = [
+            name
+            for name, text, value in (("since", since_text, since), ("until", until_text, until))
+            if text and not value
+        ]
+        window = {"workflow": workflow or None, "since": since, "until": until}
+
+        counts = selectors.run_status_counts(**window, cap=RUN_COUNT_CAP)
+        older_than = cursor_decode(params.get("older", ""))
+        newer_than = None if older_than else cursor_decode(params.get("newer", ""))
+        runs, more = selectors.run_page_list(
+            **window,
+            status=status or None,
+            older_than=older_than,
+            newer_than=newer_than,
+            limit=RUNS_PER_PAGE,
+        )
+        # Going back (newer) there is always an older page: the one we came from; and vice versa.
+        has_newer = more if newer_than else bool(older_than)
+        has_older = True if newer_than else more
+        for run in runs:
             run.elapsed = format_duration(_between(run.created_at, run.finished_at or now))
+
+        filters = {k: v for k, v in (("workflow", workflow), ("since", since_text), ("until", until_text)) if v}
+        with_status = {**filters, **({"status": status} if status else {})}
+
+        def query(**extra: str) -> str:
+            return urlencode({**with_status, **extra})
+
+        capped = any(n > RUN_COUNT_CAP for n in counts.values())
         context.update(
-            page=page,
-            runs=page.object_list,
+            runs=runs,
             workflow=workflow,
             status=status,
+            since=since_text if since else "",
+            until=until_text if until else "",
+            since_at=since,
+            until_at=until,
+            ignored=ignored,
             workflows=list(selectors.workflow_list().values_list("name", flat=True)),
             statuses=WorkflowRun.Status.values,
-            status_counts=[(s, counts[s]) for s in WorkflowRun.Status.values],
-            total=sum(counts.values()),
-            # Query strings that keep the current filters across pages and status links.
-            filter_query=urlencode({k: v for k, v in (("workflow", workflow), ("status", status)) if v}),
-            workflow_query=urlencode({"workflow": workflow}) if workflow else "",
+            status_counts=[(s, _count_label(counts[s])) for s in WorkflowRun.Status.values],
+            total=f"{sum(min(n, RUN_COUNT_CAP) for n in counts.values()):,}{'+' if capped else ''}",
+            quick_ranges=[(value, label, urlencode({**with_status, "since": value})) for value, label in QUICK_RANGES],
+            has_newer=has_newer,
+            has_older=has_older,
+            newer_query=query(newer=cursor_encode(runs[0])) if runs and has_newer else "",
+            older_query=query(older=cursor_encode(runs[-1])) if runs and has_older else "",
+            first_query=query(),
+            paged=bool(older_than or newer_than),
+            # Query strings that keep the other filters on the status chips and the "clear" links.
+            filter_query=urlencode(filters),
+            filtered=bool(filters or status),
         )
         return context
+
+
+# --------------------------------------------------------------------------- run page
+
+
+def can_act_on_runs(request: HttpRequest) -> bool:
+    return request.user.has_perm("workflows_app.change_workflowrun")
 
 
 def run_live_context(*, trace_id: str) -> dict[str, Any]:
@@ -130,6 +348,7 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
     # The run's own version snapshot, already loaded: no query, and never the live definition.
     graph = graph_from_spec(run.version.spec, version=run.workflow_version)
     now = timezone.now()
+    run_url = reverse("workflows_app:run-detail", args=[run.trace_id])
     tasks = {task.node_key: task for task in run.tasks.all()}
     rows = []
     nodes = []
@@ -146,9 +365,12 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             place = "sent to a worker"
         else:
             place = ""
+        # Node keys are slugs, so the detail URL is built without a reverse() per node.
+        detail_url = f"{run_url}nodes/{key}/"
         row = {
             "task": task,
             "key": key,
+            "detail_url": detail_url,
             "duration": format_duration(duration),
             "running": running,
             "waited": format_duration(waiting),
@@ -170,7 +392,7 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
                 key=key,
                 lines=(spec.event_type, detail or task.get_status_display()),
                 status=task.status,
-                href=f"#task-{key}",
+                href=detail_url,
                 tooltip=f"{key} \u00b7 {spec.task} \u00b7 {task.status}",
             )
         )
@@ -183,7 +405,8 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             "attempt": (event.context or {}).get("attempt", ""),
             "result": _preview(event.result, RESULT_PREVIEW_CHARS),
         }
-        for event in selectors.run_events(trace_id=str(run.trace_id))
+        # The table shows each event's result, never its payload: no need to read and decode it.
+        for event in selectors.run_events(trace_id=str(run.trace_id)).defer("payload")
     ]
     counts: dict[str, int] = {}
     for task in tasks.values():
@@ -192,6 +415,9 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
         "run": run,
         "rows": rows,
         "events": events,
+        "run_url": run_url,
+        "task_rows_html": task_rows_html(rows),
+        "event_rows_html": event_rows_html(events, run_url=run_url),
         "dag_svg": graph_svg.dag_svg(nodes, edges, label=f"{run.workflow.name} run {run.trace_id}"),
         "timeline_svg": graph_svg.timeline_svg(
             [
@@ -211,6 +437,8 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
         "legend": graph_svg.legend(),
         "run_duration": format_duration(_between(run.created_at, run.finished_at or now)),
         "live_url": reverse("workflows_app:run-live", args=[run.trace_id]),
+        "can_cancel": not run.is_final,
+        "can_retry": run.status in (WorkflowRun.Status.FAILED, WorkflowRun.Status.CANCELED),
     }
 
 
@@ -223,10 +451,11 @@ class RunDetailView(PageMixin, TemplateView):
         context.update(run_live_context(trace_id=str(kwargs["trace_id"])))
         payload = json.dumps(context["run"].payload, indent=2, sort_keys=True, default=str)
         context["payload_json"] = _preview(payload, PAYLOAD_PREVIEW_CHARS)
+        context["can_act"] = can_act_on_runs(self.request)
         return context
 
 
-class RunLiveFragmentView(LoginRequiredMixin, TemplateView):
+class RunLiveFragmentView(LoginUnlessPublicMixin, TemplateView):
     """The part of the run page that changes, polled by the page while the run is not final."""
 
     template_name = "workflows_app/_run_live.html"
@@ -234,6 +463,7 @@ class RunLiveFragmentView(LoginRequiredMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         context.update(run_live_context(trace_id=str(kwargs["trace_id"])))
+        context["can_act"] = can_act_on_runs(self.request)
         return context
 
     def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
@@ -242,9 +472,149 @@ class RunLiveFragmentView(LoginRequiredMixin, TemplateView):
         return response
 
 
+def node_detail_context(*, trace_id: str, key: str) -> dict[str, Any]:
+    """One node of a run: its task row, settings from the run's version, neighbours, and every attempt."""
+    task = selectors.task_page_get(trace_id=trace_id, node=key)
+    if task is None:
+        raise Http404("No such node in this run.")
+    run = task.run
+    graph = graph_from_spec(run.version.spec, version=run.workflow_version)
+    spec = graph.nodes.get(key)
+    preds = sorted(graph.preds.get(key, ())) if spec else []
+    succs = sorted(graph.succs.get(key, ())) if spec else []
+    statuses = selectors.task_neighbour_statuses(trace_id=trace_id, nodes=preds + succs)
+    run_url = reverse("workflows_app:run-detail", args=[run.trace_id])
+    now = timezone.now()
+    running = bool(task.started_at) and task.status in (TaskRun.Status.STARTED, TaskRun.Status.RETRY)
+    attempts = []
+    for event in selectors.node_events(trace_id=trace_id, node=key):
+        result = event.result if isinstance(event.result, dict) else {"value": event.result}
+        error = result.get("error", "") if event.status == "FAILURE" else ""
+        attempts.append(
+            {
+                "event": event,
+                "attempt": (event.context or {}).get("attempt", ""),
+                "error": _first_line(str(error)),
+                "error_full": _pretty(error),
+                "result": "" if error else _preview(event.result, RESULT_PREVIEW_CHARS),
+                "is_current": event.event_id == task.current_event_id,
+            }
+        )
+    event = task.current_event
+    if event is not None:
+        payload = event.payload
+    else:
+        # Not sent yet: the payload it will get, as the engine builds it.
+        payload = {**run.payload, **(spec.params if spec else {})}
+    if task.line_position is not None:
+        place = f"#{task.line_position} in line"
+    elif task.status == TaskRun.Status.QUEUED:
+        place = "sent to a worker"
+    else:
+        place = ""
+    return {
+        "run": run,
+        "task": task,
+        "key": key,
+        "spec": spec,
+        "run_url": run_url,
+        "place": place,
+        "running": running,
+        "duration": format_duration(_between(task.started_at, task.finished_at or (now if running else None))),
+        "waited": format_duration(
+            _between(task.queued_at, task.started_at or task.finished_at or now) if task.queued_at else None
+        ),
+        "preds": [(k, statuses.get(k, ""), f"{run_url}nodes/{k}/") for k in preds],
+        "succs": [(k, statuses.get(k, ""), f"{run_url}nodes/{k}/") for k in succs],
+        "params_json": _pretty(spec.params) if spec and spec.params else "",
+        "payload_json": _pretty(payload),
+        "result_json": _pretty(task.result),
+        "error_text": _pretty(task.error),
+        "error_line": _first_line(task.error),
+        "attempts": attempts,
+        "event_json": _pretty(event.as_message()) if event is not None else "",
+        "event": event,
+    }
+
+
+class RunNodeView(PageMixin, TemplateView):
+    """A node's detail: a full page, or with ?fragment=1 the panel the run page opens in place."""
+
+    nav = "runs"
+
+    def get_template_names(self) -> list[str]:
+        if self.request.GET.get("fragment"):
+            return ["workflows_app/_node_detail.html"]
+        return ["workflows_app/node_detail.html"]
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context.update(node_detail_context(trace_id=str(kwargs["trace_id"]), key=kwargs["key"]))
+        return context
+
+    def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
+        response = super().render_to_response(context, **kwargs)
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class RunActionView(PermissionRequiredMixin, View):
+    """POST only: change a run through the engine, then back to its page with the outcome as a message."""
+
+    permission_required = "workflows_app.change_workflowrun"
+    # A signed-in user without the permission, or an anonymous one, gets 403 rather than a login loop.
+    raise_exception = True
+    http_method_names = ["post"]
+
+    def act(self, request: HttpRequest, run: WorkflowRun) -> None:
+        raise NotImplementedError
+
+    def post(self, request: HttpRequest, trace_id: uuid.UUID) -> HttpResponse:
+        run = WorkflowRun.objects.filter(trace_id=trace_id).only("trace_id", "status").first()
+        if run is None:
+            raise Http404("No run with this trace id.")
+        try:
+            self.act(request, run)
+        except EngineError as exc:
+            messages.error(request, str(exc))
+        return HttpResponseRedirect(reverse("workflows_app:run-detail", args=[trace_id]))
+
+
+class RunCancelView(RunActionView):
+    def act(self, request: HttpRequest, run: WorkflowRun) -> None:
+        if run.is_final:
+            messages.warning(request, f"Run is already {run.status}: nothing to cancel.")
+            return
+        run = engine.workflow_run_cancel(trace_id=str(run.trace_id))
+        if run.status == WorkflowRun.Status.CANCELED:
+            messages.success(request, "Run canceled: its unfinished tasks are revoked.")
+        else:
+            # It reached a final state on its own between the page and the click.
+            messages.warning(request, f"Run finished as {run.status} before it could be canceled.")
+
+
+class RunRetryView(RunActionView):
+    def act(self, request: HttpRequest, run: WorkflowRun) -> None:
+        engine.workflow_run_retry(trace_id=str(run.trace_id))
+        messages.success(request, "Run restarted: failed, upstream-failed and revoked tasks run again; successes stay.")
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+class WorkflowListView(PageMixin, TemplateView):
+    template_name = "workflows_app/workflow_list.html"
+    nav = "workflows"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context["workflows"] = list(selectors.workflow_page_list())
+        return context
+
+
 class WorkflowDetailView(PageMixin, TemplateView):
     template_name = "workflows_app/workflow_detail.html"
-    nav = ""
+    nav = "workflows"
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
@@ -260,18 +630,6 @@ class WorkflowDetailView(PageMixin, TemplateView):
         for node in nodes:
             node.params_json = json.dumps(node.params, sort_keys=True) if node.params else ""
             node.after = after.get(node.key, [])
-        svg_nodes = [
-            graph_svg.SvgNode(
-                key=node.key,
-                lines=(
-                    f"{node.event_type_id} ({node.event_type.concurrency})",
-                    node.task.rsplit(".", 1)[-1],
-                ),
-                href=f"#node-{node.key}",
-                tooltip=f"{node.key} \u00b7 {node.task} \u00b7 {node.event_type_id}",
-            )
-            for node in nodes
-        ]
         runs = selectors.workflow_recent_runs(workflow=workflow, limit=RECENT_RUNS)
         now = timezone.now()
         for run in runs:
@@ -282,9 +640,15 @@ class WorkflowDetailView(PageMixin, TemplateView):
             edges=edges,
             versions=list(workflow.versions.all()),
             runs=runs,
-            dag_svg=graph_svg.dag_svg(svg_nodes, edges, label=f"{workflow.name} definition"),
+            node_rows_html=node_rows_html(nodes, queues_url=reverse("workflows_app:queue-list")),
+            dag_svg=graph_svg.workflow_svg(
+                nodes, edges, label=f"{workflow.name} definition", href=lambda key: f"#node-{key}"
+            ),
         )
         return context
+
+
+# --------------------------------------------------------------------------- queues
 
 
 class QueueListView(PageMixin, TemplateView):
@@ -294,10 +658,12 @@ class QueueListView(PageMixin, TemplateView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         now = timezone.now()
-        queues = list(selectors.event_type_queue_list())
+        queues = list(selectors.event_type_queue_page_list(since=now - THROUGHPUT_WINDOW))
         for queue in queues:
             queue.running = queue.running or 0
             queue.queued = queue.queued or 0
+            queue.done_since = queue.done_since or 0
+            queue.failed_since = queue.failed_since or 0
             queue.oldest_wait = format_duration(_between(queue.oldest_queued_at, now))
             queue.full = queue.running >= queue.concurrency
             queue.usage = min(100, round(100 * queue.running / queue.concurrency)) if queue.concurrency else 0

@@ -23,6 +23,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_results",
     "django_celery_beat",
     "events_app",
@@ -111,6 +112,20 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Eventflow API",
     "DESCRIPTION": "Trigger workflows of Celery tasks and watch their runs.",
     "VERSION": "1.0.0",
+    # The schema documents the API, not the schema and docs endpoints themselves.
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The docs page loads Swagger UI and ReDoc from this app's static files, not from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # Keeps a token entered in the docs page across reloads.
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
+    # Read-only fields (e.g. a definition's version) stay out of the request shapes.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "workflows_app.api.schema.forbid_unknown_request_fields",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "RunStatusEnum": "workflows_app.models.WorkflowRun.Status",
         "TaskRunStatusEnum": "workflows_app.models.TaskRun.Status",
@@ -137,8 +152,13 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 elif CELERY_BROKER_URL.startswith("redis"):
     # Longer than any task's hard time limit, so a running task is not delivered twice.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
+# Every attempt's Celery result is kept in django-celery-results' table, under the attempt's event
+# id (its task id), with the task name, arguments and worker; beat's built-in
+# `celery.backend_cleanup` deletes results older than CELERY_RESULT_EXPIRES every day at 04:00.
 CELERY_RESULT_BACKEND = "django-db"
-CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_IGNORE_RESULT = False
+CELERY_RESULT_EXTENDED = True
+CELERY_RESULT_EXPIRES = env.int("CELERY_RESULT_EXPIRES", default=7 * 24 * 3600)
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -153,6 +173,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
 
 EVENTFLOW = {
+    # Status pages (/runs/, /workflows/, /queues/) open to anonymous visitors; off: they need a login.
+    "PUBLIC_PAGES": env.bool("EVENTFLOW_PUBLIC_PAGES", default=False),
     # Largest accepted run payload, in bytes of JSON.
     "MAX_PAYLOAD_BYTES": env.int("EVENTFLOW_MAX_PAYLOAD_BYTES", default=256 * 1024),
     # Deepest accepted nesting of a JSON body.
@@ -160,6 +182,9 @@ EVENTFLOW = {
     # A started task's worker renews its lease every third of this; a task whose lease lapses
     # (its worker or pool process died) is retried or failed, and its slot freed.
     "LEASE_SECONDS": env.float("EVENTFLOW_LEASE_SECONDS", default=30.0),
+    # A task handed to Celery that has not started this long after it was due is sent again (its
+    # message may have been lost, e.g. by a broker restart); duplicates are refused at start.
+    "DISPATCH_GRACE_SECONDS": env.float("EVENTFLOW_DISPATCH_GRACE_SECONDS", default=60.0),
     # How long a worker keeps retrying to record a start or an outcome while the database is down.
     "DB_RETRY_SECONDS": env.float("EVENTFLOW_DB_RETRY_SECONDS", default=120.0),
     # How often each worker looks for lapsed leases.

@@ -1,4 +1,4 @@
-"""JSON parsing that turns hostile bodies (oversized, deeply nested, malformed) into 400/413, never a 500."""
+"""JSON parsing that turns hostile bodies (oversized, too deep, malformed, unstorable) into 400/413, never a 500."""
 
 from __future__ import annotations
 
@@ -29,6 +29,27 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def json_unstorable(value: Any) -> str | None:
+    """Why a key or string of this JSON cannot be stored (PostgreSQL holds neither NUL nor a lone
+    surrogate, in text or jsonb), or None when all can."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "JSON strings cannot contain the NUL character (\\u0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "JSON strings must be valid Unicode: a lone surrogate (e.g. \\ud800) is not"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 class SafeJSONParser(JSONParser):
     """DRF's JSON parser with a size limit read before parsing and a nesting limit after.
 
@@ -52,4 +73,7 @@ class SafeJSONParser(JSONParser):
             raise ParseError("JSON nested too deeply") from None
         if json_depth_exceeds(data, settings.EVENTFLOW["MAX_JSON_DEPTH"]):
             raise ParseError(f"JSON nested deeper than {settings.EVENTFLOW['MAX_JSON_DEPTH']} levels")
+        problem = json_unstorable(data)
+        if problem:
+            raise ParseError(problem)
         return data

@@ -1,7 +1,7 @@
 """API routes (every path of the REST API in one place)."""
 
 from django.urls import path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from . import views
 
@@ -18,5 +18,8 @@ urlpatterns = [
     path("events/", views.EventPublishApi.as_view(), name="api-event-publish"),
     path("event-types/", views.EventTypeListApi.as_view(), name="api-event-type-list"),
     path("event-types/<str:name>/", views.EventTypeDetailApi.as_view(), name="api-event-type-detail"),
+    path("task-results/<uuid:task_id>/", views.TaskResultApi.as_view(), name="api-task-result"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from django.conf import settings
@@ -10,10 +11,12 @@ from django.db import transaction
 from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from django_celery_results.models import TaskResult
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.decorators import api_view
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -27,6 +30,31 @@ from workflows_app.definitions import definition_export, workflow_definition_sav
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 from .errors import PayloadTooLarge
+from .schema import (
+    IDEMPOTENCY_KEY,
+    PAGE,
+    PUBLISH_EXAMPLE,
+    READ,
+    WRITE,
+    DefinitionChangeSerializer,
+    DefinitionSerializer,
+    errors,
+    paginated,
+)
+
+
+class PagePagination(PageNumberPagination):
+    """DRF's page numbers, with `page` as the schema documents it: a positive integer, anything else a 404."""
+
+    last_page_strings = ()
+
+    def get_page_number(self, request: Request, paginator: Any) -> str | int:
+        raw = request.query_params.get(self.page_query_param)
+        if raw is None:
+            return 1
+        if not re.fullmatch(r"[0-9]{1,9}", raw):
+            raise NotFound("Invalid page.")
+        return raw
 
 
 def require(perm: str) -> type[BasePermission]:
@@ -60,6 +88,38 @@ def _check_payload(payload: Any) -> dict:
     return payload
 
 
+def _storable(value: str) -> bool:
+    """PostgreSQL can hold it: no NUL character, no lone surrogate."""
+    return not any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in value)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > 200:
+        raise ValidationError({"Idempotency-Key": ["at most 200 characters"]})
+    if key is not None and not _storable(key):
+        raise ValidationError({"Idempotency-Key": ["must not contain NUL or lone surrogate characters"]})
+    return key
+
+
+class StrictRegexField(serializers.RegexField):
+    """A RegexField that refuses numbers instead of turning them into strings, as the schema says."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An IntegerField that refuses strings, floats and booleans, as the schema says."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 def _workflow_or_404(name: str) -> WorkflowDefinition:
     workflow = selectors.workflow_get(name=name)
     if workflow is None:
@@ -78,7 +138,7 @@ def _run_or_404(trace_id: str) -> WorkflowRun:
 @api_view(["GET"])
 def api_root(request: Request) -> Response:
     """The entry points of the API, so a browser or client can find its way from /api/."""
-    names = ("workflow-list", "run-list", "event-type-list", "event-publish", "schema")
+    names = ("workflow-list", "run-list", "event-type-list", "event-publish", "schema", "docs")
     return Response({name: api_reverse(f"api-{name}", request=request) for name in names})
 
 
@@ -98,15 +158,23 @@ class WorkflowListCreateApi(APIView):
             return [require("workflows_app.add_workflowdefinition")()]
         return [IsAuthenticated()]
 
-    @extend_schema(responses=WorkflowOutputSerializer(many=True))
+    @extend_schema(
+        summary="List workflow definitions",
+        operation_id="workflows_list",
+        parameters=[PAGE],
+        responses={200: paginated("PaginatedWorkflowDefinitionList", DefinitionSerializer(many=True)), **errors(*READ)},
+    )
     def get(self, request: Request) -> Response:
-        from rest_framework.settings import api_settings
-
-        paginator = api_settings.DEFAULT_PAGINATION_CLASS()
+        paginator = PagePagination()
         page = paginator.paginate_queryset(selectors.workflow_list(), request, view=self)
         return paginator.get_paginated_response(WorkflowOutputSerializer(page, many=True).data)
 
-    @extend_schema(request=WorkflowOutputSerializer, responses={201: WorkflowOutputSerializer})
+    @extend_schema(
+        summary="Create a workflow definition",
+        description="The import/export shape. An invalid DAG (cycle, unknown task, bad edge) is a 400 naming it.",
+        request=DefinitionSerializer,
+        responses={201: DefinitionSerializer, **errors(*WRITE, 409)},
+    )
     def post(self, request: Request) -> Response:
         data = request.data
         if isinstance(data, dict) and WorkflowDefinition.objects.filter(name=data.get("name")).exists():
@@ -124,11 +192,16 @@ class WorkflowDetailApi(APIView):
             return [require("workflows_app.change_workflowdefinition")()]
         return [IsAuthenticated()]
 
-    @extend_schema(responses=WorkflowOutputSerializer)
+    @extend_schema(summary="Get a workflow definition", responses={200: DefinitionSerializer, **errors(*READ)})
     def get(self, request: Request, name: str) -> Response:
         return Response(WorkflowOutputSerializer(_workflow_or_404(name)).data)
 
-    @extend_schema(request=WorkflowOutputSerializer, responses=WorkflowOutputSerializer)
+    @extend_schema(
+        summary="Change or deactivate a workflow definition",
+        description="Fields given replace the stored ones; runs already started keep their version.",
+        request=DefinitionChangeSerializer,
+        responses={200: DefinitionSerializer, **errors(*WRITE, 404)},
+    )
     def patch(self, request: Request, name: str) -> Response:
         workflow = _workflow_or_404(name)
         changes = _reject_unknown(
@@ -146,6 +219,15 @@ class WorkflowDetailApi(APIView):
 class TaskRunOutputSerializer(serializers.ModelSerializer):
     node = serializers.CharField(source="node_key")
     event_type = serializers.CharField(source="event_type_id")
+    event_id = serializers.UUIDField(
+        source="current_event_id",
+        allow_null=True,
+        read_only=True,
+        help_text="The latest attempt's Event id, which is also its Celery task id (null before it is queued).",
+    )
+    result_url = serializers.SerializerMethodField(
+        help_text="The Celery result stored for the latest attempt (django-celery-results), null before it is queued."
+    )
 
     class Meta:
         model = TaskRun
@@ -160,7 +242,16 @@ class TaskRunOutputSerializer(serializers.ModelSerializer):
             "finished_at",
             "result",
             "error",
+            "event_id",
+            "result_url",
         ]
+
+    def get_result_url(self, task: TaskRun) -> str | None:
+        if task.current_event_id is None:
+            return None
+        path = reverse("api-task-result", args=[task.current_event_id])
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
 
 
 class RunOutputSerializer(serializers.ModelSerializer):
@@ -207,30 +298,26 @@ class RunTriggerApi(APIView):
     throttle_scope = "trigger"
 
     class InputSerializer(serializers.Serializer):
-        payload = serializers.JSONField(required=False, default=dict)
+        payload = serializers.DictField(required=False, default=dict, help_text="The run's input, a JSON object.")
 
         class Meta:
             ref_name = "RunTriggerInput"
 
     @extend_schema(
+        summary="Start a run",
         request=InputSerializer,
-        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+        parameters=[IDEMPOTENCY_KEY],
         responses={
-            201: RunOutputSerializer,
-            200: RunOutputSerializer,
-            400: inline_serializer("Error", {"detail": serializers.CharField()}),
-            404: inline_serializer("NotFound", {"detail": serializers.CharField()}),
-            409: inline_serializer("Conflict", {"detail": serializers.CharField()}),
-            413: inline_serializer("TooLarge", {"detail": serializers.CharField()}),
+            201: OpenApiResponse(RunOutputSerializer, description="Started."),
+            200: OpenApiResponse(RunOutputSerializer, description="The run this Idempotency-Key already started."),
+            **errors(*WRITE, 404, 409, 429),
         },
     )
     def post(self, request: Request, name: str) -> Response:
         workflow = _workflow_or_404(name)
         body = _reject_unknown(request.data, {"payload"})
         payload = _check_payload(body.get("payload", {}))
-        key = request.headers.get("Idempotency-Key") or None
-        if key is not None and len(key) > 200:
-            raise ValidationError({"Idempotency-Key": ["at most 200 characters"]})
+        key = _idempotency_key(request)
         run, created = engine.workflow_run_start(
             workflow=workflow, payload=payload, idempotency_key=key, user=request.user, source="api"
         )
@@ -240,28 +327,35 @@ class RunTriggerApi(APIView):
         )
 
 
+RUN_STATUS_FILTER = [*WorkflowRun.Status.values, *(v.lower() for v in WorkflowRun.Status.values)]
+
+
 class RunListApi(APIView):
     @extend_schema(
         parameters=[
             OpenApiParameter("workflow", str, required=False),
-            OpenApiParameter("status", str, required=False, enum=WorkflowRun.Status.values),
+            OpenApiParameter("status", str, required=False, enum=RUN_STATUS_FILTER, description="Upper or lower case."),
+            PAGE,
         ],
-        responses=RunOutputSerializer(many=True),
+        summary="List runs, newest first",
+        operation_id="runs_list",
+        responses={200: paginated("PaginatedRunList", RunOutputSerializer(many=True)), **errors(400, *READ)},
     )
     def get(self, request: Request) -> Response:
-        from rest_framework.settings import api_settings
-
         wanted = request.query_params.get("status")
-        if wanted and wanted.upper() not in WorkflowRun.Status.values:
+        if wanted is not None and wanted not in RUN_STATUS_FILTER:
             raise ValidationError({"status": [f"one of {', '.join(WorkflowRun.Status.values)}"]})
-        runs = selectors.run_list(workflow=request.query_params.get("workflow"), status=wanted)
-        paginator = api_settings.DEFAULT_PAGINATION_CLASS()
+        workflow = request.query_params.get("workflow")
+        if workflow is not None and not _storable(workflow):
+            raise ValidationError({"workflow": ["must not contain NUL or lone surrogate characters"]})
+        runs = selectors.run_list(workflow=workflow, status=wanted)
+        paginator = PagePagination()
         page = paginator.paginate_queryset(runs, request, view=self)
         return paginator.get_paginated_response(RunOutputSerializer(page, many=True, context={"request": request}).data)
 
 
 class RunDetailApi(APIView):
-    @extend_schema(responses=RunDetailOutputSerializer)
+    @extend_schema(summary="Get a run with its tasks", responses={200: RunDetailOutputSerializer, **errors(*READ)})
     def get(self, request: Request, trace_id: str) -> Response:
         return Response(RunDetailOutputSerializer(_run_or_404(trace_id), context={"request": request}).data)
 
@@ -283,12 +377,16 @@ class EventOutputSerializer(serializers.ModelSerializer):
 
 
 class RunEventsApi(APIView):
-    @extend_schema(responses=EventOutputSerializer(many=True))
+    @extend_schema(
+        summary="List a run's events",
+        operation_id="runs_events_list",
+        description="The published event that started the run comes first (when one did), then every attempt's.",
+        parameters=[PAGE],
+        responses={200: paginated("PaginatedEventList", EventOutputSerializer(many=True)), **errors(*READ)},
+    )
     def get(self, request: Request, trace_id: str) -> Response:
-        from rest_framework.settings import api_settings
-
         _run_or_404(trace_id)
-        paginator = api_settings.DEFAULT_PAGINATION_CLASS()
+        paginator = PagePagination()
         page = paginator.paginate_queryset(selectors.run_events(trace_id=trace_id), request, view=self)
         return paginator.get_paginated_response(EventOutputSerializer(page, many=True).data)
 
@@ -296,7 +394,12 @@ class RunEventsApi(APIView):
 class RunCancelApi(APIView):
     permission_classes = [require("workflows_app.change_workflowrun")]
 
-    @extend_schema(request=None, responses=RunOutputSerializer)
+    @extend_schema(
+        summary="Cancel a run",
+        description="Every unfinished task ends REVOKED. Cancelling a finished run changes nothing.",
+        request=None,
+        responses={200: RunOutputSerializer, **errors(401, 403, 404)},
+    )
     def post(self, request: Request, trace_id: str) -> Response:
         _run_or_404(trace_id)
         run = engine.workflow_run_cancel(trace_id=trace_id)
@@ -306,7 +409,12 @@ class RunCancelApi(APIView):
 class RunRetryApi(APIView):
     permission_classes = [require("workflows_app.change_workflowrun")]
 
-    @extend_schema(request=None, responses=RunOutputSerializer)
+    @extend_schema(
+        summary="Retry a failed or canceled run",
+        description="Failed, upstream-failed and revoked tasks run again; successes and their results stay.",
+        request=None,
+        responses={200: RunOutputSerializer, **errors(401, 403, 404, 409)},
+    )
     def post(self, request: Request, trace_id: str) -> Response:
         _run_or_404(trace_id)
         run = engine.workflow_run_retry(trace_id=trace_id)
@@ -322,18 +430,34 @@ class EventPublishApi(APIView):
     throttle_scope = "trigger"
 
     class InputSerializer(serializers.Serializer):
-        event_type = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-        payload = serializers.JSONField(required=False, default=dict)
+        event_type = StrictRegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+        payload = serializers.DictField(required=False, default=dict, help_text="Any JSON object.")
 
         class Meta:
             ref_name = "EventPublishInput"
 
+    class OutputSerializer(serializers.Serializer):
+        event_id = serializers.UUIDField(help_text="The stored event.")
+        trace_ids = serializers.ListField(
+            child=serializers.UUIDField(), help_text="The runs it started, by workflow name; empty when none listens."
+        )
+
+        class Meta:
+            ref_name = "Published"
+
     @extend_schema(
+        summary="Publish an event",
+        description=(
+            "Stores the event and starts every active workflow whose trigger_event_types contains its type. "
+            "The same Idempotency-Key for the same event type returns the first answer with 200 and writes nothing."
+        ),
         request=InputSerializer,
+        parameters=[IDEMPOTENCY_KEY],
+        examples=[PUBLISH_EXAMPLE],
         responses={
-            201: inline_serializer(
-                "Published", {"event_id": serializers.UUIDField(), "trace_ids": serializers.ListField()}
-            )
+            201: OpenApiResponse(OutputSerializer, description="Stored; the subscribed workflows started."),
+            200: OpenApiResponse(OutputSerializer, description="The event this Idempotency-Key already published."),
+            **errors(*WRITE, 429),
         },
     )
     def post(self, request: Request) -> Response:
@@ -341,12 +465,15 @@ class EventPublishApi(APIView):
         serializer = self.InputSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         payload = _check_payload(serializer.validated_data["payload"])
-        event, runs = engine.event_publish(
-            event_type=serializer.validated_data["event_type"], payload=payload, user=request.user
+        event, runs, created = engine.event_publish(
+            event_type=serializer.validated_data["event_type"],
+            payload=payload,
+            user=request.user,
+            idempotency_key=_idempotency_key(request),
         )
         return Response(
             {"event_id": str(event.event_id), "trace_ids": [str(r.trace_id) for r in runs]},
-            status=status.HTTP_201_CREATED,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
 
 
@@ -366,11 +493,14 @@ class EventTypeOutputSerializer(serializers.ModelSerializer):
 
 
 class EventTypeListApi(APIView):
-    @extend_schema(responses=EventTypeOutputSerializer(many=True))
+    @extend_schema(
+        summary="List event types with their queues",
+        operation_id="event_types_list",
+        parameters=[PAGE],
+        responses={200: paginated("PaginatedEventTypeList", EventTypeOutputSerializer(many=True)), **errors(*READ)},
+    )
     def get(self, request: Request) -> Response:
-        from rest_framework.settings import api_settings
-
-        paginator = api_settings.DEFAULT_PAGINATION_CLASS()
+        paginator = PagePagination()
         page = paginator.paginate_queryset(selectors.event_type_queue_list(), request, view=self)
         return paginator.get_paginated_response(EventTypeOutputSerializer(page, many=True).data)
 
@@ -382,25 +512,65 @@ class EventTypeDetailApi(APIView):
         return [IsAuthenticated()]
 
     class InputSerializer(serializers.Serializer):
-        concurrency = serializers.IntegerField(min_value=1, max_value=100000)
+        concurrency = StrictIntegerField(min_value=1, max_value=100000)
 
         class Meta:
             ref_name = "EventTypeInput"
 
     def _get(self, name: str) -> EventType:
-        event_type = selectors.event_type_queue_list().filter(name=name).first()
+        event_type = selectors.event_type_queue_list().filter(name=name).first() if _storable(name) else None
         if event_type is None:
             raise Http404(f"event type '{name}' not found")
         return event_type
 
-    @extend_schema(responses=EventTypeOutputSerializer)
+    @extend_schema(summary="Get an event type", responses={200: EventTypeOutputSerializer, **errors(*READ)})
     def get(self, request: Request, name: str) -> Response:
         return Response(EventTypeOutputSerializer(self._get(name)).data)
 
-    @extend_schema(request=InputSerializer, responses=EventTypeOutputSerializer)
+    @extend_schema(
+        summary="Change an event type's concurrency, live",
+        description="Raising it sends waiting tasks at once; lowering it lets running tasks finish.",
+        request=InputSerializer,
+        responses={200: EventTypeOutputSerializer, **errors(*WRITE, 404)},
+    )
     def patch(self, request: Request, name: str) -> Response:
         self._get(name)
-        serializer = self.InputSerializer(data=_reject_unknown(request.data, {"concurrency"}))
+        # A partial update, as PATCH means: an empty body changes nothing and answers the type as it is.
+        serializer = self.InputSerializer(data=_reject_unknown(request.data, {"concurrency"}), partial=True)
         serializer.is_valid(raise_exception=True)
-        engine.event_type_set_concurrency(name=name, concurrency=serializer.validated_data["concurrency"])
+        if "concurrency" in serializer.validated_data:
+            engine.event_type_set_concurrency(name=name, concurrency=serializer.validated_data["concurrency"])
         return Response(EventTypeOutputSerializer(self._get(name)).data)
+
+
+# --------------------------------------------------------------------------- Celery results
+
+
+class TaskResultOutputSerializer(serializers.ModelSerializer):
+    result = serializers.SerializerMethodField(help_text="The task's return value, or the exception for a failure.")
+
+    class Meta:
+        model = TaskResult
+        fields = ["task_id", "task_name", "status", "result", "traceback", "worker", "date_created", "date_done"]
+
+    def get_result(self, row: TaskResult) -> Any:
+        try:
+            return json.loads(row.result) if row.result else None
+        except ValueError:
+            return row.result
+
+
+class TaskResultApi(APIView):
+    @extend_schema(
+        summary="Get the Celery result of one attempt",
+        description=(
+            "The result django-celery-results stored for a Celery task id. Every attempt's Event id is its task "
+            "id: see `event_id` on a run's tasks and on its events. Results expire after CELERY_RESULT_EXPIRES."
+        ),
+        responses={200: TaskResultOutputSerializer, **errors(*READ)},
+    )
+    def get(self, request: Request, task_id: str) -> Response:
+        row = TaskResult.objects.filter(task_id=str(task_id)).first()
+        if row is None:
+            raise Http404(f"no stored result for task '{task_id}'")
+        return Response(TaskResultOutputSerializer(row).data)

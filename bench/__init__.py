@@ -1,0 +1,1 @@
+"""Benchmarks of Eventflow against hand-wired Celery canvas; `python bench/run.py` runs them all."""

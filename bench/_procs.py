@@ -1,0 +1,158 @@
+"""Processes the benchmarks start and stop: Celery workers, gunicorn, and their memory read from /proc."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from _setup import ROOT
+
+T = TypeVar("T")
+
+
+def poll(condition: Callable[[], T], *, timeout: float, interval: float, what: str) -> T:
+    """Call `condition` until it returns something truthy and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment of every process the bench starts: its own database and broker, test settings."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="bench.settings",
+        DATABASE_URL=os.environ["DATABASE_URL"],
+        CELERY_BROKER_URL=os.environ["CELERY_BROKER_URL"],
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class _Process:
+    """A child started in its own session, so stop() ends it and everything it forked, and nothing else."""
+
+    def __init__(self, cmd: list[str], *, log_path: Path, env: dict[str, str]):
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.log_path.name} exited: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+class Worker(_Process):
+    """`celery worker`, prefork, on the bench queue: the one worker setup Eventflow and canvas both run on."""
+
+    def __init__(self, name: str, *, queue: str, concurrency: int, log_dir: Path, env: dict[str, str]):
+        self.name = f"{name}@{socket.gethostname()}"
+        cmd = [
+            *(sys.executable, "-m", "celery", "-A", "config", "worker"),
+            *("-Q", queue, "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),
+            *("--include", "bench.tasks", "--without-gossip", "--without-mingle"),
+            # Two log lines per task at INFO would be measured on both sides; warnings still show.
+            *("-l", "WARNING"),
+        ]
+        super().__init__(cmd, log_path=log_dir / f"{name}.log", env=env)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        from config.celery import app
+
+        def ready() -> bool:
+            self.check_alive()
+            return bool(app.control.ping(destination=[self.name], timeout=0.5))
+
+        poll(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
+
+    def pool_pids(self) -> list[int]:
+        """The prefork pool processes: the children of the worker's main process."""
+        return children_of(self.pid)
+
+
+class Gunicorn(_Process):
+    """`gunicorn config.wsgi:application` on a free loopback port with sync workers."""
+
+    def __init__(self, *, workers: int, log_dir: Path, env: dict[str, str]):
+        self.port = free_port()
+        cmd = [
+            *(sys.executable, "-m", "gunicorn", "config.wsgi:application"),
+            *("--workers", str(workers), "--bind", f"127.0.0.1:{self.port}", "--no-control-socket"),
+        ]
+        super().__init__(cmd, log_path=log_dir / "gunicorn.log", env=env)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/api/")
+                status = conn.getresponse().status
+                conn.close()
+            except OSError:
+                return False
+            return status in (200, 401, 403)
+
+        poll(ready, timeout=timeout, interval=0.2, what="gunicorn to answer")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended while we looked
+        # The command name in parentheses may hold spaces; the parent pid is the second field after it.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values

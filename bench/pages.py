@@ -1,0 +1,148 @@
+"""Render time and query count of each status page at scale: run `python bench/pages.py`."""
+
+# Builds a 300-node run part-way through (successes, failures with tracebacks, retries, running,
+# queued and waiting tasks, an Event per attempt) and 100,000 runs spread over 30 days, then times
+# each page through Django's test client (URL routing, middleware, session, template), several
+# times. Nothing is published: runs start against an in-memory broker.
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from _setup import print_table, setup_django, summary
+
+
+def build(*, nodes: int, runs: int) -> dict[str, str]:
+    """The data the pages read; returns the ids the page URLs need."""
+    from django.db import connection
+
+    from tests import factories
+    from tests.test_pages import layered_workflow, run_with_history, runs_bulk_insert
+    from workflows_app import engine
+    from workflows_app.models import WorkflowRun
+
+    big, _ = engine.workflow_run_start(workflow=layered_workflow("bench_wide", nodes), payload={"product": "lamp"})
+    run_with_history(big)
+    listed = factories.workflow(factories.spec("bench_list", event_type="bench_list"))
+    other = factories.workflow(factories.spec("bench_other", event_type="bench_list"))
+    started = time.perf_counter()
+    runs_bulk_insert(listed, runs * 4 // 5)
+    runs_bulk_insert(other, runs - runs * 4 // 5)
+    print(f"inserted {runs:,} runs in {time.perf_counter() - started:.1f} s")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    middle = WorkflowRun.objects.order_by("-created_at", "trace_id")[runs // 2]
+    return {
+        "big": str(big.trace_id),
+        "node": "n150" if nodes > 150 else "n000",
+        "cursor": f"{middle.created_at.isoformat()}_{middle.trace_id}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--counts-at",
+        type=int,
+        default=0,
+        help="then grow the table to this many runs and time the per-status counts, exact and capped",
+    )
+    args = parser.parse_args()
+
+    os.environ["CELERY_BROKER_URL"] = "memory://"
+    setup_django("eventflow_bench_pages")
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    ids = build(nodes=args.nodes, runs=args.runs)
+    client = Client()
+    client.force_login(get_user_model().objects.create_user(username="bench", password="bench-pw-123"))
+    big = f"/runs/{ids['big']}/"
+    pages = [
+        (f"run page, {args.nodes} nodes", big, {}),
+        (f"run live fragment, {args.nodes} nodes", f"{big}live/", {}),
+        ("node detail fragment", f"{big}nodes/{ids['node']}/", {"fragment": "1"}),
+        (f"run list, {args.runs:,} runs", "/runs/", {}),
+        ("run list, workflow + FAILED", "/runs/", {"workflow": "bench_list", "status": "FAILED"}),
+        ("run list, last 7 days + SUCCESS", "/runs/", {"since": "7d", "status": "SUCCESS"}),
+        ("run list, page at the middle", "/runs/", {"older": ids["cursor"]}),
+        ("workflows", "/workflows/", {}),
+        (f"workflow page, {args.nodes} nodes", "/workflows/bench_wide/", {}),
+        (f"workflow page, {args.runs * 4 // 5:,} runs", "/workflows/bench_list/", {}),
+        ("queues", "/queues/", {}),
+    ]
+    rows = []
+    for label, url, params in pages:
+        with CaptureQueriesContext(connection) as captured:
+            response = client.get(url, params)
+        assert response.status_code == 200, (url, response.status_code)
+        # Read now: the next request clears the connection's query log the capture reads from.
+        queries = len(captured.captured_queries)
+        for _ in range(3):
+            client.get(url, params)
+        samples, cpu = [], []
+        for _ in range(args.repeats):
+            began, began_cpu = time.perf_counter(), time.process_time()
+            client.get(url, params)
+            samples.append((time.perf_counter() - began) * 1000)
+            cpu.append((time.process_time() - began_cpu) * 1000)
+        median, low, high = summary(samples)
+        rows.append(
+            [
+                label,
+                str(queries),
+                f"{median:.1f}",
+                f"{low:.1f}",
+                f"{high:.1f}",
+                f"{summary(cpu)[0]:.1f}",
+                f"{len(response.content) // 1024}",
+            ]
+        )
+    # Wall time includes waiting for the CPU when other work shares the machine; the web process's
+    # own CPU time does not (the database's share is in the wall time only).
+    print(f"{args.repeats} requests per page after 3 warm-up requests; times in ms; load {os.getloadavg()[0]:.1f}")
+    print_table(["page", "queries", "median ms", "min ms", "max ms", "median CPU ms", "KiB"], rows)
+    if args.counts_at > args.runs:
+        counts_compare(total=args.counts_at, grow_by=args.counts_at - args.runs, repeats=5)
+
+
+def counts_compare(*, total: int, grow_by: int, repeats: int) -> None:
+    """The run list's per-status counts at `total` runs: one exact aggregate against capped counts."""
+    from datetime import timedelta
+
+    from django.db import connection
+
+    from tests.test_pages import runs_bulk_insert
+    from workflows_app import selectors, views
+    from workflows_app.models import WorkflowDefinition
+
+    runs_bulk_insert(WorkflowDefinition.objects.get(name="bench_other"), grow_by, spread=timedelta(days=300))
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE workflows_app_workflowrun")
+    rows = []
+    for label, kwargs in (
+        ("all runs", {}),
+        ("one workflow", {"workflow": "bench_other"}),
+        ("last 7 days", {"since": views.parse_moment("7d")}),
+    ):
+        for how, cap in (("exact", None), (f"capped at {views.RUN_COUNT_CAP:,}", views.RUN_COUNT_CAP)):
+            samples = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                selectors.run_status_counts(**kwargs, cap=cap)
+                samples.append((time.perf_counter() - began) * 1000)
+            median, low, high = summary(samples)
+            rows.append([label, how, f"{median:.1f}", f"{low:.1f}", f"{high:.1f}"])
+    print(f"\nper-status counts with {total:,} runs ({repeats} queries each); times in ms")
+    print_table(["runs counted", "count", "median ms", "min ms", "max ms"], rows)
+
+
+if __name__ == "__main__":
+    main()

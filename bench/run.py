@@ -1,0 +1,604 @@
+"""Eventflow against hand-wired Celery canvas on one broker and one worker setup: `python bench/run.py [--quick]`.
+
+Scenarios (numbered as in the README): 1 a chain of 20 no-op tasks, latency per hop; 2 concurrent diamonds
+(a -> b, c -> d), runs/s and tasks/s; 3 the chain with finished runs already stored; 4 the trigger API
+under gunicorn, requests/s and p95; 5 the memory of a worker's pool processes as tasks accumulate.
+Canvas and Eventflow samples alternate, so load from elsewhere on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from _procs import Gunicorn, Worker, bench_env, memory_kib, poll
+from _setup import print_table, setup_django, summary
+
+DB_NAME = os.environ.get("BENCH_DB_NAME", "eventflow_bench_main")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/7")
+QUEUE = "bench"
+API_QUEUE = "bench_api"
+CANVAS = "canvas (django-db results)"
+CANVAS_REDIS = "canvas (Redis results)"
+EVENTFLOW = "Eventflow"
+PROPOSED = "Eventflow, connections kept"
+# The proposed worker's settings switches (bench/settings.py): reuse a pool process's connection.
+PROPOSED_ENV = os.environ.get("BENCH_PROPOSED_ENV", "BENCH_DB_REUSE_MAX=1000")
+HOPS = 20
+# Above any number of tasks in flight here, so admission never holds a task back; bench/admission.py
+# measures the waiting line on its own.
+CONCURRENCY = 100_000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    chain_samples: int
+    diamond_runs: int
+    diamond_repeats: int
+    history: tuple[int, ...]
+    history_samples: int
+    api_requests: int
+    api_seconds: float
+    api_repeats: int
+    memory_checkpoints: tuple[int, ...]
+
+
+FULL = Sizes(
+    chain_samples=15,
+    diamond_runs=500,
+    diamond_repeats=2,
+    history=(0, 10_000, 100_000),
+    history_samples=8,
+    api_requests=3000,
+    api_seconds=30,
+    api_repeats=3,
+    memory_checkpoints=(1000, 10_000),
+)
+QUICK = Sizes(
+    chain_samples=4,
+    diamond_runs=100,
+    diamond_repeats=2,
+    history=(0, 1000, 5000),
+    history_samples=3,
+    api_requests=300,
+    api_seconds=10,
+    api_repeats=2,
+    memory_checkpoints=(200, 1000),
+)
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    system: str
+    samples: list[float]
+    baseline: Row | None = None
+    target: str = ""
+
+    def cells(self) -> list[str]:
+        med, lo, hi = summary(self.samples)
+        ratio = f"{med / statistics.median(self.baseline.samples):.2f}" if self.baseline else "1.00"
+        return [self.scenario, self.measure, self.system, _fmt(med), _fmt(lo), _fmt(hi), ratio, self.target]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def define_workflows(queue: str, suffix: str = "") -> dict[str, Any]:
+    """The chain of 20 and the diamond, on their own event type (`queue`, the Celery queue they go to)."""
+    from workflows_app.definitions import workflow_definition_save
+
+    keys = [f"n{i:02d}" for i in range(1, HOPS + 1)]
+
+    def node(key: str) -> dict:
+        return {"key": key, "task": "bench.noop", "event_type": queue}
+
+    def save(name: str, nodes: list[str], edges: list[list[str]]) -> Any:
+        data = {
+            "name": name + suffix,
+            "event_types": {queue: {"concurrency": CONCURRENCY}},
+            "nodes": [node(k) for k in nodes],
+            "edges": edges,
+        }
+        return workflow_definition_save(data=data, known_tasks={"bench.noop"})
+
+    return {
+        "chain": save("bench_chain", keys, [[a, b] for a, b in zip(keys, keys[1:], strict=False)]),
+        "diamond": save("bench_diamond", list("abcd"), [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]]),
+        "chain_keys": keys,
+    }
+
+
+# --------------------------------------------------------------------------- the systems compared
+
+
+@dataclass
+class System:
+    """One side of a comparison: how to run a chain and N diamonds on it, timed as described below."""
+
+    label: str
+    queue: str
+    flows: dict | None = None  # Eventflow definitions; None for canvas
+    redis_results: bool = False  # canvas whose worker stores results in Redis
+
+    def chain(self) -> float:
+        return self._eventflow_chain() if self.flows else self._canvas_chain()
+
+    def diamonds(self, count: int) -> float:
+        return self._eventflow_diamonds(count) if self.flows else self._canvas_diamonds(count)
+
+    def _eventflow_chain(self) -> float:
+        """Milliseconds per hop: from the trigger to the run's end as the engine recorded it."""
+        from workflows_app import engine
+        from workflows_app.models import WorkflowRun
+
+        started = time.time()
+        run, _ = engine.workflow_run_start(workflow=self.flows["chain"], payload={}, source="bench")
+        status, finished = poll(
+            lambda: (
+                WorkflowRun.objects.filter(pk=run.pk, finished_at__isnull=False)
+                .values_list("status", "finished_at")
+                .first()
+            ),
+            timeout=120,
+            interval=0.005,
+            what="an Eventflow chain",
+        )
+        assert status == WorkflowRun.Status.SUCCESS, status
+        return (finished.timestamp() - started) / HOPS * 1000
+
+    def _canvas_chain(self) -> float:
+        """Milliseconds per hop: from sending the chain to its last task's result, as the worker stored it."""
+        from celery import chain
+
+        from bench.tasks import noop
+
+        started = time.time()
+        result = chain(*(noop.s().set(queue=self.queue) for _ in range(HOPS))).apply_async()
+        finished = poll(
+            lambda: self._done([result.id]).get(result.id), timeout=120, interval=0.005, what="a canvas chain"
+        )
+        return (finished - started) / HOPS * 1000
+
+    def _eventflow_diamonds(self, count: int) -> float:
+        """Seconds from the first trigger to the last run's end, for `count` diamonds started at once."""
+        from django.db.models import Max
+
+        from workflows_app import engine
+        from workflows_app.models import WorkflowRun
+
+        started = time.time()
+        workflow = self.flows["diamond"]
+        ids = [engine.workflow_run_start(workflow=workflow, payload={}, source="bench")[0].pk for _ in range(count)]
+        runs = WorkflowRun.objects.filter(pk__in=ids)
+        poll(
+            lambda: runs.filter(finished_at__isnull=False).count() == count,
+            timeout=120 + count,
+            interval=0.1,
+            what=f"{count} Eventflow diamonds",
+        )
+        assert not runs.exclude(status=WorkflowRun.Status.SUCCESS).exists()
+        return runs.aggregate(end=Max("finished_at"))["end"].timestamp() - started
+
+    def _canvas_diamonds(self, count: int) -> float:
+        """The same for canvas `chain(a, chord([b, c], d))`, ending at the last stored result of a `d`."""
+        from celery import chain, chord
+
+        from bench.tasks import noop
+
+        def sig() -> Any:
+            return noop.s().set(queue=self.queue)
+
+        started = time.time()
+        # A chain's result is its last task's: here the chord's body, d.
+        ids = [chain(sig(), chord([sig(), sig()], sig())).apply_async().id for _ in range(count)]
+        done = poll(
+            lambda: (found := self._done(ids)) and len(found) == count and found,
+            timeout=120 + count,
+            interval=0.1,
+            what=f"{count} canvas diamonds",
+        )
+        return max(done.values()) - started
+
+    def _done(self, task_ids: list[str]) -> dict[str, float]:
+        """When each of these canvas tasks finished successfully (epoch seconds), from the result backend."""
+        if self.redis_results:
+            import redis
+
+            raw = redis.Redis.from_url(BROKER_URL).mget([f"celery-task-meta-{i}" for i in task_ids])
+            metas = [json.loads(r) for r in raw if r]
+            return {
+                m["task_id"]: datetime.fromisoformat(m["date_done"]).timestamp()
+                for m in metas
+                if m["status"] == "SUCCESS"
+            }
+        from django_celery_results.models import TaskResult
+
+        rows = TaskResult.objects.filter(task_id__in=task_ids, status="SUCCESS").values_list("task_id", "date_done")
+        return {task_id: done.timestamp() for task_id, done in rows}
+
+
+def rounds(systems: list[System], count: int, measure: Any) -> dict[str, list[float]]:
+    """`count` samples of every system, each round starting with the next one, so drift hits all alike."""
+    samples: dict[str, list[float]] = {s.label: [] for s in systems}
+    for i in range(count):
+        shift = i % len(systems)
+        for system in systems[shift:] + systems[:shift]:
+            samples[system.label].append(measure(system))
+    return samples
+
+
+# --------------------------------------------------------------------------- scenarios 1 to 3
+
+
+def rows_against(
+    scenario: str, measure: str, systems: list[System], samples: dict[str, list[float]], targets: dict[str, str]
+) -> list[Row]:
+    """Rows for each system, the first one being the baseline of the ratios."""
+    base = Row(scenario, measure, systems[0].label, samples[systems[0].label])
+    rows = [base]
+    for system in systems[1:]:
+        rows.append(Row(scenario, measure, system.label, samples[system.label], base, targets.get(system.label, "")))
+    return rows
+
+
+def scenario_chain(systems: list[System], sizes: Sizes) -> list[Row]:
+    samples = rounds(systems, sizes.chain_samples, lambda s: s.chain())
+    return rows_against("1 chain of 20", "ms per hop", systems, samples, {EVENTFLOW: "<= 1.5"})
+
+
+def scenario_diamonds(systems: list[System], sizes: Sizes) -> list[Row]:
+    n = sizes.diamond_runs
+
+    def measure(system: System) -> float:
+        seconds = system.diamonds(n)
+        print(f"  diamonds: {system.label}: {n / seconds:.1f} runs/s", flush=True)
+        return seconds
+
+    seconds = rounds(systems, sizes.diamond_repeats, measure)
+    rows = []
+    for measure_name, per_run in (("runs/s", 1), ("tasks/s", 4)):
+        rates = {label: [n * per_run / s for s in values] for label, values in seconds.items()}
+        rows += rows_against(f"2 {n} diamonds", measure_name, systems, rates, {EVENTFLOW: ">= 0.7"})
+    return rows
+
+
+def clear_history() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "TRUNCATE workflows_app_taskrun, workflows_app_workflowrun, events_app_event,"
+            " django_celery_results_taskresult, django_celery_results_groupresult,"
+            " django_celery_results_chordcounter"
+        )
+
+
+def add_history(workflow: Any, keys: list[str], count: int) -> float:
+    """Store `count` finished runs of the chain (one Event and one TaskRun per node each); returns seconds."""
+    from django.db import connection
+
+    version = workflow.versions.get(version=workflow.version)
+    batch = f"history:{uuid.uuid4()}"
+    started = time.monotonic()
+    with connection.cursor() as cursor:
+        # Oldest first, one second apart, each lasting one second.
+        cursor.execute(
+            """
+            INSERT INTO workflows_app_workflowrun
+                (trace_id, workflow_id, version_id, workflow_version, status, payload, source, created_at, finished_at)
+            SELECT gen_random_uuid(), %s, %s, %s, 'SUCCESS', '{}'::jsonb, %s,
+                   now() - make_interval(secs => g + 1), now() - make_interval(secs => g)
+            FROM generate_series(1, %s) AS g
+            """,
+            [workflow.pk, version.pk, version.version, batch, count],
+        )
+        # Event ids derive from (trace id, node) so the task rows below can point at their event.
+        cursor.execute(
+            """
+            INSERT INTO events_app_event
+                (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
+            SELECT md5(r.trace_id::text || n.key)::uuid, r.trace_id, %s, 'bench.noop', '{}'::jsonb, 'null'::jsonb,
+                   jsonb_build_object('workflow', 'bench_chain', 'workflow_version', %s, 'node', n.key,
+                                      'attempt', 1, 'upstream', '{}'::jsonb),
+                   'SUCCESS', r.created_at, r.finished_at
+            FROM workflows_app_workflowrun r CROSS JOIN unnest(%s::text[]) AS n(key)
+            WHERE r.source = %s
+            """,
+            [QUEUE, version.version, keys, batch],
+        )
+        cursor.execute(
+            """
+            INSERT INTO workflows_app_taskrun
+                (run_id, node_key, event_type_id, task_name, status, attempts, holds_slot, current_event_id,
+                 queued_at, started_at, finished_at, result, error, worker)
+            SELECT r.trace_id, n.key, %s, 'bench.noop', 'SUCCESS', 1, false, md5(r.trace_id::text || n.key)::uuid,
+                   r.created_at, r.created_at, r.finished_at, 'null'::jsonb, '', 'history'
+            FROM workflows_app_workflowrun r CROSS JOIN unnest(%s::text[]) AS n(key)
+            WHERE r.source = %s
+            """,
+            [QUEUE, keys, batch],
+        )
+    # As autovacuum would by then: planner statistics and the visibility map are current.
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE workflows_app_workflowrun, workflows_app_taskrun, events_app_event")
+    return time.monotonic() - started
+
+
+def scenario_history(systems: list[System], sizes: Sizes) -> list[Row]:
+    """The chain on a canvas reference and on Eventflow (the last system given) as stored history grows."""
+    eventflow = systems[-1]
+    clear_history()
+    rows: list[Row] = []
+    base: Row | None = None
+    stored = 0
+    for level in sizes.history:
+        if level > stored:
+            seconds = add_history(eventflow.flows["chain"], eventflow.flows["chain_keys"], level - stored)
+            print(f"  history: stored {level - stored:,} more finished runs in {seconds:.0f}s", flush=True)
+            stored = level
+        samples = rounds(systems, sizes.history_samples, lambda s: s.chain())
+        name = f"3 chain, {level:,} runs stored"
+        rows.append(Row(name, "ms per hop", f"{systems[0].label} (reference)", samples[systems[0].label]))
+        row = Row(name, "ms per hop", eventflow.label, samples[eventflow.label], base, "<= 1.15" if base else "")
+        rows.append(row)
+        base = base or row
+    return rows
+
+
+# --------------------------------------------------------------------------- scenario 4
+
+
+def define_api_workflow() -> Any:
+    """The diamond on a queue no worker consumes: the server has both cores, and runs stay queued."""
+    return define_workflows(API_QUEUE, "_api")["diamond"]
+
+
+def api_token() -> str:
+    from django.contrib.auth.models import Permission, User
+    from rest_framework.authtoken.models import Token
+
+    user, _ = User.objects.get_or_create(username="bench")
+    user.user_permissions.add(
+        Permission.objects.get(codename="add_workflowrun", content_type__app_label="workflows_app")
+    )
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def load(
+    port: int, method: str, path: str, *, body: bytes | None, headers: dict, total: int, clients: int, seconds: float
+) -> tuple[float, list[float], Counter]:
+    """Send `total` requests from `clients` threads (stopping early after `seconds`); one connection each."""
+    lock = threading.Lock()
+    sent = 0
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        nonlocal sent
+        while True:
+            with lock:
+                if sent >= total or time.monotonic() > deadline:
+                    return
+                sent += 1
+            begun = time.perf_counter()
+            try:
+                # gunicorn's sync workers close the connection after every response.
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                conn.close()
+                status: int | str = response.status
+            except OSError as exc:
+                status = type(exc).__name__
+            elapsed = time.perf_counter() - begun
+            with lock:
+                latencies.append(elapsed)
+                statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    begun = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - begun, latencies, statuses
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1]
+
+
+def scenario_api(workflow: Any, sizes: Sizes, log_dir: Path, *, workers: int, clients: int) -> list[Row]:
+    token = api_token()
+    server = Gunicorn(workers=workers, log_dir=log_dir, env=bench_env())
+    try:
+        server.wait_ready()
+        headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
+        trigger = ("POST", f"/api/workflows/{workflow.name}/runs/", json.dumps({"payload": {"bench": True}}).encode())
+        floor = ("GET", "/api/", None)
+        for method, path, body in (floor, trigger):  # every gunicorn worker loads its code and connects
+            load(server.port, method, path, body=body, headers=headers, total=8 * workers, clients=workers, seconds=30)
+        results: dict[str, tuple[list[float], list[float]]] = {"floor": ([], []), "trigger": ([], [])}
+        for i in range(sizes.api_repeats):
+            order = [("floor", floor), ("trigger", trigger)]
+            for name, (method, path, body) in order if i % 2 == 0 else order[::-1]:
+                elapsed, latencies, statuses = load(
+                    server.port,
+                    method,
+                    path,
+                    body=body,
+                    headers=headers,
+                    total=sizes.api_requests,
+                    clients=clients,
+                    seconds=sizes.api_seconds,
+                )
+                expected = 201 if name == "trigger" else 200
+                if set(statuses) != {expected}:
+                    raise RuntimeError(f"{name}: unexpected answers {dict(statuses)}; see {server.log_path}")
+                results[name][0].append(len(latencies) / elapsed)
+                results[name][1].append(p95(latencies) * 1000)
+                print(f"  api: {name} {len(latencies) / elapsed:.0f} req/s, p95 {p95(latencies) * 1000:.1f} ms")
+    finally:
+        server.stop()
+    label = f"4 API, gunicorn -w {workers}, {clients} clients"
+    floor_rate = Row(label, "requests/s", "GET /api/ (DRF floor)", results["floor"][0])
+    floor_p95 = Row(label, "p95 ms", "GET /api/ (DRF floor)", results["floor"][1])
+    return [
+        floor_rate,
+        Row(label, "requests/s", "POST .../runs/ (trigger)", results["trigger"][0], floor_rate, ">= 300/s"),
+        floor_p95,
+        Row(label, "p95 ms", "POST .../runs/ (trigger)", results["trigger"][1], floor_p95, "< 50 ms"),
+    ]
+
+
+# --------------------------------------------------------------------------- scenario 5
+
+
+def scenario_memory(systems: list[System], sizes: Sizes, log_dir: Path) -> list[Row]:
+    """Memory of a fresh worker's pool processes at each checkpoint of tasks run, for each system."""
+    wave = 25  # chains in flight at once: 500 tasks
+
+    def run_wave(system: System, runs: int) -> None:
+        from celery import chain
+
+        from bench.tasks import noop
+        from workflows_app import engine
+        from workflows_app.models import WorkflowRun
+
+        if system.flows:
+            workflow = system.flows["chain"]
+            ids = [engine.workflow_run_start(workflow=workflow, payload={}, source="bench")[0].pk for _ in range(runs)]
+            done = WorkflowRun.objects.filter(pk__in=ids, finished_at__isnull=False)
+            poll(lambda: done.count() == runs, timeout=300, interval=0.05, what="a wave of Eventflow chains")
+        else:
+            ids = [
+                chain(*(noop.s().set(queue=system.queue) for _ in range(HOPS))).apply_async().id for _ in range(runs)
+            ]
+            poll(lambda: len(system._done(ids)) == runs, timeout=300, interval=0.05, what="a wave of canvas chains")
+
+    rows: list[Row] = []
+    for system in systems:
+        name = f"bench-mem-{len(rows)}"
+        worker = Worker(name, queue=system.queue, concurrency=2, log_dir=log_dir, env=bench_env(**system_env(system)))
+        try:
+            worker.wait_ready()
+            done, base = 0, None
+            for checkpoint in sizes.memory_checkpoints:
+                while done < checkpoint:
+                    runs = min(wave, (checkpoint - done) // HOPS)
+                    run_wave(system, runs)
+                    done += runs * HOPS
+                peaks = [memory_kib(pid)["VmHWM"] / 1024 for pid in worker.pool_pids()]
+                print(f"  memory: {system.label} after {done:,} tasks: pool peaks {peaks} MiB", flush=True)
+                target = "<= 1.10" if base and system.label == EVENTFLOW else ""
+                row = Row("5 worker memory", f"pool peak MiB after {done:,} tasks", system.label, peaks, base, target)
+                rows.append(row)
+                base = base or row
+        finally:
+            worker.stop()
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def system_env(system: System) -> dict[str, str]:
+    """Settings switches for the worker of `system` (see bench/settings.py)."""
+    if system.redis_results:
+        return {"BENCH_RESULT_BACKEND": BROKER_URL}
+    if system.label == PROPOSED:
+        return dict(item.split("=", 1) for item in PROPOSED_ENV.split())
+    return {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not figures")
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="scenario numbers to run")
+    parser.add_argument("--api-workers", type=int, default=4, help="gunicorn sync workers (scenario 4)")
+    parser.add_argument("--api-clients", type=int, default=4, help="concurrent load generator threads (scenario 4)")
+    parser.add_argument("--no-proposed", action="store_true", help=f"skip the '{PROPOSED}' worker")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+
+    os.environ["CELERY_BROKER_URL"] = BROKER_URL
+    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    # The trigger throttle (6000/minute per user by default) would cap scenario 4 at 100 requests/s.
+    os.environ["EVENTFLOW_TRIGGER_RATE"] = "10000000/minute"
+    setup_django(DB_NAME)
+    import redis
+
+    log_dir = Path(tempfile.mkdtemp(prefix="eventflow-bench-"))
+    print(f"database {DB_NAME}, broker {BROKER_URL}, logs in {log_dir}", flush=True)
+    broker = redis.Redis.from_url(BROKER_URL)
+    broker.flushdb()  # the bench's own Redis database: messages left by an interrupted run
+    canvas = System(CANVAS, QUEUE)
+    eventflow = System(EVENTFLOW, QUEUE, define_workflows(QUEUE))
+    systems = [canvas, System(CANVAS_REDIS, "bench_r", redis_results=True), eventflow]
+    if not args.no_proposed:
+        systems.append(System(PROPOSED, "bench_p", define_workflows("bench_p", "_p")))
+    rows: list[Row] = []
+    workers: list[Worker] = []
+    try:
+        if {1, 2, 3} & set(args.only):
+            # One worker per queue, all with the same options; canvas and Eventflow share the first.
+            for system in systems[1:]:
+                env = bench_env(**system_env(system))
+                workers.append(
+                    Worker(f"bench-{system.queue}", queue=system.queue, concurrency=2, log_dir=log_dir, env=env)
+                )
+            for worker in workers:
+                worker.wait_ready()
+            rounds(systems, 3, lambda s: s.chain())  # warm every side: imports, connections, caches
+            if 1 in args.only:
+                print("scenario 1", flush=True)
+                rows += scenario_chain(systems, sizes)
+            if 2 in args.only:
+                print("scenario 2", flush=True)
+                rows += scenario_diamonds(systems, sizes)
+            if 3 in args.only:
+                print("scenario 3", flush=True)
+                rows += scenario_history([canvas, eventflow], sizes)
+            for worker in workers:
+                worker.stop()
+            workers = []
+        if 5 in args.only:
+            print("scenario 5", flush=True)
+            rows += scenario_memory([eventflow], sizes, log_dir)
+        if 4 in args.only:
+            print("scenario 4", flush=True)
+            api = define_api_workflow()
+            rows += scenario_api(api, sizes, log_dir, workers=args.api_workers, clients=args.api_clients)
+    finally:
+        for worker in workers:
+            worker.stop()
+        broker.flushdb()
+    print()
+    print_table(
+        ["scenario", "measure", "system", "median", "min", "max", "ratio", "target"],
+        [row.cells() for row in sorted(rows, key=lambda r: r.scenario[0])],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Headless Chromium on a run's status page while real workers run it: the graph turns green without a reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from django.urls import reverse
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests import factories
+from workflows_app.graph_svg import STATUS_COLOURS
+from workflows_app.models import TaskRun
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver")
+SLEEP = "workflows_app.tasks.sleep"
+KEYS = ["fetch", "resize", "describe", "publish"]
+NODE_STATUSES = """
+return Object.fromEntries(Array.from(document.querySelectorAll("svg.dag g.dag-node"))
+  .map(function (g) { return [g.getAttribute("data-node"), g.getAttribute("data-status")]; }));
+"""
+
+
+@pytest.fixture
+def chrome():
+    """Debian's chromium and chromedriver, headless; nothing is downloaded."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = "needs chromium and its driver: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def node_statuses(driver: WebDriver) -> dict[str, str]:
+    return driver.execute_script(NODE_STATUSES)
+
+
+def test_run_page_turns_each_node_green_live_and_opens_its_detail(
+    chrome, live_server, workers, api, admin_user, tmp_path, capsys
+):
+    # fetch takes 2 s, so the page is open well before anything has finished; the run lasts about 4 s.
+    factories.workflow(
+        factories.spec(
+            "browser_watch",
+            [
+                {"key": "fetch", "task": SLEEP, "params": {"seconds": 2}},
+                {"key": "resize", "task": SLEEP, "params": {"seconds": 1}},
+                {"key": "describe", "task": SLEEP, "params": {"seconds": 1}},
+                {"key": "publish", "task": SLEEP, "params": {"seconds": 0.5}},
+            ],
+            [["fetch", "resize"], ["fetch", "describe"], ["resize", "publish"], ["describe", "publish"]],
+            event_type="browser_watch",
+            event_types={"browser_watch": {"concurrency": 2}},
+        )
+    )
+    workers(["browser_watch"], concurrency=2)
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+
+    # Sign in the way an operator does: the admin login form, then on to the runs.
+    chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
+    chrome.find_element(By.NAME, "username").send_keys(admin_user.username)
+    chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
+    chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
+    wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
+
+    response = api.post("/api/workflows/browser_watch/runs/", {"payload": {"product": "lamp"}}, format="json")
+    assert response.status_code == 201, response.content
+    trace_id = response.json()["trace_id"]
+    run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[trace_id])}"
+    chrome.get(run_url)
+    # Survives only if the page is never reloaded: updates must come from the live fragment.
+    chrome.execute_script("window.__marker = 1;")
+
+    at_open = node_statuses(chrome)
+    assert sorted(at_open) == sorted(KEYS)
+    assert "SUCCESS" not in at_open.values(), at_open
+
+    seen: dict[str, list[str]] = {key: [] for key in KEYS}
+
+    def all_green(driver: WebDriver) -> dict[str, str] | bool:
+        now = node_statuses(driver)
+        for key, status in now.items():
+            if not seen[key] or seen[key][-1] != status:
+                seen[key].append(status)
+        return now if now and set(now.values()) == {"SUCCESS"} else False
+
+    wait.until(all_green, message="every node of the graph to turn SUCCESS")
+
+    assert chrome.execute_script("return window.__marker;") == 1, "the page reloaded"
+    assert chrome.current_url == run_url
+    fills = chrome.execute_script(
+        "return Array.from(document.querySelectorAll('svg.dag g.dag-node rect')).map(r => r.getAttribute('fill'));"
+    )
+    assert set(fills) == {STATUS_COLOURS["SUCCESS"][0]}
+    for key in KEYS:
+        assert seen[key][0] != "SUCCESS" and seen[key][-1] == "SUCCESS", (key, seen[key])
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#run-live").get_attribute("data-final") == "true")
+
+    # A click on a node of the drawing opens its detail in place.
+    chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-node[data-node="describe"] rect').click()
+    panel = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#node-panel .node-detail[data-node="describe"]'))
+    task = TaskRun.objects.get(run_id=trace_id, node_key="describe")
+    text = panel.text
+    assert panel.get_attribute("data-status") == "SUCCESS"
+    assert str(task.current_event_id) in text
+    assert "lamp" in text and "Attempts (1)" in text
+    assert chrome.execute_script("return window.__marker;") == 1
+    assert chrome.current_url == run_url
+
+    path = tmp_path / f"run-{trace_id}.png"
+    assert chrome.save_screenshot(str(path))
+    with capsys.disabled():
+        print(f"\nscreenshot of the run page with a node's detail open: {path}")
