@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import kombu.exceptions
+import redis
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -96,7 +98,12 @@ class Worker:
         def ready() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"worker {self.name} exited: {self.log_path.read_text()[-3000:]}")
-            return bool(app.control.ping(destination=[self.name], timeout=0.5))
+            try:
+                return bool(app.control.ping(destination=[self.name], timeout=0.5))
+            except (ConnectionError, OSError, kombu.exceptions.OperationalError, redis.exceptions.ConnectionError):
+                # A pooled connection from before a broker restart: drop the pool and ask again.
+                reset_broker_connections()
+                return False
 
         wait_for(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
 
@@ -117,6 +124,16 @@ class Worker:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+def reset_broker_connections() -> None:
+    """Forget every pooled broker connection, e.g. after the broker restarted under them."""
+    from kombu import pools
+
+    from config.celery import app
+
+    pools.reset()
+    app._after_fork()  # drops the app's own references, as Celery does in a forked child
 
 
 def purge_broker() -> None:
