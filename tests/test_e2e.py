@@ -234,3 +234,18 @@ def test_trigger_workflow_command_waits_for_success(workers):
     assert status.returncode == 0, status.stderr
     for key in ("intake", "listing", "image", "upload_ali", "upload_1688", "publish_ali", "publish_1688"):
         assert re.search(rf"^\s*{key}\s.*SUCCESS", status.stdout, re.MULTILINE), status.stdout
+
+
+def test_node_timeout_fails_the_attempt_and_retries(workers, api):
+    node = {"key": "x", "task": SLEEP, "params": {"seconds": 30}, "timeout": 1, "max_retries": 1, "retry_delay": 0.1}
+    factories.workflow(factories.spec("slowpoke", [node], event_type="e2e"))
+    workers(["e2e"], concurrency=1)
+    trace_id = trigger(api, "slowpoke")
+    assert wait_final([trace_id], timeout=40) == {trace_id: "FAILED"}
+    task = tasks_of(trace_id)["x"]
+    assert task.status == "FAILURE" and task.attempts == 2
+    assert "SoftTimeLimitExceeded" in task.error
+    assert (task.finished_at - task.started_at).total_seconds() < 5
+    first = Event.objects.get(trace_id=trace_id, context__attempt=1)
+    assert first.status == "FAILURE" and "SoftTimeLimitExceeded" in first.result["error"]
+    assert not TaskRun.objects.filter(holds_slot=True).exists()

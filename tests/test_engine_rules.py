@@ -76,3 +76,12 @@ def test_validate_fills_defaults_and_collects_every_error():
     messages = " | ".join(caught.value.errors)
     for needle in ("name must be a slug", "unknown task 'nope'", "timeout must be", "cycle: "):
         assert needle in messages
+
+
+def test_the_reconciler_is_installed_as_a_beat_schedule():
+    from config.celery import app
+    from workflows_app import tasks
+
+    entry = app.conf.beat_schedule["eventflow-reconcile"]
+    assert entry["task"] == tasks.reconcile.name == "workflows_app.tasks.reconcile" and entry["schedule"] > 0
+    assert app.conf.task_acks_late is True and app.conf.worker_prefetch_multiplier == 1

@@ -5,6 +5,7 @@ from datetime import timedelta
 
 from celery import shared_task
 
+from . import engine
 from .retention import runs_purge
 from .schedules import scheduled_run_start
 
@@ -42,3 +43,12 @@ def start_scheduled_run(self, workflow: str, payload: dict | None = None, schedu
 def purge_runs(older_than_days: float = 30, batch_size: int = 1000) -> dict:
     """The `purge_runs` command as a task, for a beat schedule; returns the rows removed per kind."""
     return runs_purge(older_than=timedelta(days=older_than_days), batch_size=batch_size).as_dict()
+
+
+@shared_task(name="workflows_app.tasks.reconcile", eventflow_internal=True)
+def reconcile() -> int:
+    """The reconciler as a beat task: a backstop for the one every worker runs on its own timer."""
+    total = 0
+    while settled := engine.task_runs_reconcile():
+        total += settled
+    return total

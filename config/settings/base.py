@@ -163,11 +163,23 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TASK_ACKS_LATE = True
+# Left False on purpose: a pool process killed mid-task acks its message, and the engine's lease
+# reconciler starts a new attempt under the node's max_retries instead. Redelivering the same
+# message would loop forever on a task that kills its process every time (no redelivery count).
+CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=1800)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=1500)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Installed into django-celery-beat's tables by the scheduler at start; editable in the admin.
+CELERY_BEAT_SCHEDULE = {
+    "eventflow-reconcile": {
+        "task": "workflows_app.tasks.reconcile",
+        "schedule": env.float("EVENTFLOW_BEAT_RECONCILE_SECONDS", default=30.0),
+        "options": {"queue": "celery"},
+    },
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
