@@ -29,12 +29,12 @@ from django.urls import reverse
 from kombu.exceptions import OperationalError as BrokerError
 from kombu.utils.url import maybe_sanitize_url
 
-from events_app.models import EventType
 from workflows_app import engine
 from workflows_app.definitions import DefinitionError, workflow_definition_save
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 from ._helpers import definitions_load, error_summary, table_format
+from .run_workers import worker_plan
 
 ADMIN_USERNAME = "demo"  # its own superuser, so a real admin account is never touched
 # Seconds between two reads of the demo's runs: live enough for a terminal, and two grouped
@@ -306,13 +306,8 @@ class Command(BaseCommand):
         self.children.append(child)
         return child
 
-    def _worker_plan(self) -> dict[str, int]:
-        """Queue -> threads: the engine's own queue, then every event type at its concurrency."""
-        queue = getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", None) or "celery"
-        return {queue: 1, **dict(EventType.objects.order_by("name").values_list("name", "concurrency"))}
-
     def _start_workers(self) -> None:
-        plan = self._worker_plan()
+        plan = worker_plan()
         self._say(f"Starting {len(plan)} workers, one per queue (logs in {self._log_dir()}):")
         for queue, concurrency in plan.items():
             argv = [
