@@ -138,27 +138,27 @@ class DefinitionCheck:
         return [e for e in self.errors if e not in self.edge_errors]
 
 
-class NodeFormSet(BaseInlineFormSet):
+class _CheckedFormSet(BaseInlineFormSet):
+    """An inline formset whose rows are judged by `definition_validate` across the whole form."""
+
     definition_check: DefinitionCheck | None = None
+    errors_attr = ""  # which of the check's error lists belongs to this formset
 
     def clean(self) -> None:
         if self.definition_check is None:
             super().clean()
-        # Duplicate keys are reported by definition_validate, by name, instead of Django's generic
-        # "duplicate data" message; the database constraint still backs it.
-        elif self.definition_check.node_errors:
-            raise ValidationError(self.definition_check.node_errors)
+        # Duplicate keys and edges are reported by definition_validate, by name, instead of
+        # Django's generic "duplicate data" message; the database constraints still back them.
+        elif errors := getattr(self.definition_check, self.errors_attr):
+            raise ValidationError(errors)
 
 
-class EdgeFormSet(BaseInlineFormSet):
-    definition_check: DefinitionCheck | None = None
+class NodeFormSet(_CheckedFormSet):
+    errors_attr = "node_errors"
 
-    def clean(self) -> None:
-        if self.definition_check is None:
-            super().clean()
-        # Duplicate edges too are reported by definition_validate, naming the edge.
-        elif self.definition_check.edge_errors:
-            raise ValidationError(self.definition_check.edge_errors)
+
+class EdgeFormSet(_CheckedFormSet):
+    errors_attr = "edge_errors"
 
 
 class NodeForm(forms.ModelForm):

@@ -34,7 +34,7 @@ from workflows_app.definitions import DefinitionError, workflow_definition_save
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 from ._helpers import definitions_load, error_summary, table_format
-from .run_workers import worker_plan
+from .run_workers import worker_command, worker_plan
 
 ADMIN_USERNAME = "demo"  # its own superuser, so a real admin account is never touched
 # Seconds between two reads of the demo's runs: live enough for a terminal, and two grouped
@@ -310,34 +310,19 @@ class Command(BaseCommand):
         plan = worker_plan()
         self._say(f"Starting {len(plan)} workers, one per queue (logs in {self._log_dir()}):")
         for queue, concurrency in plan.items():
-            argv = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                str(concurrency),
-                "-n",
-                f"{self._node(queue)}@%h",
+            argv = worker_command(
+                queue=queue,
+                concurrency=concurrency,
+                node=self._node(queue),
                 # Threads, not prefork: the demo's tasks sleep or echo, so threads run them just as
                 # well, and a thread pool keeps it to one process per queue (8, not 29) on a laptop
                 # or a 2-core CI runner, each process being a full Django import. The engine's
                 # admission control, not the pool, bounds each type's parallelism anyway.
                 # Per-node timeouts need prefork (threads cannot be killed): none in this pipeline.
-                "--pool",
-                "threads",
                 # Mingle, gossip and heartbeats are worker-to-worker chatter the demo does not
                 # use; on the file broker they only add start-up delay and files to poll.
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-                "-l",
-                "INFO",
-            ]
+                options=("--pool", "threads", "--without-mingle", "--without-gossip", "--without-heartbeat"),
+            )
             self._spawn(f"worker-{queue}", argv)
             self._say(f"  {queue:<24} {concurrency} thread{'s' if concurrency > 1 else ''}")
         started = time.monotonic()

@@ -45,8 +45,10 @@ def worker_plan(*, queues: list[str] | None = None, concurrency: int | None = No
     return plan
 
 
-def worker_command(*, queue: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
-    """The command line of the worker serving one queue."""
+def worker_command(
+    *, queue: str, concurrency: int, loglevel: str = "INFO", node: str | None = None, options: tuple[str, ...] = ()
+) -> list[str]:
+    """The command line of the worker serving one queue (named `node`, default the queue's name)."""
     return [
         sys.executable,
         "-m",
@@ -59,13 +61,14 @@ def worker_command(*, queue: str, concurrency: int, loglevel: str = "INFO") -> l
         "-c",
         str(concurrency),
         "-n",
-        f"{queue}@%h",
+        f"{node or queue}@%h",
         # One message at a time and fair scheduling: a worker never holds a task another idle
         # process could start, so the engine's first-in first-out admission order is kept.
         "--prefetch-multiplier",
         "1",
         "-O",
         "fair",
+        *options,
         "-l",
         loglevel,
     ]
