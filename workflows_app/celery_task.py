@@ -1,12 +1,14 @@
-"""The base class of every task on the app: asks the engine before an Event's attempt may run."""
+"""The base class of every task on the app: asks the engine before an Event's attempt may run, and
+records its outcome as soon as the body returns."""
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -15,8 +17,8 @@ T = TypeVar("T")
 def with_database_retry(call: Callable[[], T], *, what: str) -> T:
     """Run `call`, retrying while the database is unreachable, up to EVENTFLOW["DB_RETRY_SECONDS"].
 
-    Celery only logs a signal handler's exception, so giving up at the first connection error
-    would silently drop a completion during a short database outage.
+    Giving up at the first connection error would drop a completion during a short database outage,
+    and with it the run.
     """
     from django.conf import settings
     from django.db import InterfaceError, OperationalError, connections
@@ -44,26 +46,76 @@ def event_of(args: Any, task_id: str | None) -> dict | None:
     return None
 
 
-class EventTask(Task):
-    """Refuses an attempt the database says must not run: final, revoked, or superseded.
+def describe_error(exc: Any) -> str:
+    """The error text kept on the task: the traceback, last 10,000 characters."""
+    if isinstance(exc, BaseException):
+        return "".join(traceback.format_exception(exc)).strip()[-10000:]
+    return str(exc)
 
-    Celery's revoke list lives in worker memory and is lost on restart; this check reads the
-    durable state instead, so a cancel or a redelivered finished task never starts again.
+
+def record_outcome(event: dict, *, succeeded: bool, result: Any = None, error: str = "") -> None:
+    from . import engine
+
+    with_database_retry(
+        lambda: engine.task_run_finish(
+            trace_id=event["trace_id"], event_id=event["event_id"], succeeded=succeeded, result=result, error=error
+        ),
+        what="recording a task outcome",
+    )
+
+
+def record_retrying(event: dict, exc: Any) -> None:
+    from . import engine
+
+    with_database_retry(
+        lambda: engine.task_run_retrying(event_id=event["event_id"], error=describe_error(exc)),
+        what="recording a task retry",
+    )
+
+
+class EventTask(Task):
+    """Refuses an attempt the database says must not run (final, revoked, or superseded), and
+    records the outcome of one that ran.
+
+    Celery's revoke list lives in worker memory and is lost on restart; the start check reads the
+    durable state instead, so a cancel or a redelivered finished task never starts again. The
+    outcome is recorded here, right after the body and before Celery stores its own result and
+    acknowledges the message, so the successors are on their way while this process still does
+    Celery's bookkeeping.
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         event = event_of(args, request.id) if not request.called_directly else None
-        if event is not None:
-            from . import engine
+        if event is None:
+            return super().__call__(*args, **kwargs)
+        from . import engine
 
-            attempt = (event.get("context") or {}).get("attempt", 1)
-            allowed = with_database_retry(
-                lambda: engine.task_run_start(
-                    event_id=event["event_id"], attempt=attempt, worker=request.hostname or ""
-                ),
-                what="recording a task start",
-            )
-            if not allowed:
-                raise Ignore()
-        return super().__call__(*args, **kwargs)
+        attempt = (event.get("context") or {}).get("attempt", 1)
+        allowed = with_database_retry(
+            lambda: engine.task_run_start(event_id=event["event_id"], attempt=attempt, worker=request.hostname or ""),
+            what="recording a task start",
+        )
+        if not allowed:
+            raise Ignore()
+        try:
+            retval = super().__call__(*args, **kwargs)
+        except Retry as exc:
+            _or_log(record_retrying, event, exc)
+            raise
+        except Ignore:
+            raise
+        except Exception as exc:
+            _or_log(record_outcome, event, succeeded=False, error=describe_error(exc))
+            raise
+        _or_log(record_outcome, event, succeeded=True, result=retval)
+        return retval
+
+
+def _or_log(record: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Record, or log why not: Celery then stores the task's own outcome, which the reconciler takes
+    once the attempt's lease lapses, so the body's result or error is not lost."""
+    try:
+        record(*args, **kwargs)
+    except Exception:
+        logger.exception("could not record a task outcome; the reconciler will take Celery's stored result")

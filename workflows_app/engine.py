@@ -12,11 +12,12 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from events_app.models import Event, EventType
 
+from . import pgsql
 from .models import (
     TaskRun,
     TriggerRule,
@@ -230,43 +231,82 @@ def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = 
     events created in this transaction: they are not read back.
     """
     known_events = {event.event_id: event for event in known}
+    postgresql = pgsql.available()
     for name in sorted(set(type_names)):
-        concurrency = (
-            EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
-        )
-        if concurrency is None:
-            continue
-        free = concurrency - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
-        if free <= 0:
-            continue
-        picked = list(
-            TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
-            .filter(event_type_id=name, status=S.QUEUED, holds_slot=False)
-            .order_by("queued_at", "id")
-            .values_list("id", "current_event_id", "node_key", "run__version_id")[:free]
-        )
+        deadline = _dispatch_deadline(timezone.now())
+        if postgresql:
+            picked = _admit_postgresql(name, deadline)
+        else:
+            picked = _admit_orm(name, deadline)
         if not picked:
             continue
-        TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(
-            holds_slot=True, lease_expires_at=_dispatch_deadline(timezone.now())
-        )
-        events = {p[1]: known_events[p[1]] for p in picked if p[1] in known_events}
-        missing = [p[1] for p in picked if p[1] not in events]
+        events = {p[0]: known_events[p[0]] for p in picked if p[0] in known_events}
+        missing = [p[0] for p in picked if p[0] not in events]
         if missing:
             events.update(Event.objects.in_bulk(missing))
-        for _, event_id, node_key, version_id in picked:
+        for event_id, node_key, version_id in picked:
             outbox.add(
                 events[event_id].as_message(),
                 timeout=graph_for_version(version_id).nodes[node_key].timeout,
             )
 
 
+def _admit_orm(name: str, deadline: datetime) -> list[tuple[uuid.UUID, str, int]]:
+    concurrency = EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
+    if concurrency is None:
+        return []
+    free = concurrency - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
+    if free <= 0:
+        return []
+    picked = list(
+        TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(event_type_id=name, status=S.QUEUED, holds_slot=False)
+        .order_by("queued_at", "id")
+        .values_list("id", "current_event_id", "node_key", "run__version_id")[:free]
+    )
+    TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True, lease_expires_at=deadline)
+    return [p[1:] for p in picked]
+
+
+def _admit_postgresql(name: str, deadline: datetime) -> list[tuple[uuid.UUID, str, int]]:
+    """What `_admit_orm` does, in two statements."""
+    locked = pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name]).fetchone()
+    if locked is None:
+        return []
+    rows = pgsql.execute(pgsql.ADMIT, {"name": name, "concurrency": locked[0], "deadline": deadline}).fetchall()
+    return [row[2:] for row in sorted(rows)]
+
+
 def _load_rows(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> None:
     missing = [k for k in keys if k not in rows]
-    if missing:
+    if not missing:
+        return
+    if pgsql.available():
+        found = pgsql.fetch_models(TaskRun, pgsql.TASKS_OF_NODES, [run.pk, missing])
+    else:
         # order_by(): Meta.ordering would join the run's table only to sort rows kept in a dict.
-        for row in TaskRun.objects.filter(run=run, node_key__in=missing).order_by():
-            rows[row.node_key] = row
+        found = TaskRun.objects.filter(run=run, node_key__in=missing).order_by()
+    for row in found:
+        rows[row.node_key] = row
+
+
+def _save_rows(changed: list[TaskRun]) -> None:
+    """Write the fields `_advance` sets, for every changed row in one statement."""
+    if not changed:
+        return
+    if not pgsql.available():
+        TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
+        return
+    pgsql.execute(
+        pgsql.SAVE_ADVANCED,
+        [
+            [row.pk for row in changed],
+            [row.status for row in changed],
+            [row.queued_at for row in changed],
+            [row.finished_at for row in changed],
+            [row.current_event_id for row in changed],
+        ],
+    )
 
 
 def _advance(
@@ -324,8 +364,7 @@ def _advance(
         Event.objects.bulk_create(new_events)
         if created is not None:
             created.extend(new_events)
-    if changed:
-        TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
+    _save_rows(changed)
     return queued_types
 
 
@@ -453,6 +492,9 @@ def task_run_start(*, event_id: str, attempt: int = 1, worker: str = "") -> bool
     """
     now = timezone.now()
     fields = {"started_at": now, "worker": worker[:200], "lease_expires_at": _lease_expiry(now)}
+    if pgsql.available():
+        params = {**fields, "event_id": event_id, "attempt": attempt, "now": now}
+        return pgsql.execute(pgsql.START, params).fetchone()[0] > 0
     with transaction.atomic():
         updated = TaskRun.objects.filter(current_event_id=event_id, status__in=[S.QUEUED, S.RETRY]).update(
             status=S.STARTED, attempts=attempt, **fields
@@ -550,6 +592,35 @@ def task_runs_redispatch(*, ids: list[int]) -> None:
         outbox.flush_on_commit()
 
 
+def _lock_run_and_read_task(trace_id: str, event_id: str) -> tuple[WorkflowRun | None, TaskRun | None]:
+    """Lock the run, then read the task whose current attempt is `event_id` (after the lock, so a
+    concurrent transition of the same run is seen)."""
+    if pgsql.available():
+        runs = pgsql.fetch_models(WorkflowRun, pgsql.LOCK_RUN, [trace_id])
+        rows = pgsql.fetch_models(TaskRun, pgsql.TASK_OF_EVENT, [trace_id, event_id]) if runs else []
+        return (runs[0] if runs else None), (rows[0] if rows else None)
+    run = WorkflowRun.objects.select_for_update().filter(trace_id=trace_id).first()
+    if run is None:
+        return None, None
+    # order_by("pk"): Meta.ordering would join the run's table to sort this single row.
+    return run, TaskRun.objects.filter(run=run, current_event_id=event_id).order_by("pk").first()
+
+
+def _save_outcome(row: TaskRun, *, event_status: str, event_result: Any) -> None:
+    """Write a final task row and its attempt's Event."""
+    if not pgsql.available():
+        row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot", "lease_expires_at"])
+        Event.objects.filter(event_id=row.current_event_id).update(status=event_status, result=event_result)
+        return
+    params = {
+        name: TaskRun._meta.get_field(name).get_db_prep_save(getattr(row, name), connection)
+        for name in ("status", "result", "error", "finished_at")
+    }
+    params["event_result"] = Event._meta.get_field("result").get_db_prep_save(event_result, connection)
+    params.update(id=row.pk, event_id=row.current_event_id, event_status=event_status)
+    pgsql.execute(pgsql.SAVE_OUTCOME, params)
+
+
 @_retry_on_conflict
 def task_run_finish(
     *,
@@ -577,12 +648,8 @@ def task_run_finish(
     now = timezone.now()
     outbox = _Outbox()
     with transaction.atomic():
-        run = WorkflowRun.objects.select_for_update().filter(trace_id=trace_id).first()
-        if run is None:
-            return
-        # order_by("pk"): Meta.ordering would join the run's table to sort this single row.
-        row = TaskRun.objects.filter(run=run, current_event_id=event_id).order_by("pk").first()
-        if row is None or row.status in FINAL:
+        run, row = _lock_run_and_read_task(trace_id, event_id)
+        if run is None or row is None or row.status in FINAL:
             return
         if lost and not (row.status == S.STARTED and row.lease_expires_at and row.lease_expires_at < now):
             return  # renewed or finished since the reconciler looked
@@ -616,10 +683,10 @@ def task_run_finish(
         row.finished_at = now
         row.holds_slot = False
         row.lease_expires_at = None
-        row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot", "lease_expires_at"])
-        Event.objects.filter(event_id=event_id).update(
-            status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
-            result=result if succeeded else {"error": error},
+        _save_outcome(
+            row,
+            event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
+            event_result=result if succeeded else {"error": error},
         )
         rows = {row.node_key: row}
         created: list[Event] = []

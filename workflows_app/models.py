@@ -259,13 +259,18 @@ class TaskRun(models.Model):
         Status.REVOKED,
     )
 
-    run = models.ForeignKey(WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run")
+    # Not indexed alone: the (run, node_key) constraint's index serves every lookup by run. Each
+    # index is written on every transition of a task, so the table keeps only those a query needs.
+    run = models.ForeignKey(
+        WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run", db_index=False
+    )
     node_key = models.CharField("node", max_length=100)
     event_type = models.ForeignKey(
         "events_app.EventType",
         on_delete=models.PROTECT,
         related_name="task_runs",
         verbose_name="event type",
+        db_index=False,  # indexed in Meta, without the LIKE index Django adds for a text key
     )
     task_name = models.CharField("task name", max_length=200)
     status = models.CharField("status", max_length=16, choices=Status.choices, default=Status.WAITING)
@@ -307,6 +312,7 @@ class TaskRun(models.Model):
         constraints = [models.UniqueConstraint(fields=["run", "node_key"], name="task_run_unique_node")]
         indexes = [
             models.Index(fields=["run", "status"], name="task_run_run_status_idx"),
+            models.Index(fields=["event_type"], name="task_run_event_type_idx"),
             # The waiting line of an event type, in FIFO order; only rows still waiting are indexed.
             models.Index(
                 fields=["event_type", "queued_at", "id"],

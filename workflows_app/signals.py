@@ -1,12 +1,14 @@
-"""Celery signal handlers: thin, they hand each finished attempt to the engine."""
+"""Celery signal handlers: thin, they hand each finished attempt to the engine.
 
-import traceback
-from collections.abc import Callable
+Tasks built on `EventTask` (every task of the app unless a task names another base class) record
+their own outcome; this handler covers the others.
+"""
+
 from typing import Any
 
 from celery import signals, states
 
-from .celery_task import event_of, with_database_retry
+from .celery_task import EventTask, describe_error, event_of, record_outcome, record_retrying
 
 
 def on_task_postrun(
@@ -17,29 +19,17 @@ def on_task_postrun(
     state: str | None = None,
     **_: Any,
 ) -> None:
+    if isinstance(sender, EventTask):
+        return
     event = event_of(args, task_id)
     if event is None or state in (states.IGNORED, None):
         return
-    from . import engine
-
-    record: Callable[[], None]
     if state == states.SUCCESS:
-        record = lambda: engine.task_run_finish(  # noqa: E731
-            trace_id=event["trace_id"], event_id=task_id, succeeded=True, result=retval
-        )
+        record_outcome(event, succeeded=True, result=retval)
     elif state == states.RETRY:
-        record = lambda: engine.task_run_retrying(event_id=task_id, error=_describe(retval))  # noqa: E731
+        record_retrying(event, retval)
     else:
-        record = lambda: engine.task_run_finish(  # noqa: E731
-            trace_id=event["trace_id"], event_id=task_id, succeeded=False, error=_describe(retval)
-        )
-    with_database_retry(record, what="recording a task outcome")
-
-
-def _describe(exc: Any) -> str:
-    if isinstance(exc, BaseException):
-        return "".join(traceback.format_exception(exc)).strip()[-10000:]
-    return str(exc)
+        record_outcome(event, succeeded=False, error=describe_error(retval))
 
 
 def connect() -> None:

@@ -168,6 +168,10 @@ CELERY_TASK_ACKS_LATE = True
 # message would loop forever on a task that kills its process every time (no redelivery count).
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fixup closes the database connection before and after every task unless this is
+# set: a new PostgreSQL connection per task. A pool process keeps its connection for this many
+# tasks instead; one broken meanwhile is replaced by the workers' database retry.
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
 CELERY_TASK_DEFAULT_QUEUE = "celery"
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=1800)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=1500)
@@ -201,6 +205,10 @@ EVENTFLOW = {
     "DB_RETRY_SECONDS": env.float("EVENTFLOW_DB_RETRY_SECONDS", default=120.0),
     # How often each worker looks for lapsed leases.
     "RECONCILE_SECONDS": env.float("EVENTFLOW_RECONCILE_SECONDS", default=5.0),
+    # The engine's per-task statements are prepared once per database connection (PostgreSQL).
+    # Turn off behind a pooler that cannot keep prepared statements (PgBouncer before 1.21 in
+    # transaction mode).
+    "PREPARED_STATEMENTS": env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True),
 }
 
 LOGGING = {

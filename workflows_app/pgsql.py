@@ -1,0 +1,142 @@
+"""The engine's hot path on PostgreSQL: each transition in as few statements as it takes, each
+statement prepared once per connection.
+
+A worker runs these statements for every task, and PostgreSQL spends longer planning them than
+executing them, and Django longer building them than both. Prepared statements are planned
+once per connection, and these SQL texts are built once per process. Elsewhere (the embedded
+SQLite quickstart) the engine does the same through the ORM in more statements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from django.conf import settings
+from django.db import connection, models
+
+from events_app.models import Event, EventType
+
+from .models import TaskRun, WorkflowRun
+
+M = TypeVar("M", bound=models.Model)
+
+TASK = TaskRun._meta.db_table
+RUN = WorkflowRun._meta.db_table
+EVENT = Event._meta.db_table
+EVENT_TYPE = EventType._meta.db_table
+
+
+def available() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def execute(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> psycopg.Cursor:
+    """Run `sql` in Django's connection and transaction, as a prepared statement when enabled.
+
+    Django's cursors bind parameters on the client, which rules out preparing; a server-side
+    binding cursor on the same connection keeps Django's transaction and error handling.
+    """
+    prepare = settings.EVENTFLOW["PREPARED_STATEMENTS"]
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        raw = connection.connection
+        if prepare and raw.prepare_threshold is None:
+            # Django turns preparing off for the connection; its own cursors bind on the client and
+            # never prepare, so only statements asked for explicitly here are.
+            raw.prepare_threshold = _ONLY_WHEN_ASKED
+        cursor = psycopg.Cursor(raw)
+        cursor.execute(sql, params, prepare=prepare or None)
+    return cursor
+
+
+_ONLY_WHEN_ASKED = 2**31 - 1
+
+
+def fetch_models(model: type[M], sql: str, params: Sequence[Any]) -> list[M]:
+    """Instances of `model` from a statement selecting `columns(model)`, as the ORM would load them."""
+    fields = model._meta.concrete_fields
+    names = [field.attname for field in fields]
+    converters = [(i, field.from_db_value) for i, field in enumerate(fields) if hasattr(field, "from_db_value")]
+    with connection.wrap_database_errors:
+        rows = execute(sql, params).fetchall()
+    instances = []
+    for row in rows:
+        values = list(row)
+        for i, convert in converters:
+            values[i] = convert(values[i], None, connection)
+        instances.append(model.from_db(connection.alias, names, values))
+    return instances
+
+
+def columns(model: type[models.Model], alias: str = "") -> str:
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(f"{prefix}{field.column}" for field in model._meta.concrete_fields)
+
+
+S = TaskRun.Status
+
+# A start: the task row and its attempt's Event, in one statement. A redelivered attempt that is
+# still STARTED starts again only once its lease has lapsed.
+START = f"""
+WITH started AS (
+    UPDATE {TASK}
+    SET status = '{S.STARTED.value}', attempts = %(attempt)s, started_at = %(now)s, worker = %(worker)s,
+        lease_expires_at = %(lease_expires_at)s
+    WHERE current_event_id = %(event_id)s
+      AND (status IN ('{S.QUEUED.value}', '{S.RETRY.value}')
+           OR (status = '{S.STARTED.value}' AND lease_expires_at < %(now)s))
+    RETURNING current_event_id
+), marked AS (
+    UPDATE {EVENT} SET status = '{Event.Status.STARTED.value}' WHERE event_id IN (SELECT current_event_id FROM started)
+)
+SELECT count(*) FROM started
+"""
+
+LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UPDATE"
+TASK_OF_EVENT = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND current_event_id = %s"
+TASKS_OF_NODES = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND node_key = ANY(%s::varchar[])"
+
+# A final outcome: the task row and its attempt's Event.
+SAVE_OUTCOME = f"""
+WITH task AS (
+    UPDATE {TASK}
+    SET status = %(status)s, result = %(result)s, error = %(error)s, finished_at = %(finished_at)s,
+        holds_slot = false, lease_expires_at = NULL
+    WHERE id = %(id)s
+)
+UPDATE {EVENT} SET status = %(event_status)s, result = %(event_result)s WHERE event_id = %(event_id)s
+"""
+
+# Rows the engine advanced (queued, skipped, upstream failed), all at once; bulk_update's CASE per
+# field costs more Python than the rest of a finish together.
+SAVE_ADVANCED = f"""
+UPDATE {TASK} AS task
+SET status = new.status, queued_at = new.queued_at, finished_at = new.finished_at, current_event_id = new.event_id
+FROM unnest(%s::bigint[], %s::varchar[], %s::timestamptz[], %s::timestamptz[], %s::uuid[])
+    AS new(id, status, queued_at, finished_at, event_id)
+WHERE task.id = new.id
+"""
+
+LOCK_EVENT_TYPE = f"SELECT concurrency FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
+
+# Admission after the type's lock: count the held slots, take the head of the line, mark it. The
+# count has to be a statement after the lock's: one taken in the locking statement would read a
+# snapshot from before the wait, missing the slots the previous holder just took.
+ADMIT = f"""
+WITH picked AS (
+    SELECT id FROM {TASK}
+    WHERE event_type_id = %(name)s AND status = '{S.QUEUED.value}' AND holds_slot = false
+    ORDER BY queued_at, id
+    LIMIT GREATEST(
+        %(concurrency)s::bigint - (SELECT count(*) FROM {TASK} WHERE event_type_id = %(name)s AND holds_slot = true),
+        0
+    )
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {TASK} AS task SET holds_slot = true, lease_expires_at = %(deadline)s
+FROM picked, {RUN} AS run
+WHERE task.id = picked.id AND run.trace_id = task.run_id
+RETURNING task.queued_at, task.id, task.current_event_id, task.node_key, run.version_id
+"""
