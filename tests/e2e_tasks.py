@@ -40,14 +40,14 @@ def flaky(event: dict) -> dict:
 
 @shared_task(name="tests.e2e_tasks.die_after_return")
 def die_after_return(event: dict) -> dict:
-    """Return normally; the receiver below then kills the worker before the outcome is recorded."""
+    """Return normally; the receiver below then kills the worker before the message is acknowledged."""
     return {"answer": 42}
 
 
 @signals.task_success.connect
 def _kill_worker_after_body(sender=None, **_: object) -> None:
-    # task_success fires after the result backend stored the outcome and before task_postrun,
-    # where the engine records it: dying here is the crash between the two.
+    # task_success fires after the engine recorded the outcome (EventTask.__call__) and Celery
+    # stored its result, before the message is acknowledged: dying here is the crash between them.
     if getattr(sender, "name", "") != "tests.e2e_tasks.die_after_return":
         return
     marker = Path(tempfile.gettempdir()) / f"eventflow-died-{sender.request.id}"

@@ -158,3 +158,26 @@ def test_unserialisable_result_fails_the_task(sent, django_capture_on_commit_cal
     run_task(run, "a", cap, result={"when": object()})
     task = TaskRun.objects.get(run=run)
     assert task.status == "FAILURE" and "JSON" in task.error
+
+
+def test_reconciler_takes_celerys_stored_outcome_of_a_lapsed_attempt(sent, django_capture_on_commit_callbacks):
+    """A worker that died after Celery stored the outcome (a hard time limit is stored by the main
+    process) but before the engine recorded it: the stored outcome is taken, the task not rerun."""
+    from django.utils import timezone
+    from django_celery_results.models import TaskResult
+
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("lapsed", [("a", ECHO), ("b", ECHO)], [["a", "b"]]))
+    run = start(wf, capture=cap)
+    event_id = str(TaskRun.objects.get(run=run, node_key="a").current_event_id)
+    assert engine.task_run_start(event_id=event_id, attempt=1, worker="gone")
+    TaskResult.objects.create(task_id=event_id, status="SUCCESS", result='{"n": 7}')
+    TaskRun.objects.filter(run=run, node_key="a").update(
+        lease_expires_at=timezone.now() - timezone.timedelta(seconds=1)
+    )
+    with cap(execute=True):
+        assert engine.task_runs_reconcile() == 1
+    a = TaskRun.objects.get(run=run, node_key="a")
+    assert (a.status, a.attempts, a.result, a.holds_slot) == ("SUCCESS", 1, {"n": 7}, False)
+    assert Event.objects.get(event_id=event_id).result == {"n": 7}
+    assert [node for node, _, _ in sent] == ["a", "b"]

@@ -109,7 +109,7 @@ def test_kill_9_of_workers_at_random_points(workers, api):
     print(f"{lost} attempts were lost to kills and retried")
 
 
-def test_worker_killed_after_the_body_returned_before_the_outcome_was_recorded(workers, api):
+def test_worker_killed_after_the_outcome_was_recorded_before_the_ack(workers, api):
     factories.workflow(
         factories.spec(
             "dying",
@@ -125,7 +125,7 @@ def test_worker_killed_after_the_body_returned_before_the_outcome_was_recorded(w
 
     assert wait_final([trace_id], timeout=30) == {trace_id: "SUCCESS"}
     a = TaskRun.objects.get(run_id=trace_id, node_key="a")
-    # The stored Celery result was taken: the body is not run again and its value is kept.
+    # The recorded outcome stands: the body is not run again and its value is kept.
     assert a.attempts == 1 and a.result == {"answer": 42}
     assert Event.objects.filter(trace_id=trace_id, context__node="a").count() == 1
     assert_sound([trace_id])

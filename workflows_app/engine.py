@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -385,13 +386,30 @@ def _json_safe(value: Any) -> Any:
 # --------------------------------------------------------------------------- transitions
 
 
-def workflow_version_current(*, workflow: WorkflowDefinition) -> WorkflowVersion:
-    version = WorkflowVersion.objects.filter(workflow=workflow, version=workflow.version).first()
-    if version is None:
-        from .definitions import workflow_version_sync
+def _current_version_id(workflow: WorkflowDefinition) -> int:
+    """The pk of the workflow's current version, snapshotting it first if it has none yet."""
+    key = (workflow.pk, workflow.version)
+    version_id = _VERSION_IDS.get(key)
+    if version_id is None:
+        version_id = (
+            WorkflowVersion.objects.filter(workflow=workflow, version=workflow.version)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if version_id is None:
+            from .definitions import workflow_version_sync
 
-        version = workflow_version_sync(workflow=workflow)
-    return version
+            # Not cached: this transaction may still roll back.
+            return workflow_version_sync(workflow=workflow).pk
+        if len(_VERSION_IDS) > 4096:
+            _VERSION_IDS.clear()
+        _VERSION_IDS[key] = version_id
+    return version_id
+
+
+# (workflow pk, version number) -> WorkflowVersion pk. A version never changes once written, so a
+# trigger reads it once per process.
+_VERSION_IDS: dict[tuple[int, int], int] = {}
 
 
 @_retry_on_conflict
@@ -421,12 +439,12 @@ def workflow_run_start(
     now = timezone.now()
     outbox = _Outbox()
     with transaction.atomic():
-        version = workflow_version_current(workflow=workflow)
-        graph = graph_for_version(version.pk)
+        version_id = _current_version_id(workflow)
+        graph = graph_for_version(version_id)
         run = WorkflowRun(
             workflow=workflow,
-            version=version,
-            workflow_version=version.version,
+            version_id=version_id,
+            workflow_version=graph.version,
             payload=payload,
             idempotency_key=idempotency_key or None,
             created_by=user if getattr(user, "is_authenticated", False) else None,
@@ -434,7 +452,8 @@ def workflow_run_start(
             trigger_event=trigger_event,
         )
         try:
-            with transaction.atomic():
+            # The savepoint lets a lost race on the idempotency key end in the winner's run.
+            with transaction.atomic() if idempotency_key else contextlib.nullcontext():
                 run.save(force_insert=True)
         except IntegrityError:
             # A concurrent request with the same idempotency key won the insert.
