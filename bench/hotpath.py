@@ -62,30 +62,43 @@ def _frame_key(frame: str) -> str:
 
 
 def count_queries(flows: dict) -> None:
-    """Queries per engine transition for one hop of the chain, run in this process (nothing published)."""
+    """Statements per engine transition for one hop of the chain, run in this process (nothing published)."""
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
-    from workflows_app import engine
+    from workflows_app import engine, pgsql
     from workflows_app.models import TaskRun
 
-    original = engine._publish
+    statements: list[str] = []
+    original_execute, original_publish = pgsql.execute, engine._publish
+
+    def recorded(sql, params):
+        statements.append(" ".join(sql.split()))
+        return original_execute(sql, params)
+
+    def orm(execute, sql, params, many, context):
+        statements.append(sql)
+        return execute(sql, params, many, context)
+
     engine._publish = lambda messages, revokes: None
+    pgsql.execute = recorded
     try:
         run, _ = engine.workflow_run_start(workflow=flows["chain"], payload={}, source="bench")
-        for hop in range(3):
-            row = TaskRun.objects.get(run=run, status=TaskRun.Status.QUEUED)
-            event_id = str(row.current_event_id)
-            with CaptureQueriesContext(connection) as started:
+        with connection.execute_wrapper(orm):
+            for hop in range(3):
+                row = TaskRun.objects.get(run=run, status=TaskRun.Status.QUEUED)
+                event_id = str(row.current_event_id)
+                statements.clear()
                 engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
-            with CaptureQueriesContext(connection) as finished:
+                started = list(statements)
+                statements.clear()
                 engine.task_run_finish(trace_id=str(run.pk), event_id=event_id, succeeded=True, result=None)
-            if hop == 2:
-                print(f"\ntask_run_start: {len(started)} queries; task_run_finish: {len(finished)} queries")
-                for query in finished.captured_queries:
-                    print("   ", query["sql"][:150])
+                if hop == 2:
+                    print(f"\ntask_run_start: {len(started)} statements; task_run_finish: {len(statements)} statements")
+                    print("(in one transaction; BEGIN and COMMIT not counted)")
+                    for sql in statements:
+                        print("   ", sql[:150])
     finally:
-        engine._publish = original
+        engine._publish, pgsql.execute = original_publish, original_execute
 
 
 def main() -> None:

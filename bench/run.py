@@ -33,9 +33,9 @@ API_QUEUE = "bench_api"
 CANVAS = "canvas (django-db results)"
 CANVAS_REDIS = "canvas (Redis results)"
 EVENTFLOW = "Eventflow"
-PROPOSED = "Eventflow, connections kept"
-# The proposed worker's settings switches (bench/settings.py): reuse a pool process's connection.
-PROPOSED_ENV = os.environ.get("BENCH_PROPOSED_ENV", "BENCH_DB_REUSE_MAX=1000")
+VARIANT = "Eventflow, variant"
+# Settings of the optional variant's worker (--variant), e.g. {"CELERY_DB_REUSE_MAX": "0"}.
+VARIANT_ENV: dict[str, str] = {}
 HOPS = 20
 # Above any number of tasks in flight here, so admission never holds a task back; bench/admission.py
 # measures the waiting line on its own.
@@ -526,8 +526,8 @@ def system_env(system: System) -> dict[str, str]:
     """Settings switches for the worker of `system` (see bench/settings.py)."""
     if system.redis_results:
         return {"BENCH_RESULT_BACKEND": BROKER_URL}
-    if system.label == PROPOSED:
-        return dict(item.split("=", 1) for item in PROPOSED_ENV.split())
+    if system.label.startswith(VARIANT):
+        return VARIANT_ENV
     return {}
 
 
@@ -537,7 +537,12 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="scenario numbers to run")
     parser.add_argument("--api-workers", type=int, default=4, help="gunicorn sync workers (scenario 4)")
     parser.add_argument("--api-clients", type=int, default=4, help="concurrent load generator threads (scenario 4)")
-    parser.add_argument("--no-proposed", action="store_true", help=f"skip the '{PROPOSED}' worker")
+    parser.add_argument(
+        "--variant",
+        metavar="SETTINGS",
+        default="",
+        help='also run Eventflow on a worker with these environment settings, e.g. "CELERY_DB_REUSE_MAX=0"',
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
 
@@ -555,8 +560,9 @@ def main() -> None:
     canvas = System(CANVAS, QUEUE)
     eventflow = System(EVENTFLOW, QUEUE, define_workflows(QUEUE))
     systems = [canvas, System(CANVAS_REDIS, "bench_r", redis_results=True), eventflow]
-    if not args.no_proposed:
-        systems.append(System(PROPOSED, "bench_p", define_workflows("bench_p", "_p")))
+    if args.variant:
+        VARIANT_ENV.update(item.split("=", 1) for item in args.variant.split())
+        systems.append(System(f"{VARIANT} ({args.variant})", "bench_p", define_workflows("bench_p", "_p")))
     rows: list[Row] = []
     workers: list[Worker] = []
     try:
