@@ -388,28 +388,19 @@ def _json_safe(value: Any) -> Any:
 
 def _current_version_id(workflow: WorkflowDefinition) -> int:
     """The pk of the workflow's current version, snapshotting it first if it has none yet."""
-    key = (workflow.pk, workflow.version)
-    version_id = _VERSION_IDS.get(key)
-    if version_id is None:
-        version_id = (
-            WorkflowVersion.objects.filter(workflow=workflow, version=workflow.version)
-            .values_list("pk", flat=True)
-            .first()
-        )
-        if version_id is None:
-            from .definitions import workflow_version_sync
+    try:
+        return _stored_version_id(workflow.pk, workflow.version)
+    except WorkflowVersion.DoesNotExist:
+        from .definitions import workflow_version_sync
 
-            # Not cached: this transaction may still roll back.
-            return workflow_version_sync(workflow=workflow).pk
-        if len(_VERSION_IDS) > 4096:
-            _VERSION_IDS.clear()
-        _VERSION_IDS[key] = version_id
-    return version_id
+        # Not cached (lru_cache keeps no exception): this transaction may still roll back.
+        return workflow_version_sync(workflow=workflow).pk
 
 
-# (workflow pk, version number) -> WorkflowVersion pk. A version never changes once written, so a
-# trigger reads it once per process.
-_VERSION_IDS: dict[tuple[int, int], int] = {}
+@functools.lru_cache(maxsize=4096)
+def _stored_version_id(workflow_id: int, version: int) -> int:
+    """A version never changes once written, so a trigger reads its pk once per process."""
+    return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow_id=workflow_id, version=version)
 
 
 @_retry_on_conflict
