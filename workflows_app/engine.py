@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -222,6 +221,9 @@ def _new_event(
     )
 
 
+Picked = list[tuple[uuid.UUID, str, int]]
+
+
 def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = ()) -> None:
     """Hand QUEUED tasks to Celery, FIFO, while fewer than `concurrency` of their type hold a slot.
 
@@ -231,14 +233,23 @@ def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = 
     partial indexes, so their cost does not depend on the length of the waiting line. `known` are
     events created in this transaction: they are not read back.
     """
+    _admitted(_admit_send(type_names), outbox, known)
+
+
+def _admit_send(type_names: Iterable[str]) -> list[Callable[[], Picked]]:
+    """Admission's statements for each type, in name order; each callable returns what it picked.
+    On PostgreSQL they are sent at once, so they can share a `pgsql.together()` block."""
+    deadline = _dispatch_deadline(timezone.now())
+    names = sorted(set(type_names))
+    if pgsql.available():
+        return [_admit_postgresql(name, deadline) for name in names]
+    return [functools.partial(_admit_orm, name, deadline) for name in names]
+
+
+def _admitted(pending: list[Callable[[], Picked]], outbox: _Outbox, known: Iterable[Event] = ()) -> None:
     known_events = {event.event_id: event for event in known}
-    postgresql = pgsql.available()
-    for name in sorted(set(type_names)):
-        deadline = _dispatch_deadline(timezone.now())
-        if postgresql:
-            picked = _admit_postgresql(name, deadline)
-        else:
-            picked = _admit_orm(name, deadline)
+    for take in pending:
+        picked = take()
         if not picked:
             continue
         events = {p[0]: known_events[p[0]] for p in picked if p[0] in known_events}
@@ -252,7 +263,7 @@ def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = 
             )
 
 
-def _admit_orm(name: str, deadline: datetime) -> list[tuple[uuid.UUID, str, int]]:
+def _admit_orm(name: str, deadline: datetime) -> Picked:
     concurrency = EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
     if concurrency is None:
         return []
@@ -269,26 +280,38 @@ def _admit_orm(name: str, deadline: datetime) -> list[tuple[uuid.UUID, str, int]
     return [p[1:] for p in picked]
 
 
-def _admit_postgresql(name: str, deadline: datetime) -> list[tuple[uuid.UUID, str, int]]:
-    """What `_admit_orm` does, in two statements."""
-    locked = pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name]).fetchone()
-    if locked is None:
-        return []
-    rows = pgsql.execute(pgsql.ADMIT, {"name": name, "concurrency": locked[0], "deadline": deadline}).fetchall()
-    return [row[2:] for row in sorted(rows)]
+def _admit_postgresql(name: str, deadline: datetime) -> Callable[[], Picked]:
+    """What `_admit_orm` does, in two statements sent together."""
+    pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name])
+    cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline})
+    return lambda: [row[2:] for row in sorted(cursor.fetchall())]
 
 
 def _load_rows(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> None:
+    _load_rows_later(run, rows, keys)()
+
+
+def _load_rows_later(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> Callable[[], None]:
+    """Send the read of the rows of `keys` not in `rows`; calling the result adds them to `rows`."""
     missing = [k for k in keys if k not in rows]
     if not missing:
-        return
+        return lambda: None
     if pgsql.available():
-        found = pgsql.fetch_models(TaskRun, pgsql.TASKS_OF_NODES, [run.pk, missing])
+        found = pgsql.fetch_models_later(TaskRun, pgsql.TASKS_OF_NODES, [run.pk, missing])
     else:
         # order_by(): Meta.ordering would join the run's table only to sort rows kept in a dict.
-        found = TaskRun.objects.filter(run=run, node_key__in=missing).order_by()
-    for row in found:
-        rows[row.node_key] = row
+        found = TaskRun.objects.filter(run=run, node_key__in=missing).order_by().all
+
+    def add() -> None:
+        for row in found():
+            rows[row.node_key] = row
+
+    return add
+
+
+def _around(graph: Graph, keys: Iterable[str]) -> set[str]:
+    """The nodes `_advance` reads to settle `keys`: themselves and their predecessors."""
+    return {k for key in keys for k in (key, *graph.preds[key])}
 
 
 def _save_rows(changed: list[TaskRun]) -> None:
@@ -329,7 +352,7 @@ def _advance(
     queued_types: list[str] = []
     seen: set[str] = set()
     while frontier:
-        _load_rows(run, rows, {k for key in frontier for k in (key, *graph.preds[key])})
+        _load_rows(run, rows, _around(graph, frontier))
         next_frontier: list[str] = []
         for key in frontier:
             row = rows[key]
@@ -442,19 +465,17 @@ def workflow_run_start(
             source=source,
             trigger_event=trigger_event,
         )
-        try:
-            # The savepoint lets a lost race on the idempotency key end in the winner's run.
-            with transaction.atomic() if idempotency_key else contextlib.nullcontext():
-                run.save(force_insert=True)
-        except IntegrityError:
-            # A concurrent request with the same idempotency key won the insert.
-            existing = (
-                idempotency_key
-                and WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
-            )
-            if existing:
-                return existing, False
-            raise
+        if idempotency_key:
+            try:
+                # The savepoint lets a lost race on the idempotency key end in the winner's run.
+                with transaction.atomic():
+                    run.save(force_insert=True)
+            except IntegrityError:
+                # A concurrent request with the same idempotency key won the insert.
+                existing = WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
+                if existing:
+                    return existing, False
+                raise
         events = {
             key: _new_event(
                 run=run,
@@ -466,20 +487,26 @@ def workflow_run_start(
             )
             for key in graph.roots
         }
-        Event.objects.bulk_create(events.values())
-        TaskRun.objects.bulk_create(
-            TaskRun(
-                run=run,
-                node_key=node.key,
-                event_type_id=node.event_type,
-                task_name=node.task,
-                status=S.QUEUED if node.key in events else S.WAITING,
-                queued_at=now if node.key in events else None,
-                current_event=events.get(node.key),
+        # On PostgreSQL the inserts and admission go in two round trips (the task rows' ids are read
+        # back midway), BEGIN included.
+        with pgsql.together():
+            if not idempotency_key:
+                run.save(force_insert=True)
+            Event.objects.bulk_create(events.values())
+            TaskRun.objects.bulk_create(
+                TaskRun(
+                    run=run,
+                    node_key=node.key,
+                    event_type_id=node.event_type,
+                    task_name=node.task,
+                    status=S.QUEUED if node.key in events else S.WAITING,
+                    queued_at=now if node.key in events else None,
+                    current_event=events.get(node.key),
+                )
+                for node in graph.nodes.values()
             )
-            for node in graph.nodes.values()
-        )
-        _admit({graph.nodes[key].event_type for key in events}, outbox, known=events.values())
+            admitted = _admit_send({graph.nodes[key].event_type for key in events})
+        _admitted(admitted, outbox, known=events.values())
         outbox.flush_on_commit()
     return run, True
 
@@ -606,9 +633,11 @@ def _lock_run_and_read_task(trace_id: str, event_id: str) -> tuple[WorkflowRun |
     """Lock the run, then read the task whose current attempt is `event_id` (after the lock, so a
     concurrent transition of the same run is seen)."""
     if pgsql.available():
-        runs = pgsql.fetch_models(WorkflowRun, pgsql.LOCK_RUN, [trace_id])
-        rows = pgsql.fetch_models(TaskRun, pgsql.TASK_OF_EVENT, [trace_id, event_id]) if runs else []
-        return (runs[0] if runs else None), (rows[0] if rows else None)
+        with pgsql.together():
+            runs = pgsql.fetch_models_later(WorkflowRun, pgsql.LOCK_RUN, [trace_id])
+            rows = pgsql.fetch_models_later(TaskRun, pgsql.TASK_OF_EVENT, [trace_id, event_id])
+        run, row = next(iter(runs()), None), next(iter(rows()), None)
+        return run, (row if run else None)
     run = WorkflowRun.objects.select_for_update().filter(trace_id=trace_id).first()
     if run is None:
         return None, None
@@ -693,22 +722,23 @@ def task_run_finish(
         row.finished_at = now
         row.holds_slot = False
         row.lease_expires_at = None
-        _save_outcome(
-            row,
-            event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
-            event_result=result if succeeded else {"error": error},
-        )
         rows = {row.node_key: row}
+        frontier = list(graph.succs[row.node_key])
+        # On PostgreSQL, four round trips from BEGIN to COMMIT: the lock with the task's read; the
+        # outcome with the read of what it may unblock; the successors' writes with admission.
+        with pgsql.together():
+            _save_outcome(
+                row,
+                event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
+                event_result=result if succeeded else {"error": error},
+            )
+            loaded = _load_rows_later(run, rows, _around(graph, frontier))
+        loaded()
         created: list[Event] = []
-        queued = _advance(
-            run=run,
-            graph=graph,
-            rows=rows,
-            frontier=list(graph.succs[row.node_key]),
-            now=now,
-            created=created,
-        )
-        _admit(types + queued, outbox, known=created)
+        with pgsql.together():
+            queued = _advance(run=run, graph=graph, rows=rows, frontier=frontier, now=now, created=created)
+            admitted = _admit_send(types + queued)
+        _admitted(admitted, outbox, known=created)
         if not queued:  # a successor just became QUEUED, so the run cannot be done yet
             _finish_run_if_done(run, now)
         outbox.flush_on_commit()

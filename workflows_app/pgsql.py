@@ -9,11 +9,11 @@ SQLite quickstart) the engine does the same through the ORM in more statements.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from django.conf import settings
 from django.db import connection, models
 
 from events_app.models import Event, EventType
@@ -33,41 +33,65 @@ def available() -> bool:
 
 
 def execute(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> psycopg.Cursor:
-    """Run `sql` in Django's connection and transaction, as a prepared statement when enabled.
+    """Run `sql` in Django's connection and transaction, prepared at first use when the connection
+    prepares at all (`prepare_threshold` in the database's OPTIONS, set by `config.settings.base`).
 
-    Django's cursors bind parameters on the client, which rules out preparing; a server-side
-    binding cursor on the same connection keeps Django's transaction and error handling.
+    A psycopg cursor of its own on Django's connection keeps Django's transaction and error
+    handling, and lets the hot path ask for preparing at once rather than after a few runs.
     """
-    prepare = settings.EVENTFLOW["PREPARED_STATEMENTS"]
     with connection.wrap_database_errors:
         connection.ensure_connection()
         raw = connection.connection
-        if prepare and raw.prepare_threshold is None:
-            # Django turns preparing off for the connection; its own cursors bind on the client and
-            # never prepare, so only statements asked for explicitly here are.
-            raw.prepare_threshold = _ONLY_WHEN_ASKED
         cursor = psycopg.Cursor(raw)
-        cursor.execute(sql, params, prepare=prepare or None)
+        cursor.execute(sql, params, prepare=True if raw.prepare_threshold is not None else None)
     return cursor
 
 
-_ONLY_WHEN_ASKED = 2**31 - 1
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Send the statements `execute`d in the block in one round trip (with the transaction's BEGIN
+    when one of them opens it), and read their results after the block.
+
+    A worker on a busy machine waits longer for its turn on a CPU after each round trip than the
+    statements take. Only statements whose results are read after the block belong inside, and ORM
+    inserts without RETURNING: in pipeline mode a cursor's rowcount is unknown until the block ends,
+    and the ORM's `save(update_fields=...)` reads it. An error in the block is raised at its end,
+    as Django's database error, so the caller's transaction rolls back as usual. Elsewhere than
+    PostgreSQL the block runs the statements one by one.
+    """
+    if not available():
+        yield
+        return
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        with connection.connection.pipeline():
+            yield
 
 
 def fetch_models(model: type[M], sql: str, params: Sequence[Any]) -> list[M]:
     """Instances of `model` from a statement selecting `columns(model)`, as the ORM would load them."""
-    fields = model._meta.concrete_fields
-    names = [field.attname for field in fields]
-    converters = [(i, field.from_db_value) for i, field in enumerate(fields) if hasattr(field, "from_db_value")]
-    with connection.wrap_database_errors:
-        rows = execute(sql, params).fetchall()
-    instances = []
-    for row in rows:
-        values = list(row)
-        for i, convert in converters:
-            values[i] = convert(values[i], None, connection)
-        instances.append(model.from_db(connection.alias, names, values))
-    return instances
+    return fetch_models_later(model, sql, params)()
+
+
+def fetch_models_later(model: type[M], sql: str, params: Sequence[Any]) -> Callable[[], list[M]]:
+    """Send the statement now and build the instances when called, after a `together()` block."""
+    cursor = execute(sql, params)
+
+    def load() -> list[M]:
+        fields = model._meta.concrete_fields
+        names = [field.attname for field in fields]
+        converters = [(i, field.from_db_value) for i, field in enumerate(fields) if hasattr(field, "from_db_value")]
+        with connection.wrap_database_errors:
+            rows = cursor.fetchall()
+        instances = []
+        for row in rows:
+            values = list(row)
+            for i, convert in converters:
+                values[i] = convert(values[i], None, connection)
+            instances.append(model.from_db(connection.alias, names, values))
+        return instances
+
+    return load
 
 
 def columns(model: type[models.Model], alias: str = "") -> str:
@@ -119,18 +143,21 @@ FROM unnest(%s::bigint[], %s::varchar[], %s::timestamptz[], %s::timestamptz[], %
 WHERE task.id = new.id
 """
 
-LOCK_EVENT_TYPE = f"SELECT concurrency FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
+LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
 
 # Admission after the type's lock: count the held slots, take the head of the line, mark it. The
 # count has to be a statement after the lock's: one taken in the locking statement would read a
-# snapshot from before the wait, missing the slots the previous holder just took.
+# snapshot from before the wait, missing the slots the previous holder just took. The limit is
+# read here too, so both statements go in one round trip; an unknown type admits nothing (GREATEST
+# skips the NULL).
 ADMIT = f"""
 WITH picked AS (
     SELECT id FROM {TASK}
     WHERE event_type_id = %(name)s AND status = '{S.QUEUED.value}' AND holds_slot = false
     ORDER BY queued_at, id
     LIMIT GREATEST(
-        %(concurrency)s::bigint - (SELECT count(*) FROM {TASK} WHERE event_type_id = %(name)s AND holds_slot = true),
+        (SELECT concurrency FROM {EVENT_TYPE} WHERE name = %(name)s)
+            - (SELECT count(*) FROM {TASK} WHERE event_type_id = %(name)s AND holds_slot = true),
         0
     )
     FOR UPDATE SKIP LOCKED

@@ -58,15 +58,34 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'eventflow.sqlite3'}")}
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # Writers take the lock at BEGIN, so concurrent transitions queue instead of failing mid-way.
-    # WAL lets pages read while workers write.
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
-        {"transaction_mode": "IMMEDIATE", "timeout": 30, "init_command": "PRAGMA journal_mode=WAL;"}
-    )
+
+def database(default: str | None = None) -> dict:
+    """The database of DATABASE_URL, its connections kept across requests.
+
+    A new PostgreSQL connection per request costs more than a whole API request (a backend process
+    forked and authenticated); health checks replace one the server closed.
+    """
+    db = env.db("DATABASE_URL", default=default) if default else env.db("DATABASE_URL")
+    db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+    db["CONN_HEALTH_CHECKS"] = True
+    if db["ENGINE"].endswith("postgresql"):
+        # Parameters bound on the server let psycopg prepare what a process keeps repeating (a
+        # trigger's inserts, Celery's result store): PostgreSQL plans those statements once per
+        # connection instead of every time, and planning costs more than running them.
+        # Turn off behind a pooler that cannot keep prepared statements (PgBouncer before 1.21 in
+        # transaction mode).
+        prepared = env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True)
+        db.setdefault("OPTIONS", {}).update({"server_side_binding": True, "prepare_threshold": 5 if prepared else None})
+    if db["ENGINE"].endswith("sqlite3"):
+        # Writers take the lock at BEGIN, so concurrent transitions queue instead of failing mid-way.
+        # WAL lets pages read while workers write.
+        db.setdefault("OPTIONS", {}).update(
+            {"transaction_mode": "IMMEDIATE", "timeout": 30, "init_command": "PRAGMA journal_mode=WAL;"}
+        )
+    return db
+
+
+DATABASES = {"default": database(f"sqlite:///{VAR_DIR / 'eventflow.sqlite3'}")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -205,10 +224,6 @@ EVENTFLOW = {
     "DB_RETRY_SECONDS": env.float("EVENTFLOW_DB_RETRY_SECONDS", default=120.0),
     # How often each worker looks for lapsed leases.
     "RECONCILE_SECONDS": env.float("EVENTFLOW_RECONCILE_SECONDS", default=5.0),
-    # The engine's per-task statements are prepared once per database connection (PostgreSQL).
-    # Turn off behind a pooler that cannot keep prepared statements (PgBouncer before 1.21 in
-    # transaction mode).
-    "PREPARED_STATEMENTS": env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True),
 }
 
 LOGGING = {
