@@ -62,25 +62,48 @@ def _frame_key(frame: str) -> str:
 
 
 def count_queries(flows: dict) -> None:
-    """Statements per engine transition for one hop of the chain, run in this process (nothing published)."""
+    """Statements and round trips per engine transition for one hop of the chain, run in this
+    process (nothing published)."""
+    import contextlib
+
     from django.db import connection
 
     from workflows_app import engine, pgsql
     from workflows_app.models import TaskRun
 
-    statements: list[str] = []
-    original_execute, original_publish = pgsql.execute, engine._publish
+    statements: list[tuple[int | None, str]] = []  # (the together() block it was sent in, SQL)
+    blocks = iter(range(1_000_000))
+    block: int | None = None
+    original_execute, original_together, original_publish = pgsql.execute, pgsql.together, engine._publish
 
     def recorded(sql, params):
-        statements.append(" ".join(sql.split()))
+        statements.append((block, " ".join(sql.split())))
         return original_execute(sql, params)
 
+    @contextlib.contextmanager
+    def grouped():
+        nonlocal block
+        block = next(blocks)
+        try:
+            with original_together():
+                yield
+        finally:
+            block = None
+
     def orm(execute, sql, params, many, context):
-        statements.append(sql)
+        statements.append((block, sql))
         return execute(sql, params, many, context)
 
+    def round_trips(listed: list[tuple[int | None, str]], *, transaction: bool) -> int:
+        """One per statement sent alone, one per block; in a transaction, COMMIT, and BEGIN unless
+        the first statement went in a block (which then carries it)."""
+        trips = len({b for b, _ in listed if b is not None}) + sum(1 for b, _ in listed if b is None)
+        if transaction:
+            trips += 1 + (listed[0][0] is None)
+        return trips
+
     engine._publish = lambda messages, revokes: None
-    pgsql.execute = recorded
+    pgsql.execute, pgsql.together = recorded, grouped
     try:
         run, _ = engine.workflow_run_start(workflow=flows["chain"], payload={}, source="bench")
         with connection.execute_wrapper(orm):
@@ -93,12 +116,16 @@ def count_queries(flows: dict) -> None:
                 statements.clear()
                 engine.task_run_finish(trace_id=str(run.pk), event_id=event_id, succeeded=True, result=None)
                 if hop == 2:
-                    print(f"\ntask_run_start: {len(started)} statements; task_run_finish: {len(statements)} statements")
-                    print("(in one transaction; BEGIN and COMMIT not counted)")
-                    for sql in statements:
-                        print("   ", sql[:150])
+                    print(
+                        f"\ntask_run_start: {len(started)} statement, {round_trips(started, transaction=False)}"
+                        f" round trip (autocommit); task_run_finish: {len(statements)} statements in one"
+                        f" transaction, {round_trips(statements, transaction=True)} round trips with BEGIN and"
+                        " COMMIT; statements sent together are marked alike:"
+                    )
+                    for sent_in, sql in statements:
+                        print(f"  {'' if sent_in is None else chr(ord('a') + sent_in % 26)!s:>2} {sql[:150]}")
     finally:
-        engine._publish, pgsql.execute = original_publish, original_execute
+        engine._publish, pgsql.execute, pgsql.together = original_publish, original_execute, original_together
 
 
 def main() -> None:
