@@ -102,7 +102,11 @@ def columns(model: type[models.Model], alias: str = "") -> str:
 S = TaskRun.Status
 
 # A start: the task row and its attempt's Event, in one statement. A redelivered attempt that is
-# still STARTED starts again only once its lease has lapsed.
+# still STARTED starts again only once its lease has lapsed. Its commit does not wait for the disk
+# (synchronous_commit off, for this transaction only): a start lost to a server crash leaves the
+# task QUEUED, as if the worker had not yet taken the message, and the outcome is then recorded
+# all the same (a finish accepts a QUEUED task) or the task is sent again once its dispatch
+# deadline passes. The finish's commit, which waits, writes the start's record to disk with it.
 START = f"""
 WITH started AS (
     UPDATE {TASK}
@@ -115,7 +119,7 @@ WITH started AS (
 ), marked AS (
     UPDATE {EVENT} SET status = '{Event.Status.STARTED.value}' WHERE event_id IN (SELECT current_event_id FROM started)
 )
-SELECT count(*) FROM started
+SELECT (SELECT count(*) FROM started), set_config('synchronous_commit', 'off', true)
 """
 
 LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UPDATE"
