@@ -68,13 +68,9 @@ def together() -> Iterator[None]:
             yield
 
 
-def fetch_models(model: type[M], sql: str, params: Sequence[Any]) -> list[M]:
-    """Instances of `model` from a statement selecting `columns(model)`, as the ORM would load them."""
-    return fetch_models_later(model, sql, params)()
-
-
 def fetch_models_later(model: type[M], sql: str, params: Sequence[Any]) -> Callable[[], list[M]]:
-    """Send the statement now and build the instances when called, after a `together()` block."""
+    """Send a statement selecting `columns(model)` now; when called, the instances of `model` it
+    read, as the ORM would load them (after a `together()` block, when there is one)."""
     cursor = execute(sql, params)
 
     def load() -> list[M]:
