@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import uuid
 
 import pytest
 from django.core.management import call_command
+from django_celery_results.models import TaskResult
 
 import tests.e2e_tasks  # noqa: F401 - registers the capture task here as the workers' --include does there
 from events_app.models import Event
@@ -16,6 +18,7 @@ from tests import factories
 from tests.workers import ROOT, wait_for, worker_env
 from workflows_app.engine import graph_for_version
 from workflows_app.models import TaskRun, WorkflowRun
+from workflows_app.tasks import echo
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -162,6 +165,33 @@ def test_every_event_has_exactly_the_spec_fields(workers, api):
     assert [e["context"]["node"] for e in events["results"]] == ["first", "second"]
     assert all(set(e) == EVENT_FIELDS and e["status"] == "SUCCESS" for e in events["results"])
     assert events["results"][1]["result"] == tasks["second"].result
+
+
+def test_a_success_stores_the_celery_result_celery_would_store_and_only_once(workers, api):
+    """The engine writes a success's Celery result row with its outcome: the row matches, column for
+    column, the one Celery stores for the same call sent outside the engine, and Celery does not
+    store it again afterwards (its date_done stays the outcome's time)."""
+    factories.workflow(factories.spec("echoed", [("only", ECHO)], event_type="e2e"))
+    workers(["e2e"], concurrency=1)
+    trace_id = trigger(api, "echoed", {"n": 3})
+    assert wait_final([trace_id]) == {trace_id: "SUCCESS"}
+    task = tasks_of(trace_id)["only"]
+
+    # Not the engine's: its event id is not the task id, so Celery stores the result itself.
+    outside = echo.apply_async(args=[{"event_id": "none", "payload": {"n": 3}, "context": {}}], queue="e2e")
+    by_celery = wait_for(
+        lambda: TaskResult.objects.filter(task_id=outside.id, status="SUCCESS").first(),
+        timeout=30,
+        what="Celery's own result row",
+    )
+    # One pool process: the engine's task was done with, Celery's bookkeeping included, before this one.
+    by_engine = TaskResult.objects.get(task_id=str(task.current_event_id))
+    compared = ["status", "result", "content_type", "content_encoding", "meta", "traceback", "task_name", "worker"]
+    compared += ["task_kwargs", "periodic_task_name"]
+    assert {c: getattr(by_engine, c) for c in compared} == {c: getattr(by_celery, c) for c in compared}
+    assert by_engine.status == "SUCCESS" and json.loads(by_engine.result) == task.result
+    assert str(task.current_event_id) in by_engine.task_args
+    assert by_engine.date_done == task.finished_at
 
 
 def test_editing_a_definition_does_not_change_a_run_in_flight(workers, api):

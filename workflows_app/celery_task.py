@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, Retry
 
 logger = logging.getLogger(__name__)
@@ -53,15 +53,52 @@ def describe_error(exc: Any) -> str:
     return str(exc)
 
 
-def record_outcome(event: dict, *, succeeded: bool, result: Any = None, error: str = "") -> None:
+def record_outcome(
+    event: dict, *, succeeded: bool, result: Any = None, error: str = "", celery_result: dict | None = None
+) -> bool:
+    """Record the attempt's outcome; True when Celery's result row was written with it."""
     from . import engine
 
-    with_database_retry(
+    return with_database_retry(
         lambda: engine.task_run_finish(
-            trace_id=event["trace_id"], event_id=event["event_id"], succeeded=succeeded, result=result, error=error
+            trace_id=event["trace_id"],
+            event_id=event["event_id"],
+            succeeded=succeeded,
+            result=result,
+            error=error,
+            celery_result=celery_result,
         ),
         what="recording a task outcome",
     )
+
+
+def celery_result_row(task: Task, retval: Any) -> dict | None:
+    """The row django-celery-results would store for this success, built by its own backend, so the
+    engine can write it in the transaction that records the outcome: one commit per task instead of
+    two, and no separate read-then-insert. None when results go elsewhere or are not kept, or the
+    value cannot be encoded (Celery then stores the task's outcome as it would)."""
+    from celery.app.task import get_actual_ignore_result
+    from django_celery_results.backends.database import DatabaseBackend
+
+    backend, request = task.backend, task.request
+    if not isinstance(backend, DatabaseBackend) or get_actual_ignore_result(task, request):
+        return None
+    try:
+        content_type, content_encoding, result = backend.encode_content(backend.encode_result(retval, states.SUCCESS))
+        meta = {**backend._get_meta_from_request(request), "children": backend.current_task_children(request)}
+        row = backend._get_extended_properties(request, None)
+        row.update(
+            task_id=request.id,
+            status=states.SUCCESS,
+            result=result,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            meta=backend.encode_content(meta)[2],
+        )
+    except Exception:
+        logger.debug("Celery's result row not built; Celery stores it", exc_info=True)
+        return None
+    return row
 
 
 def record_retrying(event: dict, exc: Any) -> None:
@@ -79,9 +116,9 @@ class EventTask(Task):
 
     Celery's revoke list lives in worker memory and is lost on restart; the start check reads the
     durable state instead, so a cancel or a redelivered finished task never starts again. The
-    outcome is recorded here, right after the body and before Celery stores its own result and
-    acknowledges the message, so the successors are on their way while this process still does
-    Celery's bookkeeping.
+    outcome is recorded here, right after the body and before Celery acknowledges the message, so
+    the successors are on their way while this process still does Celery's bookkeeping. A success's
+    Celery result row is written in the same transaction (see `celery_result_row`).
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -108,14 +145,18 @@ class EventTask(Task):
         except Exception as exc:
             _or_log(record_outcome, event, succeeded=False, error=describe_error(exc))
             raise
-        _or_log(record_outcome, event, succeeded=True, result=retval)
+        row = celery_result_row(self, retval)
+        if _or_log(record_outcome, event, succeeded=True, result=retval, celery_result=row):
+            # Written with the outcome: Celery's tracer skips its own store for an ignored result.
+            request.ignore_result = True
         return retval
 
 
-def _or_log(record: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+def _or_log(record: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     """Record, or log why not: Celery then stores the task's own outcome, which the reconciler takes
     once the attempt's lease lapses, so the body's result or error is not lost."""
     try:
-        record(*args, **kwargs)
+        return record(*args, **kwargs)
     except Exception:
         logger.exception("could not record a task outcome; the reconciler will take Celery's stored result")
+        return None

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -660,6 +660,13 @@ def _save_outcome(row: TaskRun, *, event_status: str, event_result: Any) -> None
     pgsql.execute(pgsql.SAVE_OUTCOME, params)
 
 
+def _store_celery_result(row: Mapping[str, Any] | None, now: datetime) -> bool:
+    if row is None or not pgsql.available():
+        return False
+    pgsql.execute(pgsql.STORE_CELERY_RESULT, {**{c: row.get(c) for c in pgsql.CELERY_RESULT_COLUMNS}, "now": now})
+    return True
+
+
 @_retry_on_conflict
 def task_run_finish(
     *,
@@ -669,11 +676,14 @@ def task_run_finish(
     result: Any = None,
     error: str = "",
     lost: bool = False,
-) -> None:
+    celery_result: Mapping[str, Any] | None = None,
+) -> bool:
     """Record an attempt's outcome, retry or settle the task, dispatch successors, settle the run.
 
     Idempotent: a completion for an attempt that is not current or already final changes nothing,
-    so a duplicate never dispatches a successor twice.
+    so a duplicate never dispatches a successor twice. `celery_result`, the Celery result row of a
+    success, is written in the same transaction on PostgreSQL; True means it was, and Celery need
+    not store it again.
     """
     if succeeded:
         try:
@@ -689,9 +699,9 @@ def task_run_finish(
     with transaction.atomic():
         run, row = _lock_run_and_read_task(trace_id, event_id)
         if run is None or row is None or row.status in FINAL:
-            return
+            return False
         if lost and not (row.status == S.STARTED and row.lease_expires_at and row.lease_expires_at < now):
-            return  # renewed or finished since the reconciler looked
+            return False  # renewed or finished since the reconciler looked
         graph = graph_for_version(run.version_id)
         node = graph.nodes[row.node_key]
         types = [row.event_type_id]
@@ -715,7 +725,7 @@ def task_run_finish(
             row.save(update_fields=["status", "error", "current_event", "lease_expires_at"])
             outbox.add(event.as_message(), timeout=node.timeout, countdown=countdown)
             outbox.flush_on_commit()
-            return
+            return False
         row.status = S.SUCCESS if succeeded else S.FAILURE
         row.result = result if succeeded else None
         row.error = "" if succeeded else error
@@ -732,6 +742,7 @@ def task_run_finish(
                 event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
                 event_result=result if succeeded else {"error": error},
             )
+            stored = succeeded and _store_celery_result(celery_result, now)
             loaded = _load_rows_later(run, rows, _around(graph, frontier))
         loaded()
         created: list[Event] = []
@@ -742,6 +753,7 @@ def task_run_finish(
         if not queued:  # a successor just became QUEUED, so the run cannot be done yet
             _finish_run_if_done(run, now)
         outbox.flush_on_commit()
+        return stored
 
 
 @_retry_on_conflict

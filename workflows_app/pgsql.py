@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from django.db import connection, models
+from django_celery_results.models import TaskResult
 
 from events_app.models import Event, EventType
 
@@ -131,6 +132,29 @@ WITH task AS (
     WHERE id = %(id)s
 )
 UPDATE {EVENT} SET status = %(event_status)s, result = %(event_result)s WHERE event_id = %(event_id)s
+"""
+
+# Celery's result row for a success (`celery_task.celery_result_row`), as django-celery-results
+# stores it: created at the first store, every column but the creation date replaced at the next.
+CELERY_RESULT_COLUMNS = (
+    "task_id",
+    "status",
+    "result",
+    "content_type",
+    "content_encoding",
+    "meta",
+    "traceback",
+    "periodic_task_name",
+    "task_name",
+    "task_args",
+    "task_kwargs",
+    "worker",
+)
+STORE_CELERY_RESULT = f"""
+INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
+VALUES ({", ".join(f"%({c})s" for c in CELERY_RESULT_COLUMNS)}, %(now)s, %(now)s)
+ON CONFLICT (task_id) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
 """
 
 # Rows the engine advanced (queued, skipped, upstream failed), all at once; bulk_update's CASE per
