@@ -314,23 +314,41 @@ def _around(graph: Graph, keys: Iterable[str]) -> set[str]:
     return {k for key in keys for k in (key, *graph.preds[key])}
 
 
-def _save_rows(changed: list[TaskRun]) -> None:
-    """Write the fields `_advance` sets, for every changed row in one statement."""
-    if not changed:
-        return
+def _save_rows(changed: list[TaskRun], new_events: list[Event]) -> None:
+    """Insert the events `_advance` created and write the fields it sets on every changed row, in
+    one statement on PostgreSQL (the ORM's insert alone costs more Python than the statement takes)."""
     if not pgsql.available():
+        Event.objects.bulk_create(new_events)
         TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
+        return
+    if not changed:
         return
     pgsql.execute(
         pgsql.SAVE_ADVANCED,
-        [
-            [row.pk for row in changed],
-            [row.status for row in changed],
-            [row.queued_at for row in changed],
-            [row.finished_at for row in changed],
-            [row.current_event_id for row in changed],
-        ],
+        {
+            "id": [row.pk for row in changed],
+            "status": [row.status for row in changed],
+            "queued_at": [row.queued_at for row in changed],
+            "finished_at": [row.finished_at for row in changed],
+            "current_event_id": [row.current_event_id for row in changed],
+            **_event_columns(new_events),
+        },
     )
+
+
+def _event_columns(events: Iterable[Event]) -> dict[str, list]:
+    """The parameters of `pgsql.INSERT_EVENTS`."""
+    events = list(events)
+    dumps = {name: Event._meta.get_field(name).get_db_prep_save for name in ("payload", "result", "context")}
+    return {
+        "event_id": [e.event_id for e in events],
+        "trace_id": [e.trace_id for e in events],
+        "event_type": [e.event_type for e in events],
+        "task_name": [e.task_name for e in events],
+        **{name: [dump(getattr(e, name), connection) for e in events] for name, dump in dumps.items()},
+        "event_status": [e.status for e in events],
+        "timestamp": [e.timestamp for e in events],
+    }
 
 
 def _advance(
@@ -384,11 +402,9 @@ def _advance(
                 next_frontier.extend(graph.succs[key])
             changed.append(row)
         frontier = next_frontier
-    if new_events:
-        Event.objects.bulk_create(new_events)
-        if created is not None:
-            created.extend(new_events)
-    _save_rows(changed)
+    if created is not None:
+        created.extend(new_events)
+    _save_rows(changed, new_events)
     return queued_types
 
 
@@ -424,6 +440,39 @@ def _current_version_id(workflow: WorkflowDefinition) -> int:
 def _stored_version_id(workflow_id: int, version: int) -> int:
     """A version never changes once written, so a trigger reads its pk once per process."""
     return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow_id=workflow_id, version=version)
+
+
+def _insert_tasks(run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime) -> None:
+    """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest."""
+    nodes = list(graph.nodes.values())
+    if not pgsql.available():
+        Event.objects.bulk_create(events.values())
+        TaskRun.objects.bulk_create(
+            TaskRun(
+                run=run,
+                node_key=node.key,
+                event_type_id=node.event_type,
+                task_name=node.task,
+                status=S.QUEUED if node.key in events else S.WAITING,
+                queued_at=now if node.key in events else None,
+                current_event=events.get(node.key),
+            )
+            for node in nodes
+        )
+        return
+    pgsql.execute(
+        pgsql.START_TASKS,
+        {
+            "run_id": run.pk,
+            "node_key": [node.key for node in nodes],
+            "node_event_type": [node.event_type for node in nodes],
+            "node_task_name": [node.task for node in nodes],
+            "node_status": [S.QUEUED if node.key in events else S.WAITING for node in nodes],
+            "node_queued_at": [now if node.key in events else None for node in nodes],
+            "node_event_id": [events[node.key].event_id if node.key in events else None for node in nodes],
+            **_event_columns(events.values()),
+        },
+    )
 
 
 @_retry_on_conflict
@@ -487,24 +536,11 @@ def workflow_run_start(
             )
             for key in graph.roots
         }
-        # On PostgreSQL the inserts and admission go in two round trips (the task rows' ids are read
-        # back midway), BEGIN included.
+        # On PostgreSQL the inserts and admission go in one round trip, BEGIN included.
         with pgsql.together():
             if not idempotency_key:
                 run.save(force_insert=True)
-            Event.objects.bulk_create(events.values())
-            TaskRun.objects.bulk_create(
-                TaskRun(
-                    run=run,
-                    node_key=node.key,
-                    event_type_id=node.event_type,
-                    task_name=node.task,
-                    status=S.QUEUED if node.key in events else S.WAITING,
-                    queued_at=now if node.key in events else None,
-                    current_event=events.get(node.key),
-                )
-                for node in graph.nodes.values()
-            )
+            _insert_tasks(run, graph, events, now)
             admitted = _admit_send({graph.nodes[key].event_type for key in events})
         _admitted(admitted, outbox, known=events.values())
         outbox.flush_on_commit()

@@ -157,13 +157,41 @@ ON CONFLICT (task_id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
 """
 
-# Rows the engine advanced (queued, skipped, upstream failed), all at once; bulk_update's CASE per
-# field costs more Python than the rest of a finish together.
+# New events, one array per column (`engine._event_columns`); a CTE of the statements below.
+INSERT_EVENTS = f"""
+INSERT INTO {EVENT}
+    (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
+SELECT *, new.timestamp FROM unnest(
+    %(event_id)s::uuid[], %(trace_id)s::uuid[], %(event_type)s::varchar[], %(task_name)s::varchar[],
+    %(payload)s::jsonb[], %(result)s::jsonb[], %(context)s::jsonb[], %(event_status)s::varchar[],
+    %(timestamp)s::timestamptz[]
+) AS new(event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp)
+"""
+
+# A new run's task rows with its roots' events, in one statement: the ORM's two inserts cost more
+# Python than the rest of a trigger's transaction, and would read the rows' ids back midway.
+START_TASKS = f"""
+WITH events AS ({INSERT_EVENTS})
+INSERT INTO {TASK}
+    (run_id, node_key, event_type_id, task_name, status, queued_at, current_event_id,
+     attempts, holds_slot, error, worker)
+SELECT %(run_id)s, new.*, 0, false, '', '' FROM unnest(
+    %(node_key)s::varchar[], %(node_event_type)s::varchar[], %(node_task_name)s::varchar[],
+    %(node_status)s::varchar[], %(node_queued_at)s::timestamptz[], %(node_event_id)s::uuid[]
+) AS new(node_key, event_type, task_name, status, queued_at, event_id)
+"""
+
+# Rows the engine advanced (queued, skipped, upstream failed), all at once, with the events of those
+# it queued; bulk_update's CASE per field costs more Python than the rest of a finish together.
+# The task rows' foreign key to their new event is checked at commit (Django makes it deferrable).
 SAVE_ADVANCED = f"""
+WITH events AS ({INSERT_EVENTS})
 UPDATE {TASK} AS task
 SET status = new.status, queued_at = new.queued_at, finished_at = new.finished_at, current_event_id = new.event_id
-FROM unnest(%s::bigint[], %s::varchar[], %s::timestamptz[], %s::timestamptz[], %s::uuid[])
-    AS new(id, status, queued_at, finished_at, event_id)
+FROM unnest(
+    %(id)s::bigint[], %(status)s::varchar[], %(queued_at)s::timestamptz[], %(finished_at)s::timestamptz[],
+    %(current_event_id)s::uuid[]
+) AS new(id, status, queued_at, finished_at, event_id)
 WHERE task.id = new.id
 """
 
