@@ -181,3 +181,11 @@ def test_reconciler_takes_celerys_stored_outcome_of_a_lapsed_attempt(sent, djang
     assert (a.status, a.attempts, a.result, a.holds_slot) == ("SUCCESS", 1, {"n": 7}, False)
     assert Event.objects.get(event_id=event_id).result == {"n": 7}
     assert [node for node, _, _ in sent] == ["a", "b"]
+
+
+def test_the_arguments_shown_in_a_message_are_cut_at_celerys_limit():
+    short = {"event_id": "e", "payload": {"deep": {"er": {"still": [1]}}}}
+    assert engine._args_repr(short, 1024) == repr([short])
+    long = {"event_id": "e", "payload": {"text": "x" * 5000}}
+    shown = engine._args_repr(long, 1024)
+    assert len(shown) == 1024 and shown.endswith("...") and shown.startswith("[{'event_id': 'e'")

@@ -180,7 +180,13 @@ def _publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
             with app.producer_or_acquire() as producer:
                 for event, options in messages:
                     app.send_task(
-                        event["task_name"], args=[event], task_id=event["event_id"], producer=producer, **options
+                        event["task_name"],
+                        args=[event],
+                        task_id=event["event_id"],
+                        producer=producer,
+                        argsrepr=_args_repr(event, app.amqp.argsrepr_maxsize),
+                        kwargsrepr="{}",
+                        **options,
                     )
         except Exception:
             logger.exception("could not publish %d task message(s) to the broker", len(messages))
@@ -191,6 +197,14 @@ def _publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
             # Some transports (the embedded file broker) have no broadcast; the durable cancel
             # check in the worker still refuses these attempts.
             logger.warning("could not broadcast revoke of %d task(s)", len(revokes), exc_info=True)
+
+
+def _args_repr(event: dict, limit: int) -> str:
+    """The arguments as the message headers show them (and the result store keeps), cut at `limit`
+    characters like Celery's own, but not elided past three levels: its `saferepr` walks the Event
+    in Python, a fifth of a publish."""
+    text = repr([event])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _new_event(
