@@ -250,13 +250,14 @@ def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = 
     _admitted(_admit_send(type_names), outbox, known)
 
 
-def _admit_send(type_names: Iterable[str]) -> list[Callable[[], Picked]]:
+def _admit_send(type_names: Iterable[str], *, locked: bool = False) -> list[Callable[[], Picked]]:
     """Admission's statements for each type, in name order; each callable returns what it picked.
-    On PostgreSQL they are sent at once, so they can share a `pgsql.together()` block."""
+    On PostgreSQL they are sent at once, so they can share a `pgsql.together()` block; `locked`
+    says this transaction already locked the types (`pgsql.LOCK_EVENT_TYPES`)."""
     deadline = _dispatch_deadline(timezone.now())
     names = sorted(set(type_names))
     if pgsql.available():
-        return [_admit_postgresql(name, deadline) for name in names]
+        return [_admit_postgresql(name, deadline, locked=locked) for name in names]
     return [functools.partial(_admit_orm, name, deadline) for name in names]
 
 
@@ -294,9 +295,10 @@ def _admit_orm(name: str, deadline: datetime) -> Picked:
     return [p[1:] for p in picked]
 
 
-def _admit_postgresql(name: str, deadline: datetime) -> Callable[[], Picked]:
-    """What `_admit_orm` does, in two statements sent together."""
-    pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name])
+def _admit_postgresql(name: str, deadline: datetime, *, locked: bool) -> Callable[[], Picked]:
+    """What `_admit_orm` does, in two statements sent together, or one when the type is locked."""
+    if not locked:
+        pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name])
     cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline})
     return lambda: [row[2:] for row in sorted(cursor.fetchall())]
 
@@ -328,14 +330,15 @@ def _around(graph: Graph, keys: Iterable[str]) -> set[str]:
     return {k for key in keys for k in (key, *graph.preds[key])}
 
 
-def _save_rows(changed: list[TaskRun], new_events: list[Event]) -> None:
+def _save_rows(changed: list[TaskRun], new_events: list[Event], *, lock: list[str] | None) -> None:
     """Insert the events `_advance` created and write the fields it sets on every changed row, in
-    one statement on PostgreSQL (the ORM's insert alone costs more Python than the statement takes)."""
+    one statement on PostgreSQL (the ORM's insert alone costs more Python than the statement takes),
+    which also locks the event types in `lock`."""
     if not pgsql.available():
         Event.objects.bulk_create(new_events)
         TaskRun.objects.bulk_update(changed, ["status", "queued_at", "finished_at", "current_event"])
         return
-    if not changed:
+    if not changed and not lock:
         return
     pgsql.execute(
         pgsql.SAVE_ADVANCED,
@@ -346,6 +349,7 @@ def _save_rows(changed: list[TaskRun], new_events: list[Event]) -> None:
             "finished_at": [row.finished_at for row in changed],
             "current_event_id": [row.current_event_id for row in changed],
             **_event_columns(new_events),
+            "lock": sorted(set(lock or ())),
         },
     )
 
@@ -373,11 +377,13 @@ def _advance(
     frontier: list[str],
     now: datetime,
     created: list[Event] | None = None,
+    lock: Iterable[str] | None = None,
 ) -> list[str]:
     """Settle every WAITING node in `frontier` (and onward) whose predecessors are all final.
 
     Runs under the run's row lock. Returns the event types that gained QUEUED tasks; the events it
-    creates are appended to `created` when given.
+    creates are appended to `created` when given. With `lock`, the rows' write on PostgreSQL also
+    locks those types and the returned ones for admission (`_admit_send(..., locked=True)`).
     """
     changed: list[TaskRun] = []
     new_events: list[Event] = []
@@ -418,7 +424,7 @@ def _advance(
         frontier = next_frontier
     if created is not None:
         created.extend(new_events)
-    _save_rows(changed, new_events)
+    _save_rows(changed, new_events, lock=None if lock is None else [*lock, *queued_types])
     return queued_types
 
 
@@ -456,8 +462,11 @@ def _stored_version_id(workflow_id: int, version: int) -> int:
     return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow_id=workflow_id, version=version)
 
 
-def _insert_tasks(run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime) -> None:
-    """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest."""
+def _insert_tasks(
+    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, lock: Iterable[str]
+) -> None:
+    """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest; on
+    PostgreSQL the same statement locks the event types in `lock`."""
     nodes = list(graph.nodes.values())
     if not pgsql.available():
         Event.objects.bulk_create(events.values())
@@ -485,6 +494,7 @@ def _insert_tasks(run: WorkflowRun, graph: Graph, events: dict[str, Event], now:
             "node_queued_at": [now if node.key in events else None for node in nodes],
             "node_event_id": [events[node.key].event_id if node.key in events else None for node in nodes],
             **_event_columns(events.values()),
+            "lock": sorted(set(lock)),
         },
     )
 
@@ -554,8 +564,9 @@ def workflow_run_start(
         with pgsql.together():
             if not idempotency_key:
                 run.save(force_insert=True)
-            _insert_tasks(run, graph, events, now)
-            admitted = _admit_send({graph.nodes[key].event_type for key in events})
+            types = {graph.nodes[key].event_type for key in events}
+            _insert_tasks(run, graph, events, now, lock=types)
+            admitted = _admit_send(types, locked=True)
         _admitted(admitted, outbox, known=events.values())
         outbox.flush_on_commit()
     return run, True
@@ -695,26 +706,39 @@ def _lock_run_and_read_task(trace_id: str, event_id: str) -> tuple[WorkflowRun |
     return run, TaskRun.objects.filter(run=run, current_event_id=event_id).order_by("pk").first()
 
 
-def _save_outcome(row: TaskRun, *, event_status: str, event_result: Any) -> None:
-    """Write a final task row and its attempt's Event."""
+def _save_outcome(
+    run: WorkflowRun,
+    row: TaskRun,
+    rows: dict[str, TaskRun],
+    keys: Iterable[str],
+    *,
+    event_status: str,
+    event_result: Any,
+    celery_result: Mapping[str, Any] | None,
+) -> tuple[Callable[[], None], bool]:
+    """Write a final task row, its attempt's Event and, on PostgreSQL, Celery's result row when given;
+    send the read of the rows of `keys` not in `rows`. Returns what adds those rows once called, and
+    whether Celery's row was written."""
     if not pgsql.available():
         row.save(update_fields=["status", "result", "error", "finished_at", "holds_slot", "lease_expires_at"])
         Event.objects.filter(event_id=row.current_event_id).update(status=event_status, result=event_result)
-        return
+        return _load_rows_later(run, rows, keys), False
     params = {
         name: TaskRun._meta.get_field(name).get_db_prep_save(getattr(row, name), connection)
         for name in ("status", "result", "error", "finished_at")
     }
     params["event_result"] = Event._meta.get_field("result").get_db_prep_save(event_result, connection)
     params.update(id=row.pk, event_id=row.current_event_id, event_status=event_status)
-    pgsql.execute(pgsql.SAVE_OUTCOME, params)
+    params.update({f"celery_{c}": (celery_result or {}).get(c) for c in pgsql.CELERY_RESULT_COLUMNS})
+    params.update(store_celery_result=celery_result is not None, run_id=run.pk)
+    params["nodes"] = [k for k in keys if k not in rows]
+    found = pgsql.fetch_models_later(TaskRun, pgsql.SAVE_OUTCOME, params)
 
+    def add() -> None:
+        for loaded in found():
+            rows[loaded.node_key] = loaded
 
-def _store_celery_result(row: Mapping[str, Any] | None, now: datetime) -> bool:
-    if row is None or not pgsql.available():
-        return False
-    pgsql.execute(pgsql.STORE_CELERY_RESULT, {**{c: row.get(c) for c in pgsql.CELERY_RESULT_COLUMNS}, "now": now})
-    return True
+    return add, celery_result is not None
 
 
 @_retry_on_conflict
@@ -784,21 +808,23 @@ def task_run_finish(
         row.lease_expires_at = None
         rows = {row.node_key: row}
         frontier = list(graph.succs[row.node_key])
-        # On PostgreSQL, four round trips from BEGIN to COMMIT: the lock with the task's read; the
-        # outcome with the read of what it may unblock; the successors' writes with admission.
-        with pgsql.together():
-            _save_outcome(
-                row,
-                event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
-                event_result=result if succeeded else {"error": error},
-            )
-            stored = succeeded and _store_celery_result(celery_result, now)
-            loaded = _load_rows_later(run, rows, _around(graph, frontier))
+        # On PostgreSQL, four round trips and five statements from BEGIN to COMMIT: the lock, then the
+        # task's read; the outcome with the read of what it may unblock; the successors' writes with
+        # the lock of the types to admit from, then admission.
+        loaded, stored = _save_outcome(
+            run,
+            row,
+            rows,
+            _around(graph, frontier),
+            event_status=Event.Status.SUCCESS if succeeded else Event.Status.FAILURE,
+            event_result=result if succeeded else {"error": error},
+            celery_result=celery_result if succeeded else None,
+        )
         loaded()
         created: list[Event] = []
         with pgsql.together():
-            queued = _advance(run=run, graph=graph, rows=rows, frontier=frontier, now=now, created=created)
-            admitted = _admit_send(types + queued)
+            queued = _advance(run=run, graph=graph, rows=rows, frontier=frontier, now=now, created=created, lock=types)
+            admitted = _admit_send(types + queued, locked=True)
         _admitted(admitted, outbox, known=created)
         if not queued:  # a successor just became QUEUED, so the run cannot be done yet
             _finish_run_if_done(run, now)

@@ -123,17 +123,6 @@ LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UP
 TASK_OF_EVENT = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND current_event_id = %s"
 TASKS_OF_NODES = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND node_key = ANY(%s::varchar[])"
 
-# A final outcome: the task row and its attempt's Event.
-SAVE_OUTCOME = f"""
-WITH task AS (
-    UPDATE {TASK}
-    SET status = %(status)s, result = %(result)s, error = %(error)s, finished_at = %(finished_at)s,
-        holds_slot = false, lease_expires_at = NULL
-    WHERE id = %(id)s
-)
-UPDATE {EVENT} SET status = %(event_status)s, result = %(event_result)s WHERE event_id = %(event_id)s
-"""
-
 # Celery's result row for a success (`celery_task.celery_result_row`), as django-celery-results
 # stores it: created at the first store, every column but the creation date replaced at the next.
 CELERY_RESULT_COLUMNS = (
@@ -150,11 +139,27 @@ CELERY_RESULT_COLUMNS = (
     "task_kwargs",
     "worker",
 )
-STORE_CELERY_RESULT = f"""
-INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
-VALUES ({", ".join(f"%({c})s" for c in CELERY_RESULT_COLUMNS)}, %(now)s, %(now)s)
-ON CONFLICT (task_id) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
+
+# A final outcome: the task row, its attempt's Event and, when `store_celery_result`, Celery's
+# result row (its columns as parameters prefixed `celery_`); then the rows of the run's `nodes`
+# (those the outcome may unblock), as they were before it. One statement, as each one sent costs
+# more on the client than on the server.
+SAVE_OUTCOME = f"""
+WITH outcome AS (
+    UPDATE {TASK}
+    SET status = %(status)s, result = %(result)s, error = %(error)s, finished_at = %(finished_at)s,
+        holds_slot = false, lease_expires_at = NULL
+    WHERE id = %(id)s
+), attempt AS (
+    UPDATE {EVENT} SET status = %(event_status)s, result = %(event_result)s WHERE event_id = %(event_id)s
+), celery_result AS (
+    INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
+    SELECT {", ".join(f"%(celery_{c})s" for c in CELERY_RESULT_COLUMNS)}, %(finished_at)s, %(finished_at)s
+    WHERE %(store_celery_result)s
+    ON CONFLICT (task_id) DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
+)
+SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = ANY(%(nodes)s::varchar[])
 """
 
 # New events, one array per column (`engine._event_columns`); a CTE of the statements below.
@@ -168,10 +173,14 @@ SELECT *, new.timestamp FROM unnest(
 ) AS new(event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp)
 """
 
-# A new run's task rows with its roots' events, in one statement: the ORM's two inserts cost more
-# Python than the rest of a trigger's transaction, and would read the rows' ids back midway.
+# Locks the event types named in `lock`, in name order, so admission can follow (`ADMIT`); it ends
+# the two statements below, which then take the lock in the same statement as their writes.
+LOCK_EVENT_TYPES = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = ANY(%(lock)s::varchar[]) ORDER BY name FOR UPDATE"
+
+# A new run's task rows with its roots' events, and the lock of their types, in one statement: the
+# ORM's two inserts cost more Python than the rest of a trigger's transaction.
 START_TASKS = f"""
-WITH events AS ({INSERT_EVENTS})
+WITH events AS ({INSERT_EVENTS}), tasks AS (
 INSERT INTO {TASK}
     (run_id, node_key, event_type_id, task_name, status, queued_at, current_event_id,
      attempts, holds_slot, error, worker)
@@ -179,13 +188,16 @@ SELECT %(run_id)s, new.*, 0, false, '', '' FROM unnest(
     %(node_key)s::varchar[], %(node_event_type)s::varchar[], %(node_task_name)s::varchar[],
     %(node_status)s::varchar[], %(node_queued_at)s::timestamptz[], %(node_event_id)s::uuid[]
 ) AS new(node_key, event_type, task_name, status, queued_at, event_id)
+)
+{LOCK_EVENT_TYPES}
 """
 
 # Rows the engine advanced (queued, skipped, upstream failed), all at once, with the events of those
-# it queued; bulk_update's CASE per field costs more Python than the rest of a finish together.
-# The task rows' foreign key to their new event is checked at commit (Django makes it deferrable).
+# it queued, and the lock of the types in `lock`; bulk_update's CASE per field costs more Python
+# than the rest of a finish together. The task rows' foreign key to their new event is checked at
+# commit (Django makes it deferrable).
 SAVE_ADVANCED = f"""
-WITH events AS ({INSERT_EVENTS})
+WITH events AS ({INSERT_EVENTS}), advanced AS (
 UPDATE {TASK} AS task
 SET status = new.status, queued_at = new.queued_at, finished_at = new.finished_at, current_event_id = new.event_id
 FROM unnest(
@@ -193,6 +205,8 @@ FROM unnest(
     %(current_event_id)s::uuid[]
 ) AS new(id, status, queued_at, finished_at, event_id)
 WHERE task.id = new.id
+)
+{LOCK_EVENT_TYPES}
 """
 
 LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
