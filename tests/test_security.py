@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from django.contrib.auth.models import Group, Permission
+from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.workers import ROOT
@@ -52,6 +54,39 @@ def test_another_user_without_permission_cannot_cancel_or_retry_a_run(api, pipel
         assert response.status_code == 403 and response.json()["detail"]
     assert WorkflowRun.objects.get(trace_id=trace_id).status == "RUNNING"
     assert not TaskRun.objects.filter(run_id=trace_id, status="REVOKED").exists()
+
+
+def token_client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+def test_a_token_authenticates_only_a_known_active_user_and_a_permission_counts_through_groups(
+    pipeline, django_user_model
+):
+    trigger = "/api/workflows/product_pipeline/runs/"
+    stranger = APIClient()
+    stranger.credentials(HTTP_AUTHORIZATION="Token " + "0" * 40)
+    response = stranger.post(trigger, {}, format="json")
+    assert response.status_code == 401 and response.json()["detail"] == "Invalid token."
+
+    member = django_user_model.objects.create_user(username="member", password="pw-member-123")
+    client = token_client(member)
+    assert client.post(trigger, {}, format="json").status_code == 403  # no permission yet
+
+    group = Group.objects.create(name="triggerers")
+    group.permissions.add(Permission.objects.get(codename="add_workflowrun", content_type__app_label="workflows_app"))
+    member.groups.add(group)
+    response = client.post(trigger, {}, format="json")
+    assert response.status_code == 201, response.content
+    assert WorkflowRun.objects.get(trace_id=response.json()["trace_id"]).created_by == member
+
+    member.is_active = False
+    member.save()
+    response = client.post(trigger, {}, format="json")
+    assert response.status_code == 401 and response.json()["detail"] == "User inactive or deleted."
+    assert WorkflowRun.objects.count() == 1
 
 
 @pytest.mark.django_db

@@ -19,7 +19,7 @@ from django_celery_results.models import TaskResult
 
 from events_app.models import Event, EventType
 
-from .models import TaskRun, WorkflowRun
+from .models import TaskRun, WorkflowDefinition, WorkflowRun
 
 M = TypeVar("M", bound=models.Model)
 
@@ -69,26 +69,47 @@ def together() -> Iterator[None]:
             yield
 
 
-def fetch_models_later(model: type[M], sql: str, params: Sequence[Any]) -> Callable[[], list[M]]:
+def fetch_models_later(model: type[M], sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Callable[[], list[M]]:
     """Send a statement selecting `columns(model)` now; when called, the instances of `model` it
     read, as the ORM would load them (after a `together()` block, when there is one)."""
     cursor = execute(sql, params)
 
     def load() -> list[M]:
-        fields = model._meta.concrete_fields
-        names = [field.attname for field in fields]
-        converters = [(i, field.from_db_value) for i, field in enumerate(fields) if hasattr(field, "from_db_value")]
         with connection.wrap_database_errors:
             rows = cursor.fetchall()
+        return [instance for (instance,) in _instances(rows, [model])]
+
+    return load
+
+
+def fetch_rows(sql: str, params: Sequence[Any], *row_models: type[models.Model]) -> list[tuple[Any, ...]]:
+    """Run a statement selecting `columns(model)` for each of `row_models` in turn; per row, the
+    instance of each, as the ORM would load them."""
+    cursor = execute(sql, params)
+    with connection.wrap_database_errors:
+        rows = cursor.fetchall()
+    return _instances(rows, list(row_models))
+
+
+def _instances(rows: list[tuple[Any, ...]], row_models: list[type[models.Model]]) -> list[tuple[Any, ...]]:
+    layout = []
+    start = 0
+    for model in row_models:
+        fields = model._meta.concrete_fields
+        names = [field.attname for field in fields]
+        converters = [(i, f.from_db_value) for i, f in enumerate(fields) if hasattr(f, "from_db_value")]
+        layout.append((model, start, start + len(fields), names, converters))
+        start += len(fields)
+    loaded = []
+    for row in rows:
         instances = []
-        for row in rows:
-            values = list(row)
+        for model, begin, end, names, converters in layout:
+            values = list(row[begin:end])
             for i, convert in converters:
                 values[i] = convert(values[i], None, connection)
             instances.append(model.from_db(connection.alias, names, values))
-        return instances
-
-    return load
+        loaded.append(tuple(instances))
+    return loaded
 
 
 def columns(model: type[models.Model], alias: str = "") -> str:
@@ -119,6 +140,7 @@ WITH started AS (
 SELECT (SELECT count(*) FROM started), set_config('synchronous_commit', 'off', true)
 """
 
+WORKFLOW_BY_NAME = f"SELECT {columns(WorkflowDefinition)} FROM {WorkflowDefinition._meta.db_table} WHERE name = %s"
 LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UPDATE"
 TASK_OF_EVENT = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND current_event_id = %s"
 TASKS_OF_NODES = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND node_key = ANY(%s::varchar[])"

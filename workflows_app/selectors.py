@@ -21,6 +21,7 @@ from django.db.models import (
 
 from events_app.models import Event, EventType
 
+from . import pgsql
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 
@@ -29,6 +30,9 @@ def workflow_list() -> QuerySet[WorkflowDefinition]:
 
 
 def workflow_get(*, name: str) -> WorkflowDefinition | None:
+    if pgsql.available():  # every trigger reads it: a prepared statement, not the ORM's query built anew
+        found = pgsql.fetch_rows(pgsql.WORKFLOW_BY_NAME, [name], WorkflowDefinition)
+        return found[0][0] if found else None
     return WorkflowDefinition.objects.filter(name=name).first()
 
 
