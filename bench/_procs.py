@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import http.client
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from _setup import ROOT
+import _setup  # noqa: F401 - puts the project on the path
+
+from tests.processes import Process
 
 T = TypeVar("T")
 
@@ -43,36 +43,7 @@ def bench_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class _Process:
-    """A child started in its own session, so stop() ends it and everything it forked, and nothing else."""
-
-    def __init__(self, cmd: list[str], *, log_path: Path, env: dict[str, str]):
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.log_path.name} exited: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
-
-
-class Worker(_Process):
+class Worker(Process):
     """`celery worker`, prefork, on the bench queue: the one worker setup Eventflow and canvas both run on."""
 
     def __init__(self, name: str, *, queue: str, concurrency: int, log_dir: Path, env: dict[str, str]):
@@ -90,7 +61,8 @@ class Worker(_Process):
         from config.celery import app
 
         def ready() -> bool:
-            self.check_alive()
+            if why := self.exited():
+                raise RuntimeError(why)
             return bool(app.control.ping(destination=[self.name], timeout=0.5))
 
         poll(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
@@ -100,7 +72,7 @@ class Worker(_Process):
         return children_of(self.pid)
 
 
-class Gunicorn(_Process):
+class Gunicorn(Process):
     """`gunicorn config.wsgi:application` on a free loopback port with sync workers."""
 
     def __init__(self, *, workers: int, log_dir: Path, env: dict[str, str]):
@@ -113,7 +85,8 @@ class Gunicorn(_Process):
 
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
-            self.check_alive()
+            if why := self.exited():
+                raise RuntimeError(why)
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", "/api/")

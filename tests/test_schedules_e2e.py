@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +12,8 @@ from django_celery_beat.models import PeriodicTask
 from django_celery_results.models import TaskResult
 
 from tests import factories
-from tests.workers import ROOT, wait_for, worker_env
+from tests.processes import Process
+from tests.workers import wait_for, worker_env
 from workflows_app import tasks
 from workflows_app.models import WorkflowRun
 from workflows_app.schedules import SCHEDULE_TASK
@@ -25,53 +23,24 @@ NAME = "stock-sync-every-second"
 SOURCE = f"schedule:{NAME}"
 
 
-class Beat:
-    """One `celery beat` process on the database scheduler; stop() ends it."""
+class Beat(Process):
+    """One `celery beat` process on the database scheduler."""
 
     def __init__(self, log_dir: Path):
-        self.log_path = log_dir / "beat.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "config",
-                "beat",
-                "-l",
-                "INFO",
-                "-S",
-                "django_celery_beat.schedulers:DatabaseScheduler",
-                # Beat sleeps at most this long between looks at the schedule and its change marker,
-                # so a schedule disabled in the admin stops within about a second.
-                "--max-interval",
-                "1",
-                "-s",
-                str(log_dir / "beat-schedule"),
-            ],
-            cwd=ROOT,
-            env=worker_env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        cmd = [
+            *(sys.executable, "-m", "celery", "-A", "config", "beat", "-l", "INFO"),
+            *("-S", "django_celery_beat.schedulers:DatabaseScheduler"),
+            # Beat sleeps at most this long between looks at the schedule and its change marker,
+            # so a schedule disabled in the admin stops within about a second.
+            *("--max-interval", "1", "-s", str(log_dir / "beat-schedule")),
+        ]
+        super().__init__(cmd, log_path=log_dir / "beat.log", env=worker_env())
 
     def sent(self) -> int:
         """How many ticks of the schedule beat has sent so far."""
-        if self.process.poll() is not None:
-            raise AssertionError(f"beat exited: {self.log_path.read_text()[-3000:]}")
-        return self.log_path.read_text().count(f"Sending due task {NAME} ")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
+        if why := self.exited():
+            raise AssertionError(why)
+        return self.log().count(f"Sending due task {NAME} ")
 
 
 @pytest.fixture

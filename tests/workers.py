@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -16,7 +14,9 @@ import redis
 from django.conf import settings
 from django.db import close_old_connections
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ROOT, Process
+
+__all__ = ["ROOT", "Worker", "purge_broker", "reset_broker_connections", "wait_for", "worker_env"]
 
 
 def wait_for(condition: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -51,53 +51,27 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Worker:
-    """One `celery worker` process consuming some queues; stop() ends it and what it spawned."""
+class Worker(Process):
+    """One `celery worker` process consuming some queues."""
 
     def __init__(
         self, name: str, queues: Iterable[str], *, concurrency: int, log_dir: Path, env: dict[str, str] | None = None
     ):
         self.name = f"{name}@{socket.gethostname()}"
         self.queues = list(queues)
-        self.log_path = log_dir / f"{name}.log"
         cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "-Q",
-            ",".join(self.queues),
-            "-c",
-            str(concurrency),
-            "-n",
-            self.name,
-            "--pool",
-            "prefork",
-            "--include",
-            "tests.e2e_tasks",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "INFO",
+            *(sys.executable, "-m", "celery", "-A", "config", "worker"),
+            *("-Q", ",".join(self.queues), "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),
+            *("--include", "tests.e2e_tasks", "--without-gossip", "--without-mingle", "-l", "INFO"),
         ]
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=worker_env(**(env or {})),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(cmd, log_path=log_dir / f"{name}.log", env=worker_env(**(env or {})))
 
     def wait_ready(self, timeout: float = 60) -> None:
         from config.celery import app
 
         def ready() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited: {self.log_path.read_text()[-3000:]}")
+            if why := self.exited():
+                raise AssertionError(why)
             try:
                 return bool(app.control.ping(destination=[self.name], timeout=0.5))
             except (ConnectionError, OSError, kombu.exceptions.OperationalError, redis.exceptions.ConnectionError):
@@ -106,24 +80,6 @@ class Worker:
                 return False
 
         wait_for(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool processes at once, as a lost host would vanish."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
 
 
 def reset_broker_connections() -> None:
