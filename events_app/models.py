@@ -27,6 +27,13 @@ class EventType(models.Model):
         help_text="Most tasks of this type running at once, across every worker and host.",
     )
     description = models.TextField("description", blank=True, default="")
+    # Kept by admission under this row's lock, so admitting reads one number, not every slot held.
+    held = models.PositiveIntegerField(
+        "slots held",
+        default=0,
+        editable=False,
+        help_text="Tasks of this type holding a slot (sent and not finished), as admission counts them.",
+    )
     created_at = models.DateTimeField("created at", auto_now_add=True)
     updated_at = models.DateTimeField("updated at", auto_now=True)
 

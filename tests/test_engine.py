@@ -183,6 +183,48 @@ def test_reconciler_takes_celerys_stored_outcome_of_a_lapsed_attempt(sent, djang
     assert [node for node, _, _ in sent] == ["a", "b"]
 
 
+def held(name: str) -> tuple[int, int]:
+    """(the type's count of held slots, the task rows holding one)."""
+    counted = EventType.objects.get(name=name).held
+    return counted, TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
+
+
+def test_the_count_of_held_slots_follows_every_transition(sent, django_capture_on_commit_callbacks):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(
+        factories.spec("counted", [(f"n{i}", ECHO) for i in range(3)] + [("z", ECHO)], [["n0", "z"]], event_type="c")
+    )
+    EventType.objects.filter(name="c").update(concurrency=2)
+    run = start(wf, capture=cap)
+    assert held("c") == (2, 2)  # two of the three roots admitted
+    run_task(run, "n0", cap)  # gives its slot to n2; z waits behind it
+    assert held("c") == (2, 2) and [n for n, _, _ in sent] == ["n0", "n1", "n2"]
+    run_task(run, "n1", cap)  # gives its slot to z
+    assert held("c") == (2, 2) and [n for n, _, _ in sent][-1] == "z"
+    second = start(wf, capture=cap)  # nothing free: all four wait
+    assert held("c") == (2, 2) and TaskRun.objects.filter(run=second, status="QUEUED", holds_slot=False).count() == 3
+    with cap(execute=True):  # the first run's two slots go to the second run's first two roots
+        engine.workflow_run_cancel(trace_id=str(run.trace_id))
+    assert held("c") == (2, 2) and TaskRun.objects.filter(run=second, holds_slot=True).count() == 2
+    with cap(execute=True):
+        engine.workflow_run_cancel(trace_id=str(second.trace_id))
+    assert held("c") == (0, 0)
+
+
+def test_the_reconciler_recounts_held_slots_and_admits_what_they_held_back(sent, django_capture_on_commit_callbacks):
+    """Slots counted for rows that are gone (deleted outside the engine) are recounted from the rows."""
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("drift", [("a", ECHO)], event_type="d"))
+    EventType.objects.filter(name="d").update(concurrency=1)
+    EventType.objects.filter(name="d").update(held=1)  # a slot whose row was deleted
+    run = start(wf, capture=cap)
+    assert held("d") == (1, 0) and sent == []  # admission reads the count, not the rows
+    with cap(execute=True):
+        engine.task_runs_reconcile()
+    assert held("d") == (1, 1) and [n for n, _, _ in sent] == ["a"]
+    assert TaskRun.objects.get(run=run).holds_slot
+
+
 def test_the_arguments_shown_in_a_message_are_cut_at_celerys_limit():
     short = {"event_id": "e", "payload": {"deep": {"er": {"still": [1]}}}}
     assert engine._args_repr(short, 1024) == repr([short])

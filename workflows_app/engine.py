@@ -6,13 +6,14 @@ import functools
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, models, transaction
 from django.utils import timezone
 
 from events_app.models import Event, EventType
@@ -238,27 +239,38 @@ def _new_event(
 Picked = list[tuple[uuid.UUID, str, int]]
 
 
-def _admit(type_names: Iterable[str], outbox: _Outbox, known: Iterable[Event] = ()) -> None:
+def _admit(
+    type_names: Iterable[str],
+    outbox: _Outbox,
+    known: Iterable[Event] = (),
+    released: Mapping[str, int] | None = None,
+) -> None:
     """Hand QUEUED tasks to Celery, FIFO, while fewer than `concurrency` of their type hold a slot.
 
-    The event-type row lock serialises admission per type across every process, so the count and
-    the hand-out cannot interleave (the race that over-admits in check-then-act schemes). Types are
-    locked in name order so two transitions never wait on each other's types. Both queries use
-    partial indexes, so their cost does not depend on the length of the waiting line. `known` are
-    events created in this transaction: they are not read back.
+    The event-type row lock serialises admission per type across every process, so reading the
+    count of held slots and handing out cannot interleave (the race that over-admits in
+    check-then-act schemes). Types are locked in name order so two transitions never wait on each
+    other's types. The count is the type row's `held`, which only admission writes, under that
+    lock: what it takes, and the slots this transaction gave back (`released`, per type; they must
+    be among `type_names`). `task_runs_reconcile` recounts it from the task rows. The line is read
+    through a partial index, so admission's cost depends neither on the line's length nor on the
+    slots held. `known` are events created in this transaction: they are not read back.
     """
-    _admitted(_admit_send(type_names), outbox, known)
+    _admitted(_admit_send(type_names, released=released), outbox, known)
 
 
-def _admit_send(type_names: Iterable[str], *, locked: bool = False) -> list[Callable[[], Picked]]:
+def _admit_send(
+    type_names: Iterable[str], *, locked: bool = False, released: Mapping[str, int] | None = None
+) -> list[Callable[[], Picked]]:
     """Admission's statements for each type, in name order; each callable returns what it picked.
     On PostgreSQL they are sent at once, so they can share a `pgsql.together()` block; `locked`
     says this transaction already locked the types (`pgsql.LOCK_EVENT_TYPES`)."""
     deadline = _dispatch_deadline(timezone.now())
     names = sorted(set(type_names))
+    released = released or {}
     if pgsql.available():
-        return [_admit_postgresql(name, deadline, locked=locked) for name in names]
-    return [functools.partial(_admit_orm, name, deadline) for name in names]
+        return [_admit_postgresql(name, deadline, released.get(name, 0), locked=locked) for name in names]
+    return [functools.partial(_admit_orm, name, deadline, released.get(name, 0)) for name in names]
 
 
 def _admitted(pending: list[Callable[[], Picked]], outbox: _Outbox, known: Iterable[Event] = ()) -> None:
@@ -278,28 +290,31 @@ def _admitted(pending: list[Callable[[], Picked]], outbox: _Outbox, known: Itera
             )
 
 
-def _admit_orm(name: str, deadline: datetime) -> Picked:
-    concurrency = EventType.objects.select_for_update().filter(name=name).values_list("concurrency", flat=True).first()
-    if concurrency is None:
+def _admit_orm(name: str, deadline: datetime, released: int) -> Picked:
+    limits = EventType.objects.select_for_update().filter(name=name).values_list("concurrency", "held").first()
+    if limits is None:
         return []
-    free = concurrency - TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
-    if free <= 0:
-        return []
-    picked = list(
-        TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
-        .filter(event_type_id=name, status=S.QUEUED, holds_slot=False)
-        .order_by("queued_at", "id")
-        .values_list("id", "current_event_id", "node_key", "run__version_id")[:free]
-    )
-    TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True, lease_expires_at=deadline)
+    concurrency, held = limits
+    free = concurrency - (held - released)
+    picked = []
+    if free > 0:
+        picked = list(
+            TaskRun.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(event_type_id=name, status=S.QUEUED, holds_slot=False)
+            .order_by("queued_at", "id")
+            .values_list("id", "current_event_id", "node_key", "run__version_id")[:free]
+        )
+        TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True, lease_expires_at=deadline)
+    if picked or released:
+        EventType.objects.filter(name=name).update(held=models.F("held") - released + len(picked))
     return [p[1:] for p in picked]
 
 
-def _admit_postgresql(name: str, deadline: datetime, *, locked: bool) -> Callable[[], Picked]:
+def _admit_postgresql(name: str, deadline: datetime, released: int, *, locked: bool) -> Callable[[], Picked]:
     """What `_admit_orm` does, in two statements sent together, or one when the type is locked."""
     if not locked:
         pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name])
-    cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline})
+    cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline, "released": released})
     return lambda: [row[2:] for row in sorted(cursor.fetchall())]
 
 
@@ -664,7 +679,28 @@ def task_runs_reconcile(*, limit: int = 200) -> int:
     unstarted = [row for row in overdue if row[3] in (S.QUEUED, S.RETRY)]
     if unstarted:
         task_runs_redispatch(ids=[row[0] for row in unstarted])
+    event_types_recount()
     return len(overdue)
+
+
+def event_types_recount() -> None:
+    """Set each event type's count of held slots to what its task rows say, under the type's lock.
+
+    The engine keeps the count on every transition; rows deleted outside it (a running run deleted
+    in the admin) would keep their slots counted. Any difference is logged and fixed, and the line
+    is admitted from again.
+    """
+    for name in EventType.objects.values_list("name", flat=True):
+        outbox = _Outbox()
+        with transaction.atomic():
+            held = EventType.objects.select_for_update().filter(name=name).values_list("held", flat=True).first()
+            counted = TaskRun.objects.filter(event_type_id=name, holds_slot=True).count()
+            if held is None or held == counted:
+                continue
+            logger.warning("event type %s counted %d slots held, its tasks hold %d: recounted", name, held, counted)
+            EventType.objects.filter(name=name).update(held=counted)
+            _admit([name], outbox)
+            outbox.flush_on_commit()
 
 
 @_retry_on_conflict
@@ -800,6 +836,7 @@ def task_run_finish(
             outbox.add(event.as_message(), timeout=node.timeout, countdown=countdown)
             outbox.flush_on_commit()
             return False
+        released = {row.event_type_id: int(row.holds_slot)}  # read under the run's lock, before this write
         row.status = S.SUCCESS if succeeded else S.FAILURE
         row.result = result if succeeded else None
         row.error = "" if succeeded else error
@@ -824,7 +861,7 @@ def task_run_finish(
         created: list[Event] = []
         with pgsql.together():
             queued = _advance(run=run, graph=graph, rows=rows, frontier=frontier, now=now, created=created, lock=types)
-            admitted = _admit_send(types + queued, locked=True)
+            admitted = _admit_send(types + queued, locked=True, released=released)
         _admitted(admitted, outbox, known=created)
         if not queued:  # a successor just became QUEUED, so the run cannot be done yet
             _finish_run_if_done(run, now)
@@ -852,20 +889,25 @@ def workflow_run_cancel(*, trace_id: str) -> WorkflowRun:
         run = WorkflowRun.objects.select_for_update().get(trace_id=trace_id)
         if run.is_final:
             return run
+        # Locked, so no admission takes one of them between this read and the update below.
         open_rows = list(
-            TaskRun.objects.filter(run=run).exclude(status__in=FINAL).values_list("event_type_id", "current_event_id")
+            TaskRun.objects.select_for_update(of=("self",))
+            .filter(run=run)
+            .exclude(status__in=FINAL)
+            .values_list("event_type_id", "current_event_id", "holds_slot")
         )
         TaskRun.objects.filter(run=run).exclude(status__in=FINAL).update(
             status=S.REVOKED, finished_at=now, holds_slot=False
         )
-        event_ids = [e for _, e in open_rows if e]
+        event_ids = [e for _, e, _ in open_rows if e]
         Event.objects.filter(event_id__in=event_ids).exclude(
             status__in=[Event.Status.SUCCESS, Event.Status.FAILURE]
         ).update(status=Event.Status.REVOKED)
         outbox.revokes.extend(str(e) for e in event_ids)
         run.status, run.finished_at = WorkflowRun.Status.CANCELED, now
         run.save(update_fields=["status", "finished_at"])
-        _admit({t for t, _ in open_rows}, outbox)
+        released = Counter(t for t, _, held in open_rows if held)
+        _admit({t for t, _, _ in open_rows}, outbox, released=released)
         outbox.flush_on_commit()
     return run
 

@@ -233,25 +233,25 @@ WHERE task.id = new.id
 
 LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
 
-# Admission after the type's lock: count the held slots, take the head of the line, mark it. The
-# count has to be a statement after the lock's: one taken in the locking statement would read a
-# snapshot from before the wait, missing the slots the previous holder just took. The limit is
-# read here too, so both statements go in one round trip; an unknown type admits nothing (GREATEST
-# skips the NULL).
+# Admission after the type's lock: take the head of the line while slots are free, mark it, and
+# keep the type's count of held slots (`EventType.held`), less the `released` slots this transaction
+# gave back, plus those it takes. A statement after the lock's: one taken in the locking statement
+# would read a snapshot from before the wait, missing the slots the previous holder just took. An
+# unknown type admits nothing (GREATEST skips the NULL).
 ADMIT = f"""
 WITH picked AS (
     SELECT id FROM {TASK}
     WHERE event_type_id = %(name)s AND status = '{S.QUEUED.value}' AND holds_slot = false
     ORDER BY queued_at, id
-    LIMIT GREATEST(
-        (SELECT concurrency FROM {EVENT_TYPE} WHERE name = %(name)s)
-            - (SELECT count(*) FROM {TASK} WHERE event_type_id = %(name)s AND holds_slot = true),
-        0
-    )
+    LIMIT GREATEST((SELECT concurrency - held + %(released)s FROM {EVENT_TYPE} WHERE name = %(name)s), 0)
     FOR UPDATE SKIP LOCKED
+), admitted AS (
+    UPDATE {TASK} AS task SET holds_slot = true, lease_expires_at = %(deadline)s
+    FROM picked, {RUN} AS run
+    WHERE task.id = picked.id AND run.trace_id = task.run_id
+    RETURNING task.queued_at, task.id, task.current_event_id, task.node_key, run.version_id
+), counted AS (
+    UPDATE {EVENT_TYPE} SET held = held - %(released)s + (SELECT count(*) FROM admitted) WHERE name = %(name)s
 )
-UPDATE {TASK} AS task SET holds_slot = true, lease_expires_at = %(deadline)s
-FROM picked, {RUN} AS run
-WHERE task.id = picked.id AND run.trace_id = task.run_id
-RETURNING task.queued_at, task.id, task.current_event_id, task.node_key, run.version_id
+SELECT * FROM admitted
 """
