@@ -1,8 +1,8 @@
 """Admission cost per task as the waiting line grows: run `python bench/admission.py`.
 
 Fills an event type of concurrency 1 with N QUEUED tasks (one run each), then repeatedly frees
-the slot and times the engine's admission step (lock the type, count held slots, take the head of
-the line, mark it, build its message). Nothing is published: this measures the database side.
+the slot and times the engine's admission step (lock the type, read its count of held slots, take
+the head of the line, mark it, build its message). Nothing is published: this measures the database side.
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ def measure(samples: int) -> list[float]:
     for _ in range(samples):
         with transaction.atomic():
             # The holder finishes: its slot frees, as task_run_finish does.
-            TaskRun.objects.filter(event_type_id="bench", holds_slot=True).update(holds_slot=False, status="SUCCESS")
+            freed = TaskRun.objects.filter(event_type_id="bench", holds_slot=True).update(
+                holds_slot=False, status="SUCCESS"
+            )
             outbox = engine._Outbox()
             start = time.perf_counter()
-            engine._admit(["bench"], outbox)
+            engine._admit(["bench"], outbox, released={"bench": freed})
             timings.append(time.perf_counter() - start)
             assert len(outbox.messages) == 1
     return timings

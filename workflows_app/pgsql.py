@@ -237,7 +237,9 @@ LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
 # keep the type's count of held slots (`EventType.held`), less the `released` slots this transaction
 # gave back, plus those it takes. A statement after the lock's: one taken in the locking statement
 # would read a snapshot from before the wait, missing the slots the previous holder just took. An
-# unknown type admits nothing (GREATEST skips the NULL).
+# unknown type admits nothing (GREATEST skips the NULL). The picked rows are matched by `= ANY` of
+# an array, and their runs by a subquery, so both are index lookups whatever the planner guesses of
+# the LIMIT: a join it sized from the guess read every task row once the table outgrew its plan.
 ADMIT = f"""
 WITH picked AS (
     SELECT id FROM {TASK}
@@ -246,12 +248,12 @@ WITH picked AS (
     LIMIT GREATEST((SELECT concurrency - held + %(released)s FROM {EVENT_TYPE} WHERE name = %(name)s), 0)
     FOR UPDATE SKIP LOCKED
 ), admitted AS (
-    UPDATE {TASK} AS task SET holds_slot = true, lease_expires_at = %(deadline)s
-    FROM picked, {RUN} AS run
-    WHERE task.id = picked.id AND run.trace_id = task.run_id
-    RETURNING task.queued_at, task.id, task.current_event_id, task.node_key, run.version_id
+    UPDATE {TASK} SET holds_slot = true, lease_expires_at = %(deadline)s
+    WHERE id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING queued_at, id, current_event_id, node_key, run_id
 ), counted AS (
     UPDATE {EVENT_TYPE} SET held = held - %(released)s + (SELECT count(*) FROM admitted) WHERE name = %(name)s
 )
-SELECT * FROM admitted
+SELECT queued_at, id, current_event_id, node_key, (SELECT version_id FROM {RUN} WHERE trace_id = run_id)
+FROM admitted
 """
