@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, models, transaction
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from events_app.models import Event, EventType
@@ -306,7 +307,7 @@ def _admit_orm(name: str, deadline: datetime, released: int) -> Picked:
         )
         TaskRun.objects.filter(id__in=[p[0] for p in picked]).update(holds_slot=True, lease_expires_at=deadline)
     if picked or released:
-        EventType.objects.filter(name=name).update(held=models.F("held") - released + len(picked))
+        EventType.objects.filter(name=name).update(held=Greatest(models.F("held") - released + len(picked), 0))
     return [p[1:] for p in picked]
 
 

@@ -235,11 +235,13 @@ LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
 
 # Admission after the type's lock: take the head of the line while slots are free, mark it, and
 # keep the type's count of held slots (`EventType.held`), less the `released` slots this transaction
-# gave back, plus those it takes. A statement after the lock's: one taken in the locking statement
-# would read a snapshot from before the wait, missing the slots the previous holder just took. An
-# unknown type admits nothing (GREATEST skips the NULL). The picked rows are matched by `= ANY` of
-# an array, and their runs by a subquery, so both are index lookups whatever the planner guesses of
-# the LIMIT: a join it sized from the guess read every task row once the table outgrew its plan.
+# gave back, plus those it takes; never below zero, so a count that drifted low (the reconciler
+# recounts it) cannot fail a finish on the column's check. A statement after the lock's: one taken
+# in the locking statement would read a snapshot from before the wait, missing the slots the
+# previous holder just took. An unknown type admits nothing (GREATEST skips the NULL). The picked
+# rows are matched by `= ANY` of an array, and their runs by a subquery, so both are index lookups
+# whatever the planner guesses of the LIMIT: a join it sized from the guess read every task row
+# once the table outgrew its plan.
 ADMIT = f"""
 WITH picked AS (
     SELECT id FROM {TASK}
@@ -252,7 +254,8 @@ WITH picked AS (
     WHERE id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING queued_at, id, current_event_id, node_key, run_id
 ), counted AS (
-    UPDATE {EVENT_TYPE} SET held = held - %(released)s + (SELECT count(*) FROM admitted) WHERE name = %(name)s
+    UPDATE {EVENT_TYPE} SET held = GREATEST(held - %(released)s + (SELECT count(*) FROM admitted), 0)
+    WHERE name = %(name)s
 )
 SELECT queued_at, id, current_event_id, node_key, (SELECT version_id FROM {RUN} WHERE trace_id = run_id)
 FROM admitted
