@@ -314,7 +314,7 @@ def _admit_orm(name: str, deadline: datetime, released: int) -> Picked:
 def _admit_postgresql(name: str, deadline: datetime, released: int, *, locked: bool) -> Callable[[], Picked]:
     """What `_admit_orm` does, in two statements sent together, or one when the type is locked."""
     if not locked:
-        pgsql.execute(pgsql.LOCK_EVENT_TYPE, [name])
+        pgsql.execute(pgsql.LOCK_EVENT_TYPES, {"lock": [name]})
     cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline, "released": released})
     return lambda: [row[2:] for row in sorted(cursor.fetchall())]
 

@@ -195,8 +195,8 @@ SELECT *, new.timestamp FROM unnest(
 ) AS new(event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp)
 """
 
-# Locks the event types named in `lock`, in name order, so admission can follow (`ADMIT`); it ends
-# the two statements below, which then take the lock in the same statement as their writes.
+# Locks the event types named in `lock`, in name order, so admission can follow (`ADMIT`); alone, or
+# ending the two statements below, which then take the lock in the same statement as their writes.
 LOCK_EVENT_TYPES = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = ANY(%(lock)s::varchar[]) ORDER BY name FOR UPDATE"
 
 # A new run's task rows with its roots' events, and the lock of their types, in one statement: the
@@ -230,8 +230,6 @@ WHERE task.id = new.id
 )
 {LOCK_EVENT_TYPES}
 """
-
-LOCK_EVENT_TYPE = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = %s FOR UPDATE"
 
 # Admission after the type's lock: take the head of the line while slots are free, mark it, and
 # keep the type's count of held slots (`EventType.held`), less the `released` slots this transaction

@@ -6,6 +6,7 @@ several times what running it does; the rules (unknown token, inactive user) are
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -16,6 +17,7 @@ from rest_framework.authtoken.models import Token
 from workflows_app import pgsql
 
 
+@functools.cache
 def _token_sql() -> str:
     user = get_user_model()
     return (
