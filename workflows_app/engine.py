@@ -479,12 +479,15 @@ def _stored_version_id(workflow_id: int, version: int) -> int:
 
 
 def _insert_tasks(
-    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, lock: Iterable[str]
+    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, lock: Iterable[str], new_run: bool
 ) -> None:
-    """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest; on
-    PostgreSQL the same statement locks the event types in `lock`."""
+    """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest,
+    after the run's own row when `new_run`; on PostgreSQL the same statement locks the event types
+    in `lock`."""
     nodes = list(graph.nodes.values())
     if not pgsql.available():
+        if new_run:
+            run.save(force_insert=True)
         Event.objects.bulk_create(events.values())
         TaskRun.objects.bulk_create(
             TaskRun(
@@ -500,9 +503,9 @@ def _insert_tasks(
         )
         return
     pgsql.execute(
-        pgsql.START_TASKS,
+        pgsql.START_RUN if new_run else pgsql.START_TASKS,
         {
-            "run_id": run.pk,
+            **(pgsql.values_params(run, "run_") if new_run else {"run_trace_id": run.pk}),
             "node_key": [node.key for node in nodes],
             "node_event_type": [node.event_type for node in nodes],
             "node_task_name": [node.task for node in nodes],
@@ -513,6 +516,8 @@ def _insert_tasks(
             "lock": sorted(set(lock)),
         },
     )
+    if new_run:
+        run._state.adding, run._state.db = False, connection.alias  # written, as after the ORM's save
 
 
 @_retry_on_conflict
@@ -578,10 +583,8 @@ def workflow_run_start(
         }
         # On PostgreSQL the inserts and admission go in one round trip, BEGIN included.
         with pgsql.together():
-            if not idempotency_key:
-                run.save(force_insert=True)
             types = {graph.nodes[key].event_type for key in events}
-            _insert_tasks(run, graph, events, now, lock=types)
+            _insert_tasks(run, graph, events, now, lock=types, new_run=not idempotency_key)
             admitted = _admit_send(types, locked=True)
         _admitted(admitted, outbox, known=events.values())
         outbox.flush_on_commit()

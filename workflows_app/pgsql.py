@@ -199,18 +199,45 @@ SELECT *, new.timestamp FROM unnest(
 # ending the two statements below, which then take the lock in the same statement as their writes.
 LOCK_EVENT_TYPES = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = ANY(%(lock)s::varchar[]) ORDER BY name FOR UPDATE"
 
-# A new run's task rows with its roots' events, and the lock of their types, in one statement: the
-# ORM's two inserts cost more Python than the rest of a trigger's transaction.
-START_TASKS = f"""
-WITH events AS ({INSERT_EVENTS}), tasks AS (
+
+def insert_values(model: type[models.Model], prefix: str) -> str:
+    """`INSERT INTO` the model's table, one row of named parameters `prefix` + column
+    (`values_params`): a CTE of a statement that writes more."""
+    fields = model._meta.concrete_fields
+    names = ", ".join(f.column for f in fields)
+    values = ", ".join(f"%({prefix}{f.column})s" for f in fields)
+    return f"INSERT INTO {model._meta.db_table} ({names}) VALUES ({values})"
+
+
+def values_params(instance: models.Model, prefix: str) -> dict[str, Any]:
+    """The parameters of `insert_values` for a new instance, as the ORM's insert prepares them
+    (`pre_save` fills `auto_now_add` dates)."""
+    return {
+        f"{prefix}{f.column}": f.get_db_prep_save(f.pre_save(instance, True), connection)
+        for f in instance._meta.concrete_fields
+    }
+
+
+# A run's task rows, QUEUED with their events for the roots and WAITING for the rest.
+_INSERT_TASKS = f"""
 INSERT INTO {TASK}
     (run_id, node_key, event_type_id, task_name, status, queued_at, current_event_id,
      attempts, holds_slot, error, worker)
-SELECT %(run_id)s, new.*, 0, false, '', '' FROM unnest(
+SELECT %(run_trace_id)s, new.*, 0, false, '', '' FROM unnest(
     %(node_key)s::varchar[], %(node_event_type)s::varchar[], %(node_task_name)s::varchar[],
     %(node_status)s::varchar[], %(node_queued_at)s::timestamptz[], %(node_event_id)s::uuid[]
 ) AS new(node_key, event_type, task_name, status, queued_at, event_id)
-)
+"""
+
+# A new run: its row (`values_params` with the prefix "run_"), its task rows, its roots' events and
+# the lock of their types, in one statement; the ORM's inserts cost more Python than the rest of a
+# trigger's transaction. START_TASKS is the same for a run already written.
+START_RUN = f"""
+WITH run AS ({insert_values(WorkflowRun, "run_")}), events AS ({INSERT_EVENTS}), tasks AS ({_INSERT_TASKS})
+{LOCK_EVENT_TYPES}
+"""
+START_TASKS = f"""
+WITH events AS ({INSERT_EVENTS}), tasks AS ({_INSERT_TASKS})
 {LOCK_EVENT_TYPES}
 """
 
