@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -23,7 +24,6 @@ from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse as api_reverse
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from events_app.models import Event, EventType
@@ -43,6 +43,21 @@ from .schema import (
     errors,
     paginated,
 )
+from .throttling import ScopedWindowThrottle
+
+
+class ModelOutputSerializer(serializers.ModelSerializer):
+    """A ModelSerializer that reads its model's fields once per class. DRF builds them again for
+    every instance, which cost a trigger's answer as much as the rest of its serializing; each
+    instance still gets its own copies, since binding a field to its serializer changes it."""
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        cls = type(self)
+        built = cls.__dict__.get("_built_fields")  # this class's own, never a parent's
+        if built is None:
+            built = super().get_fields()
+            cls._built_fields = built
+        return copy.deepcopy(built)
 
 
 class PagePagination(PageNumberPagination):
@@ -260,7 +275,7 @@ class WorkflowDetailApi(APIView):
 # --------------------------------------------------------------------------- runs
 
 
-class TaskRunOutputSerializer(serializers.ModelSerializer):
+class TaskRunOutputSerializer(ModelOutputSerializer):
     node = serializers.CharField(source="node_key")
     event_type = serializers.CharField(source="event_type_id")
     event_id = serializers.UUIDField(
@@ -298,7 +313,7 @@ class TaskRunOutputSerializer(serializers.ModelSerializer):
         return request.build_absolute_uri(path) if request else path
 
 
-class RunOutputSerializer(serializers.ModelSerializer):
+class RunOutputSerializer(ModelOutputSerializer):
     workflow = serializers.CharField(source="workflow.name")
     url = serializers.SerializerMethodField()
     status_page = serializers.SerializerMethodField()
@@ -338,7 +353,7 @@ class RunDetailOutputSerializer(RunOutputSerializer):
 
 class RunTriggerApi(APIView):
     permission_classes = [require("workflows_app.add_workflowrun")]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ScopedWindowThrottle]
     throttle_scope = "trigger"
 
     class InputSerializer(serializers.Serializer):
@@ -404,7 +419,7 @@ class RunDetailApi(APIView):
         return Response(RunDetailOutputSerializer(_run_or_404(trace_id), context={"request": request}).data)
 
 
-class EventOutputSerializer(serializers.ModelSerializer):
+class EventOutputSerializer(ModelOutputSerializer):
     class Meta:
         model = Event
         fields = [
@@ -470,7 +485,7 @@ class RunRetryApi(APIView):
 
 class EventPublishApi(APIView):
     permission_classes = [require("workflows_app.add_workflowrun")]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ScopedWindowThrottle]
     throttle_scope = "trigger"
 
     class InputSerializer(serializers.Serializer):
@@ -521,7 +536,7 @@ class EventPublishApi(APIView):
         )
 
 
-class EventTypeOutputSerializer(serializers.ModelSerializer):
+class EventTypeOutputSerializer(ModelOutputSerializer):
     running = serializers.IntegerField(read_only=True, help_text="Tasks holding a slot: sent and not finished.")
     queued = serializers.IntegerField(read_only=True, help_text="Ready tasks waiting for a slot.")
     oldest_queued_at = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -590,7 +605,7 @@ class EventTypeDetailApi(APIView):
 # --------------------------------------------------------------------------- Celery results
 
 
-class TaskResultOutputSerializer(serializers.ModelSerializer):
+class TaskResultOutputSerializer(ModelOutputSerializer):
     result = serializers.SerializerMethodField(help_text="The task's return value, or the exception for a failure.")
 
     class Meta:
