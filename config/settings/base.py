@@ -127,6 +127,11 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"trigger": env("EVENTFLOW_TRIGGER_RATE", default="6000/minute")},
 }
 
+# The trigger rate limit counts requests in this cache (workflows_app/api/throttling.py). Point it at
+# a cache every process shares, e.g. CACHE_URL=redis://127.0.0.1:6379/1, for the limit to hold
+# across gunicorn workers and hosts; the default counts in each process's memory.
+CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "Eventflow API",
     "DESCRIPTION": "Trigger workflows of Celery tasks and watch their runs.",
