@@ -1,4 +1,4 @@
-"""Processes the benchmarks start and stop: Celery workers, gunicorn, and their memory read from /proc."""
+"""Processes the benchmarks start and stop: Celery workers, gunicorn, and their memory and CPU read from /proc."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -105,8 +105,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def process_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """Every process's pid, command name and the fields of its /proc stat(5) line from the third on."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -114,11 +114,12 @@ def children_of(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # ended while we looked
-        # The command name in parentheses may hold spaces; the parent pid is the second field after it.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
-    return sorted(found)
+        # The command name in parentheses may hold spaces and parentheses.
+        yield int(entry.name), stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 1 :].split()
+
+
+def children_of(pid: int) -> list[int]:
+    return sorted(child for child, _, fields in process_stats() if int(fields[1]) == pid)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -129,3 +130,12 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's command name and the CPU seconds it has used (user plus system)."""
+    # utime and stime are fields 14 and 15 of stat(5).
+    return {pid: (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS) for pid, name, fields in process_stats()}

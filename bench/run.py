@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _procs import Gunicorn, Worker, bench_env, memory_kib, poll
+from _procs import Gunicorn, Worker, bench_env, children_of, cpu_seconds, memory_kib, poll
 from _setup import print_table, setup_django, summary
 
 DB_NAME = os.environ.get("BENCH_DB_NAME", "eventflow_bench_main")
@@ -457,6 +457,21 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
 
 
+def cpu_by_role(before: dict, after: dict, roles: dict[int, str]) -> Counter:
+    """CPU seconds spent between two `cpu_seconds()` readings, by role: those in `roles` by pid, the
+    rest by command name."""
+    spent: Counter = Counter()
+    for pid, (name, seconds) in after.items():
+        role = roles.get(pid) or (
+            "PostgreSQL" if name.startswith("postgres") else "Redis" if name.startswith("redis") else "other"
+        )
+        spent[role] += seconds - before.get(pid, (name, 0.0))[1]
+    return spent
+
+
+CPU_ROLES = ("gunicorn", "PostgreSQL", "load generator")
+
+
 def scenario_api(workflow: Any, sizes: Sizes, log_dir: Path, *, workers: int, clients: int) -> list[Row]:
     token = api_token()
     server = Gunicorn(workers=workers, log_dir=log_dir, env=bench_env())
@@ -467,11 +482,14 @@ def scenario_api(workflow: Any, sizes: Sizes, log_dir: Path, *, workers: int, cl
         floor = ("GET", "/api/", None)
         for method, path, body in (floor, trigger):  # every gunicorn worker loads its code and connects
             load(server.port, method, path, body=body, headers=headers, total=8 * workers, clients=workers, seconds=30)
+        roles = {pid: "gunicorn" for pid in [server.pid, *children_of(server.pid)]} | {os.getpid(): "load generator"}
         results: dict[str, tuple[list[float], list[float]]] = {"floor": ([], []), "trigger": ([], [])}
+        cpu: dict[tuple[str, str], list[float]] = {}
         for i in range(sizes.api_repeats):
             order = [("floor", floor), ("trigger", trigger)]
             for name, (method, path, body) in order if i % 2 == 0 else order[::-1]:
                 free_api_slots()
+                before = cpu_seconds()
                 elapsed, latencies, statuses = load(
                     server.port,
                     method,
@@ -482,23 +500,35 @@ def scenario_api(workflow: Any, sizes: Sizes, log_dir: Path, *, workers: int, cl
                     clients=clients,
                     seconds=sizes.api_seconds,
                 )
+                spent = cpu_by_role(before, cpu_seconds(), roles)
                 expected = 201 if name == "trigger" else 200
                 if set(statuses) != {expected}:
                     raise RuntimeError(f"{name}: unexpected answers {dict(statuses)}; see {server.log_path}")
                 results[name][0].append(len(latencies) / elapsed)
                 results[name][1].append(p95(latencies) * 1000)
-                print(f"  api: {name} {len(latencies) / elapsed:.0f} req/s, p95 {p95(latencies) * 1000:.1f} ms")
+                for role in CPU_ROLES:
+                    cpu.setdefault((name, role), []).append(spent[role] * 1000 / len(latencies))
+                per_request = ", ".join(f"{role} {spent[role] * 1000 / len(latencies):.2f}" for role in CPU_ROLES)
+                print(
+                    f"  api: {name} {len(latencies) / elapsed:.0f} req/s, p95 {p95(latencies) * 1000:.1f} ms,"
+                    f" CPU ms per request: {per_request}"
+                )
     finally:
         server.stop()
     label = f"4 API, gunicorn -w {workers}, {clients} clients"
     floor_rate = Row(label, "requests/s", "GET /api/ (DRF floor)", results["floor"][0])
     floor_p95 = Row(label, "p95 ms", "GET /api/ (DRF floor)", results["floor"][1])
-    return [
+    rows = [
         floor_rate,
         Row(label, "requests/s", "POST .../runs/ (trigger)", results["trigger"][0], floor_rate, ">= 300/s"),
         floor_p95,
         Row(label, "p95 ms", "POST .../runs/ (trigger)", results["trigger"][1], floor_p95, "< 50 ms"),
     ]
+    # Where the 2 cores go: CPU per request of each process group (all of PostgreSQL's processes).
+    for role in CPU_ROLES:
+        floor_cpu = Row(label, "CPU ms per request", f"{role}, floor", cpu[("floor", role)])
+        rows += [floor_cpu, Row(label, "CPU ms per request", f"{role}, trigger", cpu[("trigger", role)], floor_cpu)]
+    return rows
 
 
 # --------------------------------------------------------------------------- scenario 5
