@@ -303,8 +303,12 @@ def test_retry_of_a_running_run_is_409(api, pipeline):
         ({"name": "no nodes", "nodes": []}, "nodes"),
         ({"name": "x", "nodes": "a"}, "nodes"),
         ([1, 2], "object"),
+        ({**factories.spec("types", [("a", ECHO)]), "event_types": []}, "event_types must be an object"),
     ],
-    ids=["cycle", "unknown-task", "self-edge", "dup-key", "dangling", "rule", "type", "extra", "empty", "str", "list"],
+    ids=[
+        *("cycle", "unknown-task", "self-edge", "dup-key", "dangling", "rule", "type", "extra", "empty", "str"),
+        *("list", "event-types-list"),
+    ],
 )
 def test_create_invalid_workflow_is_400_naming_the_problem(api, definition, needle):
     before = counts()

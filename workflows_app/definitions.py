@@ -172,8 +172,10 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
     if not isinstance(triggers, list) or not all(isinstance(t, str) and EVENT_TYPE_RE.match(t) for t in triggers):
         errors.append("trigger_event_types must be a list of event type names")
         triggers = []
-    event_types = data.get("event_types", {}) or {}
-    if not isinstance(event_types, dict):
+    event_types = data.get("event_types", {})
+    if event_types is None:  # an empty `event_types:` key in a YAML file
+        event_types = {}
+    if not isinstance(event_types, dict):  # [] too, which `or {}` used to turn into {}
         errors.append("event_types must be an object of name: {concurrency: n}")
         event_types = {}
     for et_name, et in event_types.items():
