@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import _setup  # noqa: F401 - puts the project on the path
 
-from tests.processes import Process
+from tests.processes import Process, free_port
 
 T = TypeVar("T")
 
@@ -97,12 +97,6 @@ class Gunicorn(Process):
             return status in (200, 401, 403)
 
         poll(ready, timeout=timeout, interval=0.2, what="gunicorn to answer")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_stats() -> Iterator[tuple[int, str, list[str]]]:

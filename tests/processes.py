@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -49,3 +50,10 @@ class Process:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
         self._log.close()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server the caller starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -15,7 +15,7 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tests.processes import Process
+from tests.processes import Process, free_port
 from tests.workers import wait_for, worker_env
 from workflows_app.api.throttling import ScopedWindowThrottle
 from workflows_app.models import WorkflowRun
@@ -65,12 +65,6 @@ def other_user(django_user_model):
     user = django_user_model.objects.create_user(username="second", password="pw-x-123456")
     user.user_permissions.add(Permission.objects.get(codename="add_workflowrun"))
     return user
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Call:
