@@ -333,6 +333,11 @@ def _load_rows_later(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[
     else:
         # order_by(): Meta.ordering would join the run's table only to sort rows kept in a dict.
         found = TaskRun.objects.filter(run=run, node_key__in=missing).order_by().all
+    return _adding_to(rows, found)
+
+
+def _adding_to(rows: dict[str, TaskRun], found: Callable[[], Iterable[TaskRun]]) -> Callable[[], None]:
+    """What adds the rows `found` returns to `rows`, by node, once called."""
 
     def add() -> None:
         for row in found():
@@ -772,13 +777,7 @@ def _save_outcome(
     params.update({f"celery_{c}": (celery_result or {}).get(c) for c in pgsql.CELERY_RESULT_COLUMNS})
     params.update(store_celery_result=celery_result is not None, run_id=run.pk)
     params["nodes"] = [k for k in keys if k not in rows]
-    found = pgsql.fetch_models_later(TaskRun, pgsql.SAVE_OUTCOME, params)
-
-    def add() -> None:
-        for loaded in found():
-            rows[loaded.node_key] = loaded
-
-    return add, celery_result is not None
+    return _adding_to(rows, pgsql.fetch_models_later(TaskRun, pgsql.SAVE_OUTCOME, params)), celery_result is not None
 
 
 @_retry_on_conflict
