@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, models, transaction
-from django.db.models.functions import Greatest
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from events_app.models import Event, EventType
@@ -699,7 +699,21 @@ def event_types_recount() -> None:
     in the admin) would keep their slots counted. Any difference is logged and fixed, and the line
     is admitted from again.
     """
-    for name in EventType.objects.values_list("name", flat=True):
+    holding = (
+        TaskRun.objects.filter(event_type_id=models.OuterRef("name"), holds_slot=True)
+        .order_by()
+        .values("event_type_id")
+        .annotate(n=models.Count("id"))
+        .values("n")
+    )
+    # One statement, so the count and the rows are read in one snapshot: only a type that really
+    # drifted differs, and only that type is locked, not every type on every reconciler pass.
+    drifted = (
+        EventType.objects.annotate(counted=Coalesce(models.Subquery(holding), 0))
+        .exclude(held=models.F("counted"))
+        .values_list("name", flat=True)
+    )
+    for name in list(drifted):
         outbox = _Outbox()
         with transaction.atomic():
             held = EventType.objects.select_for_update().filter(name=name).values_list("held", flat=True).first()
