@@ -387,9 +387,9 @@ def define_api_workflow() -> Any:
 
 
 def free_api_slots() -> None:
-    """End the runs the previous measurement started. Nothing consumes their queue, so each keeps its
-    root's slot, and admission, which counts the slots held, would slow with every measurement;
-    in operation that count stays at most the type's concurrency."""
+    """End the runs the previous measurement started, and take their slots off the type's count.
+    Nothing consumes their queue, so each would keep its root's slot: in operation a type holds at
+    most its concurrency, and the slot index and the count stay that small."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -398,6 +398,7 @@ def free_api_slots() -> None:
             " WHERE event_type_id = %s AND holds_slot",
             [API_QUEUE],
         )
+        cursor.execute("UPDATE events_app_eventtype SET held = 0 WHERE name = %s", [API_QUEUE])
 
 
 def api_token() -> str:
