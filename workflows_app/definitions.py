@@ -175,7 +175,7 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
     event_types = data.get("event_types", {})
     if event_types is None:  # an empty `event_types:` key in a YAML file
         event_types = {}
-    if not isinstance(event_types, dict):  # [] too, which `or {}` used to turn into {}
+    if not isinstance(event_types, dict):  # an empty list too: the schema says object
         errors.append("event_types must be an object of name: {concurrency: n}")
         event_types = {}
     for et_name, et in event_types.items():
