@@ -309,7 +309,8 @@ class Command(BaseCommand):
     def _start_workers(self) -> None:
         plan = worker_plan()
         self._say(f"Starting {len(plan)} workers, one per queue (logs in {self._log_dir()}):")
-        for queue, concurrency in plan.items():
+        started = time.monotonic()
+        for i, (queue, concurrency) in enumerate(plan.items()):
             argv = worker_command(
                 queue=queue,
                 concurrency=concurrency,
@@ -325,16 +326,23 @@ class Command(BaseCommand):
             )
             self._spawn(f"worker-{queue}", argv)
             self._say(f"  {queue:<24} {concurrency} thread{'s' if concurrency > 1 else ''}")
-        started = time.monotonic()
+            if i == 0:
+                # The file broker creates an exchange's file unlocked, then writes it: a worker
+                # binding the same exchange (every worker binds the remote-control one) in between
+                # reads an empty file and dies. Once the first worker is ready, those files exist,
+                # and the others bind under the file's lock.
+                self._wait_ready([(self.children[-1], self._node(queue))])
         # The file broker has no remote control to ping, so readiness is the worker's own
         # "<name> ready." log line, which Celery writes once it consumes its queue.
-        workers = [(w, self._node(q)) for w, q in zip(self.children, plan, strict=True)]
+        self._wait_ready([(w, self._node(q)) for w, q in zip(self.children, plan, strict=True)])
+        self._say(f"Workers ready in {time.monotonic() - started:.1f}s")
+
+    def _wait_ready(self, workers: list[tuple[Child, str]]) -> None:
         self._wait_for(
             lambda: all(worker_ready(w.log_path.read_bytes(), node) for w, node in workers),
             timeout=READY_TIMEOUT,
             what="the workers to be ready",
         )
-        self._say(f"Workers ready in {time.monotonic() - started:.1f}s")
 
     @staticmethod
     def _node(queue: str) -> str:
