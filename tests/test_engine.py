@@ -31,14 +31,19 @@ def start(workflow, payload=None, capture=None) -> WorkflowRun:
         return engine.workflow_run_start(workflow=workflow, payload=payload or {})[0]
 
 
-def run_task(run: WorkflowRun, key: str, capture, *, ok: bool = True, result=None) -> None:
-    """Play what a worker does for a task: start it, then report its outcome."""
+def run_task(run: WorkflowRun, key: str, capture, *, ok: bool = True, result=None, with_event: bool = True) -> None:
+    """Play what a worker does for a task: start it, then report its outcome with the Event it received."""
     task = TaskRun.objects.get(run=run, node_key=key)
     event = task.current_event
     assert engine.task_run_start(event_id=str(event.event_id), attempt=event.context["attempt"])
     with capture(execute=True):
         engine.task_run_finish(
-            trace_id=str(run.trace_id), event_id=str(event.event_id), succeeded=ok, result=result, error="boom"
+            trace_id=str(run.trace_id),
+            event_id=str(event.event_id),
+            succeeded=ok,
+            result=result,
+            error="boom",
+            event=event.as_message() if with_event else None,
         )
 
 
@@ -240,3 +245,105 @@ def test_the_arguments_shown_in_a_message_are_cut_at_celerys_limit():
     long = {"event_id": "e", "payload": {"text": "x" * 5000}}
     shown = engine._args_repr(long, 1024)
     assert len(shown) == 1024 and shown.endswith("...") and shown.startswith("[{'event_id': 'e'")
+
+
+@pytest.fixture
+def one_trips(monkeypatch) -> list[bool | None]:
+    """What each success recorded in one round trip answered (None: the general path recorded it)."""
+    answers: list[bool | None] = []
+    original = engine._finish_success_in_one_trip
+
+    def spy(**kwargs):
+        answers.append(original(**kwargs))
+        return answers[-1]
+
+    monkeypatch.setattr(engine, "_finish_success_in_one_trip", spy)
+    engine._version_id_named.cache_clear()  # versions of other tests' workflows, rolled back since
+    return answers
+
+
+def recorded(run: WorkflowRun) -> dict[str, tuple]:
+    """Per node: the task's status and result, and its Event's status, payload, result and context."""
+    events = {e.event_id: e for e in Event.objects.filter(trace_id=run.trace_id)}
+    shown = {}
+    for task in TaskRun.objects.filter(run=run):
+        event = events.get(task.current_event_id)
+        stored = event and (event.status, event.payload, event.result, event.context, event.task_name)
+        shown[task.node_key] = (task.status, task.result, task.holds_slot, stored)
+    return shown
+
+
+def test_successes_before_single_parent_nodes_take_one_trip_and_record_what_the_general_path_does(
+    sent, one_trips, django_capture_on_commit_callbacks
+):
+    # a -> b -> c, a -> d (a fan-out, a chain, two leaves); d's params override the run's payload
+    cap = django_capture_on_commit_callbacks
+    nodes = [("a", ECHO), ("b", ECHO), ("c", ECHO), {"key": "d", "task": ECHO, "params": {"size": "L", "n": 2}}]
+    wf = factories.workflow(factories.spec("fan", nodes, [["a", "b"], ["b", "c"], ["a", "d"]]))
+    EventType.objects.filter(name="q_default").update(concurrency=10)
+    runs = []
+    for with_event in (True, False):
+        run = start(wf, payload={"size": "S", "keep": [1, {"x": None}]}, capture=cap)
+        for key in "abdc":
+            run_task(run, key, cap, result={"node": key, "nested": {"list": [1, 2]}}, with_event=with_event)
+        run.refresh_from_db()
+        runs.append(run)
+    assert one_trips == [False] * 4  # each taken in one trip (False: no Celery row was asked for)
+    fast, general = (recorded(r) for r in runs)
+    assert fast == general
+    assert fast["d"][3][1] == {"size": "L", "n": 2, "keep": [1, {"x": None}]}
+    assert fast["b"][3][3]["upstream"] == {"a": {"node": "a", "nested": {"list": [1, 2]}}}
+    assert [(r.status, r.finished_at is not None) for r in runs] == [("SUCCESS", True)] * 2
+    assert [n for n, _, _ in sent] == list("abdc") * 2
+    # the messages sent carry what was stored
+    d_message = Event.objects.get(event_id=TaskRun.objects.get(run=runs[0], node_key="d").current_event_id)
+    assert d_message.as_message()["payload"] == fast["d"][3][1]
+    assert held("q_default") == (0, 0)
+
+
+def test_a_repeated_success_sent_with_its_event_dispatches_nothing_again(
+    sent, one_trips, django_capture_on_commit_callbacks
+):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("again", [(k, ECHO) for k in "ab"], [["a", "b"]]))
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap, result=1)
+    a = TaskRun.objects.get(run=run, node_key="a")
+    with cap(execute=True):
+        assert (
+            engine.task_run_finish(
+                trace_id=str(run.trace_id),
+                event_id=str(a.current_event_id),
+                succeeded=True,
+                result=2,
+                celery_result={"task_id": str(a.current_event_id), "status": "SUCCESS"},
+                event=a.current_event.as_message(),
+            )
+            is False
+        )
+    assert one_trips == [False, False]
+    assert [n for n, _, _ in sent] == ["a", "b"]
+    assert TaskRun.objects.get(run=run, node_key="a").result == 1
+    assert held("q_default") == (1, 1)  # b's
+
+
+def test_joins_and_events_naming_another_graph_go_the_general_way(sent, one_trips, django_capture_on_commit_callbacks):
+    # a -> b, a -> c, b -> d, c -> d: b's and c's successes decide a join
+    cap = django_capture_on_commit_callbacks
+    edges = [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]]
+    wf = factories.workflow(factories.spec("join", [(k, ECHO) for k in "abcd"], edges))
+    EventType.objects.filter(name="q_default").update(concurrency=10)
+    run = start(wf, capture=cap)
+    run_task(run, "a", cap)
+    b = TaskRun.objects.get(run=run, node_key="b").current_event
+    message = b.as_message()
+    message["context"] = {**message["context"], "workflow_version": 7}  # no such version
+    assert engine.task_run_start(event_id=str(b.event_id))
+    with cap(execute=True):
+        engine.task_run_finish(trace_id=str(run.trace_id), event_id=str(b.event_id), succeeded=True, event=message)
+    run_task(run, "c", cap)
+    run_task(run, "d", cap)
+    assert one_trips == [False, None, None, False]  # a; b (unknown version); c (join); d
+    run.refresh_from_db()
+    assert run.status == "SUCCESS" and set(statuses(run).values()) == {"SUCCESS"}
+    assert [n for n, _, _ in sent] == list("abcd") and held("q_default") == (0, 0)

@@ -67,6 +67,7 @@ def record_outcome(
             result=result,
             error=error,
             celery_result=celery_result,
+            event=event,
         ),
         what="recording a task outcome",
     )

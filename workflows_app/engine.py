@@ -217,24 +217,29 @@ def _new_event(
     attempt: int,
     upstream: dict,
     now: datetime,
+    event_id: uuid.UUID | None = None,
 ) -> Event:
     return Event(
-        event_id=uuid.uuid4(),
+        event_id=event_id or uuid.uuid4(),
         trace_id=run.trace_id,
         event_type=node.event_type,
         task_name=node.task,
         payload={**run.payload, **node.params},
         result={},
-        context={
-            "workflow": graph.workflow,
-            "workflow_version": graph.version,
-            "node": node.key,
-            "attempt": attempt,
-            "upstream": upstream,
-        },
+        context=_event_context(graph, node, attempt=attempt, upstream=upstream),
         status=Event.Status.PENDING,
         timestamp=now,
     )
+
+
+def _event_context(graph: Graph, node: NodeSpec, *, attempt: int, upstream: dict) -> dict:
+    return {
+        "workflow": graph.workflow,
+        "workflow_version": graph.version,
+        "node": node.key,
+        "attempt": attempt,
+        "upstream": upstream,
+    }
 
 
 Picked = list[tuple[uuid.UUID, str, int]]
@@ -450,6 +455,11 @@ def _advance(
 
 
 def _finish_run_if_done(run: WorkflowRun, now: datetime) -> None:
+    if pgsql.available():
+        ended = pgsql.execute(pgsql.FINISH_RUN, {"run_id": run.pk, "now": now}).fetchone()
+        if ended:
+            run.status, run.finished_at = ended
+        return
     if TaskRun.objects.filter(run=run).exclude(status__in=FINAL).exists():
         return
     failed = TaskRun.objects.filter(run=run, status__in=[S.FAILURE, S.UPSTREAM_FAILED]).exists()
@@ -475,6 +485,13 @@ def _current_version_id(workflow: WorkflowDefinition) -> int:
 
         # Not cached (lru_cache keeps no exception): this transaction may still roll back.
         return workflow_version_sync(workflow=workflow).pk
+
+
+@functools.lru_cache(maxsize=4096)
+def _version_id_named(workflow: str, version: int) -> int:
+    """The pk of a workflow's version by the names an Event carries. A workflow deleted and created
+    again under its name may give another answer later; callers check it under the run's lock."""
+    return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow__name=workflow, version=version)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -788,8 +805,7 @@ def _save_outcome(
     }
     params["event_result"] = Event._meta.get_field("result").get_db_prep_save(event_result, connection)
     params.update(id=row.pk, event_id=row.current_event_id, event_status=event_status)
-    params.update({f"celery_{c}": (celery_result or {}).get(c) for c in pgsql.CELERY_RESULT_COLUMNS})
-    params.update(store_celery_result=celery_result is not None, run_id=run.pk)
+    params.update(_celery_result_params(celery_result), run_id=run.pk)
     params["nodes"] = [k for k in keys if k not in rows]
     return _adding_to(rows, pgsql.fetch_models_later(TaskRun, pgsql.SAVE_OUTCOME, params)), celery_result is not None
 
@@ -804,13 +820,16 @@ def task_run_finish(
     error: str = "",
     lost: bool = False,
     celery_result: Mapping[str, Any] | None = None,
+    event: Mapping[str, Any] | None = None,
 ) -> bool:
     """Record an attempt's outcome, retry or settle the task, dispatch successors, settle the run.
 
     Idempotent: a completion for an attempt that is not current or already final changes nothing,
     so a duplicate never dispatches a successor twice. `celery_result`, the Celery result row of a
     success, is written in the same transaction on PostgreSQL; True means it was, and Celery need
-    not store it again.
+    not store it again. `event`, the attempt's Event as the task received it, names the node and
+    the version of the graph, so that a success can be recorded in one round trip
+    (`_finish_success_in_one_trip`); the database decides, whatever it says.
     """
     if succeeded:
         try:
@@ -821,6 +840,12 @@ def task_run_finish(
                 None,
                 f"result is not JSON-serialisable: {exc}",
             )
+    if succeeded and not lost and event is not None and pgsql.available():
+        recorded = _finish_success_in_one_trip(
+            trace_id=trace_id, event_id=event_id, result=result, celery_result=celery_result, event=event
+        )
+        if recorded is not None:
+            return recorded
     now = timezone.now()
     outbox = _Outbox()
     with transaction.atomic():
@@ -884,6 +909,97 @@ def task_run_finish(
             _finish_run_if_done(run, now)
         outbox.flush_on_commit()
         return stored
+
+
+def _celery_result_params(celery_result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `celery_` parameters of the statements that write Celery's result row with an outcome."""
+    params: dict[str, Any] = {f"celery_{c}": (celery_result or {}).get(c) for c in pgsql.CELERY_RESULT_COLUMNS}
+    params["store_celery_result"] = celery_result is not None
+    return params
+
+
+def _finish_success_in_one_trip(
+    *,
+    trace_id: str,
+    event_id: str,
+    result: Any,
+    celery_result: Mapping[str, Any] | None,
+    event: Mapping[str, Any],
+) -> bool | None:
+    """`task_run_finish` for a success whose successors each wait on this node alone (a chain, a
+    fan-out, a leaf), in one round trip from BEGIN to COMMIT: each round trip costs a worker more,
+    waiting for a CPU on a busy machine, than the statements take. None when it does not apply
+    (a successor joins other branches, or the Event names a graph the run does not have) and the
+    general path must record the outcome; whatever it admitted is sent all the same.
+
+    The graph comes from the Event's context, before any lock, so the statements can be sent at
+    once: the run's lock, the event types' locks in name order, the outcome with its successors
+    (written only if the attempt is current and the run's version is the one read), admission, and
+    the run's end for a leaf.
+    """
+    context = event.get("context")
+    try:
+        version_id = _version_id_named(context["workflow"], context["workflow_version"])
+    except (KeyError, TypeError, ValueError, WorkflowVersion.DoesNotExist):
+        return None
+    graph = graph_for_version(version_id)
+    node = graph.nodes.get(context.get("node"))
+    if node is None:
+        _version_id_named.cache_clear()  # the workflow may have been created again under its name
+        return None
+    successors = [graph.nodes[key] for key in graph.succs[node.key]]
+    if any(graph.preds[s.key] != (node.key,) for s in successors):
+        return None
+    now = timezone.now()
+    upstream = {node.key: result}
+    next_ids = [uuid.uuid4() for _ in successors]
+    json_of = Event._meta.get_field("context").get_db_prep_save
+    params = {
+        "run_id": trace_id,
+        "event_id": event_id,
+        "node": node.key,
+        "version_id": version_id,
+        "event_type": node.event_type,
+        "now": now,
+        "result": TaskRun._meta.get_field("result").get_db_prep_save(result, connection),
+        "event_result": Event._meta.get_field("result").get_db_prep_save(result, connection),
+        **_celery_result_params(celery_result),
+        "next_node": [s.key for s in successors],
+        "next_event_id": next_ids,
+        "next_event_type": [s.event_type for s in successors],
+        "next_task_name": [s.task for s in successors],
+        "next_params": [json_of(s.params, connection) for s in successors],
+        "next_context": [
+            json_of(_event_context(graph, s, attempt=1, upstream=upstream), connection) for s in successors
+        ],
+    }
+    types = sorted({node.event_type, *(s.event_type for s in successors)})
+    with pgsql.one_trip():
+        runs = pgsql.fetch_models_later(WorkflowRun, pgsql.LOCK_RUN, [trace_id])
+        pgsql.execute(pgsql.LOCK_EVENT_TYPES, {"lock": types})
+        finished = pgsql.execute(pgsql.FINISH_SUCCESS, params)
+        admitted = _admit_send(types, locked=True)
+        if not successors:
+            pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
+    recorded, version_matched, queued = finished.fetchone()
+    run = next(iter(runs()), None)
+    created = []
+    if run is not None and queued:
+        by_id = dict(zip(next_ids, successors, strict=True))
+        created = [
+            _new_event(run=run, graph=graph, node=by_id[i], attempt=1, upstream=upstream, now=now, event_id=i)
+            for i in queued
+        ]
+    outbox = _Outbox()
+    _admitted(admitted, outbox, known=created)
+    outbox.flush_on_commit()
+    if run is not None and not version_matched:
+        _version_id_named.cache_clear()  # the workflow was created again under its name
+        return None
+    if recorded and successors and len(queued) < len(successors):
+        # A successor was no longer WAITING (only rows changed outside the engine do that).
+        _finish_run_if_done(run, now)
+    return bool(recorded) and celery_result is not None
 
 
 @_retry_on_conflict

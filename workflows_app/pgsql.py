@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from django.db import connection, models
+from django.db import connection, models, transaction
 from django_celery_results.models import TaskResult
 
 from events_app.models import Event, EventType
@@ -67,6 +67,37 @@ def together() -> Iterator[None]:
         connection.ensure_connection()
         with connection.connection.pipeline():
             yield
+
+
+@contextlib.contextmanager
+def one_trip() -> Iterator[None]:
+    """A transaction whose BEGIN, statements and COMMIT go to PostgreSQL in one round trip: `execute`
+    the statements in the block, and read their results after it, once the transaction committed.
+
+    In pipeline mode, Django's `atomic` and psycopg's `transaction()` each cost round trips of their
+    own (psycopg syncs the pipeline to switch autocommit, and at each end of a transaction block),
+    so outside any transaction the block sends BEGIN and COMMIT itself, on a connection Django
+    keeps in autocommit mode. Inside a caller's transaction it is a savepoint of it, committed with
+    it (and `transaction.on_commit` waits for that). Only statements whose results can wait belong
+    here; an error is raised at the block's end, after which nothing of it is written.
+    """
+    if connection.in_atomic_block:
+        with transaction.atomic(), together():
+            yield
+        return
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        raw = connection.connection
+        try:
+            with raw.pipeline():
+                psycopg.Cursor(raw).execute("BEGIN")
+                yield
+                psycopg.Cursor(raw).execute("COMMIT")
+        except BaseException:
+            # A statement's error leaves the transaction aborted once the pipeline synced.
+            if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                raw.rollback()
+            raise
 
 
 def fetch_models_later(model: type[M], sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Callable[[], list[M]]:
@@ -182,6 +213,75 @@ WITH outcome AS (
         {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
 )
 SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = ANY(%(nodes)s::varchar[])
+"""
+
+# A success recorded with its successors in one statement, for a node whose successors each have it as
+# their only predecessor (so each becomes QUEUED, whatever its trigger rule): the task row, its
+# attempt's Event, Celery's result row when `store_celery_result`, the slot it held taken off its
+# type's count (the type is locked before, as admission would), and each successor still WAITING
+# made QUEUED with its new Event, whose payload is the run's own with the node's params over it.
+# Nothing is written unless the attempt is the task's current one, not final, and the run's version
+# is `version_id` (the graph the caller read the successors from). Answers how many tasks it
+# recorded, whether the version matched, and the Event ids of the successors it queued.
+FINISH_SUCCESS = f"""
+WITH old AS (
+    SELECT id, holds_slot FROM {TASK}
+    WHERE run_id = %(run_id)s AND current_event_id = %(event_id)s AND node_key = %(node)s
+      AND status IN ('{S.QUEUED.value}', '{S.STARTED.value}', '{S.RETRY.value}')
+      AND EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s)
+), outcome AS (
+    UPDATE {TASK}
+    SET status = '{S.SUCCESS.value}', result = %(result)s, error = '', finished_at = %(now)s,
+        holds_slot = false, lease_expires_at = NULL
+    WHERE id IN (SELECT id FROM old)
+), attempt AS (
+    UPDATE {EVENT} SET status = '{Event.Status.SUCCESS.value}', result = %(event_result)s
+    WHERE event_id = %(event_id)s AND EXISTS (SELECT 1 FROM old)
+), celery_result AS (
+    INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
+    SELECT {", ".join(f"%(celery_{c})s" for c in CELERY_RESULT_COLUMNS)}, %(now)s, %(now)s
+    WHERE %(store_celery_result)s AND EXISTS (SELECT 1 FROM old)
+    ON CONFLICT (task_id) DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
+), released AS (
+    UPDATE {EVENT_TYPE} SET held = GREATEST(held - 1, 0)
+    WHERE name = %(event_type)s AND EXISTS (SELECT 1 FROM old WHERE holds_slot)
+), queued AS (
+    UPDATE {TASK} AS task SET status = '{S.QUEUED.value}', queued_at = %(now)s, current_event_id = new.event_id
+    FROM unnest(%(next_node)s::varchar[], %(next_event_id)s::uuid[]) AS new(node_key, event_id)
+    WHERE task.run_id = %(run_id)s AND task.node_key = new.node_key AND task.status = '{S.WAITING.value}'
+      AND EXISTS (SELECT 1 FROM old)
+    RETURNING new.event_id
+), events AS (
+    INSERT INTO {EVENT}
+        (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
+    SELECT new.event_id, %(run_id)s, new.event_type, new.task_name,
+        (SELECT payload FROM {RUN} WHERE trace_id = %(run_id)s) || new.params, '{{}}', new.context,
+        '{Event.Status.PENDING.value}', %(now)s, %(now)s
+    FROM unnest(
+        %(next_event_id)s::uuid[], %(next_event_type)s::varchar[], %(next_task_name)s::varchar[],
+        %(next_params)s::jsonb[], %(next_context)s::jsonb[]
+    ) AS new(event_id, event_type, task_name, params, context)
+    WHERE new.event_id IN (SELECT event_id FROM queued)
+)
+SELECT (SELECT count(*) FROM old),
+       EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s),
+       ARRAY(SELECT event_id FROM queued)
+"""
+
+# A run ends once none of its tasks is left to finish: FAILED when one failed or could not run for
+# it, else SUCCESS (`engine._finish_run_if_done`, in one statement after the writes that end it).
+FINISH_RUN = f"""
+UPDATE {RUN}
+SET status = CASE WHEN EXISTS (
+        SELECT 1 FROM {TASK} WHERE run_id = %(run_id)s
+        AND status IN ('{S.FAILURE.value}', '{S.UPSTREAM_FAILED.value}')
+    ) THEN '{WorkflowRun.Status.FAILED.value}' ELSE '{WorkflowRun.Status.SUCCESS.value}' END,
+    finished_at = %(now)s
+WHERE trace_id = %(run_id)s AND status = '{WorkflowRun.Status.RUNNING.value}' AND NOT EXISTS (
+    SELECT 1 FROM {TASK} WHERE run_id = %(run_id)s AND status NOT IN ({", ".join(f"'{s}'" for s in TaskRun.FINAL)})
+)
+RETURNING status, finished_at
 """
 
 # New events, one array per column (`engine._event_columns`); a CTE of the statements below.
