@@ -176,6 +176,16 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 elif CELERY_BROKER_URL.startswith("redis"):
     # Longer than any task's hard time limit, so a running task is not delivered twice.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
+
+
+def broker_transport(url: str) -> str | None:
+    """kombu's transport for the broker at `url`: for Redis, kombu's own with one client per
+    connection pool (`workflows_app.transport`), where it builds one per message published; None
+    for the transport the URL's scheme names."""
+    return "workflows_app.transport:Transport" if url.startswith("redis://") else None
+
+
+CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 # Every attempt's Celery result is kept in django-celery-results' table, under the attempt's event
 # id (its task id), with the task name, arguments and worker; beat's built-in
 # `celery.backend_cleanup` deletes results older than CELERY_RESULT_EXPIRES every day at 04:00.
