@@ -567,9 +567,16 @@ def workflow_run_start(
         if existing:
             return existing, False
     now = timezone.now()
-    outbox = _Outbox()
-    with transaction.atomic():
-        version_id = _current_version_id(workflow)
+    try:
+        version_id: int | None = _stored_version_id(workflow.pk, workflow.version)
+    except WorkflowVersion.DoesNotExist:
+        version_id = None  # snapshotted in the transaction below
+    # Without a key's savepoint or a version to write, BEGIN, the inserts, admission and COMMIT go
+    # to PostgreSQL in one round trip; otherwise the inserts and admission take one of their own.
+    in_one_trip = version_id is not None and not idempotency_key
+    with pgsql.one_trip() if in_one_trip else transaction.atomic():
+        if version_id is None:
+            version_id = _current_version_id(workflow)
         graph = graph_for_version(version_id)
         run = WorkflowRun(
             workflow=workflow,
@@ -603,13 +610,13 @@ def workflow_run_start(
             )
             for key in graph.roots
         }
-        # On PostgreSQL the inserts and admission go in one round trip, BEGIN included.
         with pgsql.together():
             types = {graph.nodes[key].event_type for key in events}
             _insert_tasks(run, graph, events, now, lock=types, new_run=not idempotency_key)
             admitted = _admit_send(types, locked=True)
-        _admitted(admitted, outbox, known=events.values())
-        outbox.flush_on_commit()
+    outbox = _Outbox()
+    _admitted(admitted, outbox, known=events.values())
+    outbox.flush_on_commit()
     return run, True
 
 

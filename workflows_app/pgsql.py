@@ -65,7 +65,12 @@ def together() -> Iterator[None]:
         return
     with connection.wrap_database_errors:
         connection.ensure_connection()
-        with connection.connection.pipeline():
+        raw = connection.connection
+        if raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+            # Within `one_trip`: psycopg would sync the outer pipeline at each end of a nested one.
+            yield
+            return
+        with raw.pipeline():
             yield
 
 
@@ -78,10 +83,11 @@ def one_trip() -> Iterator[None]:
     own (psycopg syncs the pipeline to switch autocommit, and at each end of a transaction block),
     so outside any transaction the block sends BEGIN and COMMIT itself, on a connection Django
     keeps in autocommit mode. Inside a caller's transaction it is a savepoint of it, committed with
-    it (and `transaction.on_commit` waits for that). Only statements whose results can wait belong
-    here; an error is raised at the block's end, after which nothing of it is written.
+    it (and `transaction.on_commit` waits for that), as is the whole block elsewhere than on
+    PostgreSQL. Only statements whose results can wait belong here; an error is raised at the
+    block's end, after which nothing of it is written.
     """
-    if connection.in_atomic_block:
+    if connection.in_atomic_block or not available():
         with transaction.atomic(), together():
             yield
         return
