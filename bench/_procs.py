@@ -130,6 +130,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Every process's command name and the CPU seconds it has used (user plus system)."""
-    # utime and stime are fields 14 and 15 of stat(5).
-    return {pid: (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS) for pid, name, fields in process_stats()}
+    """Every process's command name and the CPU seconds used by it and by its children that ended
+    (user plus system): a PostgreSQL backend that exits adds its time to the postmaster's."""
+    # utime, stime, cutime and cstime are fields 14 to 17 of stat(5).
+    return {pid: (name, sum(int(f) for f in fields[11:15]) / CLOCK_TICKS) for pid, name, fields in process_stats()}

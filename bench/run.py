@@ -9,6 +9,7 @@ Canvas and Eventflow samples alternate, so load from elsewhere on the machine hi
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -235,10 +236,45 @@ class System:
         return {task_id: done.timestamp() for task_id, done in rows}
 
 
+ENGINE_TABLES = (
+    "workflows_app_workflowrun",
+    "workflows_app_taskrun",
+    "events_app_event",
+    "events_app_eventtype",
+    "django_celery_results_taskresult",
+)
+
+
+@functools.cache
+def autovacuum_is_off() -> bool:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW autovacuum")
+        return cursor.fetchone()[0] == "off"
+
+
+def as_autovacuum_would() -> None:
+    """VACUUM ANALYZE the tables the engine writes, when the server's autovacuum is off.
+
+    A server with autovacuum on (PostgreSQL's default) keeps planner statistics current as tables
+    grow, and each new statistic makes every connection plan its prepared statements again. With it
+    off, a statement prepared while a table was nearly empty keeps the plan made for that (a
+    sequential scan of it) for the connection's life, and costs more with every row added: the
+    bench would measure a server nobody runs.
+    """
+    from django.db import connection
+
+    if autovacuum_is_off():
+        with connection.cursor() as cursor:
+            cursor.execute(f"VACUUM ANALYZE {', '.join(ENGINE_TABLES)}")
+
+
 def rounds(systems: list[System], count: int, measure: Any) -> dict[str, list[float]]:
     """`count` samples of every system, each round starting with the next one, so drift hits all alike."""
     samples: dict[str, list[float]] = {s.label: [] for s in systems}
     for i in range(count):
+        as_autovacuum_would()
         shift = i % len(systems)
         for system in systems[shift:] + systems[:shift]:
             samples[system.label].append(measure(system))
@@ -399,6 +435,7 @@ def free_api_slots() -> None:
             [API_QUEUE],
         )
         cursor.execute("UPDATE events_app_eventtype SET held = 0 WHERE name = %s", [API_QUEUE])
+    as_autovacuum_would()
 
 
 def api_token() -> str:
@@ -460,13 +497,21 @@ def p95(values: list[float]) -> float:
 
 def cpu_by_role(before: dict, after: dict, roles: dict[int, str]) -> Counter:
     """CPU seconds spent between two `cpu_seconds()` readings, by role: those in `roles` by pid, the
-    rest by command name."""
-    spent: Counter = Counter()
-    for pid, (name, seconds) in after.items():
-        role = roles.get(pid) or (
+    rest by command name. A process that ended in between passed all of its time to its parent's
+    count (a PostgreSQL backend closed when its connection reached CONN_MAX_AGE), so what it had
+    spent before the first reading is taken off again."""
+
+    def role_of(pid: int, name: str) -> str:
+        return roles.get(pid) or (
             "PostgreSQL" if name.startswith("postgres") else "Redis" if name.startswith("redis") else "other"
         )
-        spent[role] += seconds - before.get(pid, (name, 0.0))[1]
+
+    spent: Counter = Counter()
+    for pid, (name, seconds) in after.items():
+        spent[role_of(pid, name)] += seconds - before.get(pid, (name, 0.0))[1]
+    for pid, (name, seconds) in before.items():
+        if pid not in after:
+            spent[role_of(pid, name)] -= seconds
     return spent
 
 
@@ -616,6 +661,8 @@ def main() -> None:
 
     log_dir = Path(tempfile.mkdtemp(prefix="eventflow-bench-"))
     print(f"database {DB_NAME}, broker {BROKER_URL}, logs in {log_dir}", flush=True)
+    if autovacuum_is_off():
+        print("PostgreSQL's autovacuum is off here: each round starts with VACUUM ANALYZE, as it would", flush=True)
     broker = redis.Redis.from_url(BROKER_URL)
     broker.flushdb()  # the bench's own Redis database: messages left by an interrupted run
     canvas = System(CANVAS, QUEUE)
