@@ -114,7 +114,13 @@ def count_queries(flows: dict) -> None:
                 engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
                 started = list(statements)
                 statements.clear()
-                engine.task_run_finish(trace_id=str(run.pk), event_id=event_id, succeeded=True, result=None)
+                engine.task_run_finish(
+                    trace_id=str(run.pk),
+                    event_id=event_id,
+                    succeeded=True,
+                    result=None,
+                    event=row.current_event.as_message(),
+                )
                 if hop == 2:
                     print(
                         f"\ntask_run_start: {len(started)} statement, {round_trips(started, transaction=False)}"

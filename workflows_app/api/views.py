@@ -48,8 +48,10 @@ from .throttling import ScopedWindowThrottle
 
 class ModelOutputSerializer(serializers.ModelSerializer):
     """A ModelSerializer that reads its model's fields once per class. DRF builds them again for
-    every instance, which cost a trigger's answer as much as the rest of its serializing; each
-    instance still gets its own copies, since binding a field to its serializer changes it."""
+    every instance, which cost a trigger's answer as much as the rest of its serializing. Each
+    instance still gets its own copies, since binding a field to its serializer sets attributes
+    on it: a shallow copy of a plain field (binding only assigns its attributes), a deep one of a
+    nested serializer (binding it binds its child too). DRF's deep copy builds every field anew."""
 
     def get_fields(self) -> dict[str, serializers.Field]:
         cls = type(self)
@@ -57,7 +59,10 @@ class ModelOutputSerializer(serializers.ModelSerializer):
         if built is None:
             built = super().get_fields()
             cls._built_fields = built
-        return copy.deepcopy(built)
+        return {
+            name: copy.deepcopy(field) if isinstance(field, serializers.BaseSerializer) else copy.copy(field)
+            for name, field in built.items()
+        }
 
 
 class PagePagination(PageNumberPagination):
