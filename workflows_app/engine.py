@@ -369,30 +369,22 @@ def _save_rows(changed: list[TaskRun], new_events: list[Event], *, lock: list[st
     pgsql.execute(
         pgsql.SAVE_ADVANCED,
         {
-            "id": [row.pk for row in changed],
-            "status": [row.status for row in changed],
-            "queued_at": [row.queued_at for row in changed],
-            "finished_at": [row.finished_at for row in changed],
-            "current_event_id": [row.current_event_id for row in changed],
-            **_event_columns(new_events),
+            "advanced": pgsql.as_json(
+                [
+                    {
+                        "id": row.pk,
+                        "status": row.status,
+                        "queued_at": row.queued_at,
+                        "finished_at": row.finished_at,
+                        "event_id": row.current_event_id,
+                    }
+                    for row in changed
+                ]
+            ),
+            "events": pgsql.rows_json(new_events),
             "lock": sorted(set(lock or ())),
         },
     )
-
-
-def _event_columns(events: Iterable[Event]) -> dict[str, list]:
-    """The parameters of `pgsql.INSERT_EVENTS`."""
-    events = list(events)
-    dumps = {name: Event._meta.get_field(name).get_db_prep_save for name in ("payload", "result", "context")}
-    return {
-        "event_id": [e.event_id for e in events],
-        "trace_id": [e.trace_id for e in events],
-        "event_type": [e.event_type for e in events],
-        "task_name": [e.task_name for e in events],
-        **{name: [dump(getattr(e, name), connection) for e in events] for name, dump in dumps.items()},
-        "event_status": [e.status for e in events],
-        "timestamp": [e.timestamp for e in events],
-    }
 
 
 def _advance(
@@ -524,17 +516,24 @@ def _insert_tasks(
             for node in nodes
         )
         return
+    tasks = [
+        {
+            "node_key": node.key,
+            "event_type": node.event_type,
+            "task_name": node.task,
+            "status": S.QUEUED if node.key in events else S.WAITING,
+            "queued_at": now if node.key in events else None,
+            "event_id": events[node.key].event_id if node.key in events else None,
+        }
+        for node in nodes
+    ]
     pgsql.execute(
         pgsql.START_RUN if new_run else pgsql.START_TASKS,
         {
-            **(pgsql.values_params(run, "run_") if new_run else {"run_trace_id": run.pk}),
-            "node_key": [node.key for node in nodes],
-            "node_event_type": [node.event_type for node in nodes],
-            "node_task_name": [node.task for node in nodes],
-            "node_status": [S.QUEUED if node.key in events else S.WAITING for node in nodes],
-            "node_queued_at": [now if node.key in events else None for node in nodes],
-            "node_event_id": [events[node.key].event_id if node.key in events else None for node in nodes],
-            **_event_columns(events.values()),
+            **({"run": pgsql.as_json(pgsql.new_row(run))} if new_run else {}),
+            "run_id": run.pk,
+            "tasks": pgsql.as_json(tasks),
+            "events": pgsql.rows_json(events.values()),
             "lock": sorted(set(lock)),
         },
     )
@@ -812,7 +811,7 @@ def _save_outcome(
     }
     params["event_result"] = Event._meta.get_field("result").get_db_prep_save(event_result, connection)
     params.update(id=row.pk, event_id=row.current_event_id, event_status=event_status)
-    params.update(_celery_result_params(celery_result), run_id=run.pk)
+    params.update(celery_result=_celery_result_json(celery_result, row.finished_at), run_id=run.pk)
     params["nodes"] = [k for k in keys if k not in rows]
     return _adding_to(rows, pgsql.fetch_models_later(TaskRun, pgsql.SAVE_OUTCOME, params)), celery_result is not None
 
@@ -918,11 +917,11 @@ def task_run_finish(
         return stored
 
 
-def _celery_result_params(celery_result: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The `celery_` parameters of the statements that write Celery's result row with an outcome."""
-    params: dict[str, Any] = {f"celery_{c}": (celery_result or {}).get(c) for c in pgsql.CELERY_RESULT_COLUMNS}
-    params["store_celery_result"] = celery_result is not None
-    return params
+def _celery_result_json(celery_result: Mapping[str, Any] | None, now: datetime) -> Any:
+    """The parameter of the statements that write Celery's result row with an outcome, stored `now`."""
+    if celery_result is None:
+        return None
+    return pgsql.as_json({**celery_result, "date_created": now, "date_done": now})
 
 
 def _finish_success_in_one_trip(
@@ -960,7 +959,6 @@ def _finish_success_in_one_trip(
     now = timezone.now()
     upstream = {node.key: result}
     next_ids = [uuid.uuid4() for _ in successors]
-    json_of = Event._meta.get_field("context").get_db_prep_save
     params = {
         "run_id": trace_id,
         "event_id": event_id,
@@ -969,16 +967,20 @@ def _finish_success_in_one_trip(
         "event_type": node.event_type,
         "now": now,
         "result": TaskRun._meta.get_field("result").get_db_prep_save(result, connection),
-        "event_result": Event._meta.get_field("result").get_db_prep_save(result, connection),
-        **_celery_result_params(celery_result),
-        "next_node": [s.key for s in successors],
-        "next_event_id": next_ids,
-        "next_event_type": [s.event_type for s in successors],
-        "next_task_name": [s.task for s in successors],
-        "next_params": [json_of(s.params, connection) for s in successors],
-        "next_context": [
-            json_of(_event_context(graph, s, attempt=1, upstream=upstream), connection) for s in successors
-        ],
+        "celery_result": _celery_result_json(celery_result, now),
+        "next": pgsql.as_json(
+            [
+                {
+                    "node_key": s.key,
+                    "event_id": i,
+                    "event_type": s.event_type,
+                    "task_name": s.task,
+                    "params": s.params,
+                    "context": _event_context(graph, s, attempt=1, upstream=upstream),
+                }
+                for s, i in zip(successors, next_ids, strict=True)
+            ]
+        ),
     }
     types = sorted({node.event_type, *(s.event_type for s in successors)})
     with pgsql.one_trip():

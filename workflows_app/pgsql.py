@@ -10,12 +10,17 @@ SQLite quickstart) the engine does the same through the ORM in more statements.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
+import json
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
 from django.db import connection, models, transaction
 from django_celery_results.models import TaskResult
+from psycopg.types.json import Jsonb
 
 from events_app.models import Event, EventType
 
@@ -182,8 +187,8 @@ LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UP
 TASK_OF_EVENT = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND current_event_id = %s"
 TASKS_OF_NODES = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND node_key = ANY(%s::varchar[])"
 
-# Celery's result row for a success (`celery_task.celery_result_row`), as django-celery-results
-# stores it: created at the first store, every column but the creation date replaced at the next.
+CELERY_RESULT = TaskResult._meta.db_table
+# The columns of Celery's result row for a success (`celery_task.celery_result_row`), and its dates.
 CELERY_RESULT_COLUMNS = (
     "task_id",
     "status",
@@ -197,10 +202,27 @@ CELERY_RESULT_COLUMNS = (
     "task_args",
     "task_kwargs",
     "worker",
+    "date_created",
+    "date_done",
 )
 
-# A final outcome: the task row, its attempt's Event and, when `store_celery_result`, Celery's
-# result row (its columns as parameters prefixed `celery_`); then the rows of the run's `nodes`
+
+def _insert_celery_result(condition: str) -> str:
+    """Celery's result row `celery_result` (a JSON record of `CELERY_RESULT_COLUMNS`, or NULL for
+    none), when `condition` holds, as django-celery-results stores it: created at the first store,
+    every column but the creation date replaced at the next. A CTE of the statements below."""
+    names = ", ".join(CELERY_RESULT_COLUMNS)
+    replaced = ", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS if c not in ("task_id", "date_created"))
+    return f"""
+    INSERT INTO {CELERY_RESULT} ({names})
+    SELECT {names} FROM jsonb_populate_record(NULL::{CELERY_RESULT}, %(celery_result)s)
+    WHERE %(celery_result)s IS NOT NULL AND {condition}
+    ON CONFLICT (task_id) DO UPDATE SET {replaced}
+    """
+
+
+# A final outcome: the task row, its attempt's Event and Celery's result row when there is one
+# (`_insert_celery_result`); then the rows of the run's `nodes`
 # (those the outcome may unblock), as they were before it. One statement, as each one sent costs
 # more on the client than on the server.
 SAVE_OUTCOME = f"""
@@ -211,19 +233,13 @@ WITH outcome AS (
     WHERE id = %(id)s
 ), attempt AS (
     UPDATE {EVENT} SET status = %(event_status)s, result = %(event_result)s WHERE event_id = %(event_id)s
-), celery_result AS (
-    INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
-    SELECT {", ".join(f"%(celery_{c})s" for c in CELERY_RESULT_COLUMNS)}, %(finished_at)s, %(finished_at)s
-    WHERE %(store_celery_result)s
-    ON CONFLICT (task_id) DO UPDATE SET
-        {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
-)
+), celery_result AS ({_insert_celery_result("true")})
 SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = ANY(%(nodes)s::varchar[])
 """
 
 # A success recorded with its successors in one statement, for a node whose successors each have it as
 # their only predecessor (so each becomes QUEUED, whatever its trigger rule): the task row, its
-# attempt's Event, Celery's result row when `store_celery_result`, the slot it held taken off its
+# attempt's Event, Celery's result row when there is one, the slot it held taken off its
 # type's count (the type is locked before, as admission would), and each successor still WAITING
 # made QUEUED with its new Event, whose payload is the run's own with the node's params over it.
 # Nothing is written unless the attempt is the task's current one, not final, and the run's version
@@ -241,20 +257,14 @@ WITH old AS (
         holds_slot = false, lease_expires_at = NULL
     WHERE id IN (SELECT id FROM old)
 ), attempt AS (
-    UPDATE {EVENT} SET status = '{Event.Status.SUCCESS.value}', result = %(event_result)s
+    UPDATE {EVENT} SET status = '{Event.Status.SUCCESS.value}', result = %(result)s
     WHERE event_id = %(event_id)s AND EXISTS (SELECT 1 FROM old)
-), celery_result AS (
-    INSERT INTO {TaskResult._meta.db_table} ({", ".join(CELERY_RESULT_COLUMNS)}, date_created, date_done)
-    SELECT {", ".join(f"%(celery_{c})s" for c in CELERY_RESULT_COLUMNS)}, %(now)s, %(now)s
-    WHERE %(store_celery_result)s AND EXISTS (SELECT 1 FROM old)
-    ON CONFLICT (task_id) DO UPDATE SET
-        {", ".join(f"{c} = EXCLUDED.{c}" for c in CELERY_RESULT_COLUMNS[1:])}, date_done = EXCLUDED.date_done
-), released AS (
+), celery_result AS ({_insert_celery_result("EXISTS (SELECT 1 FROM old)")}), released AS (
     UPDATE {EVENT_TYPE} SET held = GREATEST(held - 1, 0)
     WHERE name = %(event_type)s AND EXISTS (SELECT 1 FROM old WHERE holds_slot)
 ), queued AS (
     UPDATE {TASK} AS task SET status = '{S.QUEUED.value}', queued_at = %(now)s, current_event_id = new.event_id
-    FROM unnest(%(next_node)s::varchar[], %(next_event_id)s::uuid[]) AS new(node_key, event_id)
+    FROM jsonb_to_recordset(%(next)s) AS new(node_key varchar, event_id uuid)
     WHERE task.run_id = %(run_id)s AND task.node_key = new.node_key AND task.status = '{S.WAITING.value}'
       AND EXISTS (SELECT 1 FROM old)
     RETURNING new.event_id
@@ -264,10 +274,8 @@ WITH old AS (
     SELECT new.event_id, %(run_id)s, new.event_type, new.task_name,
         (SELECT payload FROM {RUN} WHERE trace_id = %(run_id)s) || new.params, '{{}}', new.context,
         '{Event.Status.PENDING.value}', %(now)s, %(now)s
-    FROM unnest(
-        %(next_event_id)s::uuid[], %(next_event_type)s::varchar[], %(next_task_name)s::varchar[],
-        %(next_params)s::jsonb[], %(next_context)s::jsonb[]
-    ) AS new(event_id, event_type, task_name, params, context)
+    FROM jsonb_to_recordset(%(next)s)
+        AS new(event_id uuid, event_type varchar, task_name varchar, params jsonb, context jsonb)
     WHERE new.event_id IN (SELECT event_id FROM queued)
 )
 SELECT (SELECT count(*) FROM old),
@@ -290,15 +298,10 @@ WHERE trace_id = %(run_id)s AND status = '{WorkflowRun.Status.RUNNING.value}' AN
 RETURNING status, finished_at
 """
 
-# New events, one array per column (`engine._event_columns`); a CTE of the statements below.
+# New events, one JSON array of rows (`rows_json`); a CTE of the statements below.
 INSERT_EVENTS = f"""
-INSERT INTO {EVENT}
-    (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
-SELECT *, new.timestamp FROM unnest(
-    %(event_id)s::uuid[], %(trace_id)s::uuid[], %(event_type)s::varchar[], %(task_name)s::varchar[],
-    %(payload)s::jsonb[], %(result)s::jsonb[], %(context)s::jsonb[], %(event_status)s::varchar[],
-    %(timestamp)s::timestamptz[]
-) AS new(event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp)
+INSERT INTO {EVENT} ({columns(Event)})
+SELECT {columns(Event)} FROM jsonb_populate_recordset(NULL::{EVENT}, %(events)s)
 """
 
 # Locks the event types named in `lock`, in name order, so admission can follow (`ADMIT`); alone, or
@@ -306,40 +309,53 @@ SELECT *, new.timestamp FROM unnest(
 LOCK_EVENT_TYPES = f"SELECT 1 FROM {EVENT_TYPE} WHERE name = ANY(%(lock)s::varchar[]) ORDER BY name FOR UPDATE"
 
 
-def insert_values(model: type[models.Model], prefix: str) -> str:
-    """`INSERT INTO` the model's table, one row of named parameters `prefix` + column
-    (`values_params`): a CTE of a statement that writes more."""
-    fields = model._meta.concrete_fields
-    names = ", ".join(f.column for f in fields)
-    values = ", ".join(f"%({prefix}{f.column})s" for f in fields)
-    return f"INSERT INTO {model._meta.db_table} ({names}) VALUES ({values})"
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not a column value JSON can carry")
 
 
-def values_params(instance: models.Model, prefix: str) -> dict[str, Any]:
-    """The parameters of `insert_values` for a new instance, as the ORM's insert prepares them
-    (`pre_save` fills `auto_now_add` dates)."""
-    return {
-        f"{prefix}{f.column}": f.get_db_prep_save(f.pre_save(instance, True), connection)
-        for f in instance._meta.concrete_fields
-    }
+def as_json(value: Any) -> Jsonb:
+    """A parameter PostgreSQL reads as jsonb, with dates and ids as the text their columns parse.
+
+    Rows go to a statement as one JSON document, read back by `jsonb_populate_recordset` or
+    `jsonb_to_recordset`, rather than as an array parameter per column: psycopg adapts an array
+    element by element in Python, which cost a trigger more than the rest of its inserts.
+    """
+    return Jsonb(value, dumps=functools.partial(json.dumps, default=_json_value))
 
 
-# A run's task rows, QUEUED with their events for the roots and WAITING for the rest.
+def new_row(instance: models.Model) -> dict[str, Any]:
+    """A new instance's row, column by column, as the ORM's insert prepares it (`pre_save` fills
+    `auto_now` dates), for `as_json`."""
+    return {f.column: f.pre_save(instance, True) for f in instance._meta.concrete_fields}
+
+
+def rows_json(instances: Iterable[models.Model]) -> Jsonb:
+    return as_json([new_row(instance) for instance in instances])
+
+
+# A run's task rows (`tasks`, a JSON array), QUEUED with their events for the roots and WAITING for
+# the rest.
 _INSERT_TASKS = f"""
 INSERT INTO {TASK}
     (run_id, node_key, event_type_id, task_name, status, queued_at, current_event_id,
      attempts, holds_slot, error, worker)
-SELECT %(run_trace_id)s, new.*, 0, false, '', '' FROM unnest(
-    %(node_key)s::varchar[], %(node_event_type)s::varchar[], %(node_task_name)s::varchar[],
-    %(node_status)s::varchar[], %(node_queued_at)s::timestamptz[], %(node_event_id)s::uuid[]
-) AS new(node_key, event_type, task_name, status, queued_at, event_id)
+SELECT %(run_id)s, new.*, 0, false, '', '' FROM jsonb_to_recordset(%(tasks)s)
+    AS new(node_key varchar, event_type varchar, task_name varchar, status varchar, queued_at timestamptz,
+           event_id uuid)
 """
 
-# A new run: its row (`values_params` with the prefix "run_"), its task rows, its roots' events and
-# the lock of their types, in one statement; the ORM's inserts cost more Python than the rest of a
-# trigger's transaction. START_TASKS is the same for a run already written.
+# A new run: its row (`run`, `new_row`), its task rows, its roots' events and the lock of their
+# types, in one statement; the ORM's inserts cost more Python than the rest of a trigger's
+# transaction. START_TASKS is the same for a run already written.
 START_RUN = f"""
-WITH run AS ({insert_values(WorkflowRun, "run_")}), events AS ({INSERT_EVENTS}), tasks AS ({_INSERT_TASKS})
+WITH run AS (
+    INSERT INTO {RUN} ({columns(WorkflowRun)})
+    SELECT {columns(WorkflowRun)} FROM jsonb_populate_record(NULL::{RUN}, %(run)s)
+), events AS ({INSERT_EVENTS}), tasks AS ({_INSERT_TASKS})
 {LOCK_EVENT_TYPES}
 """
 START_TASKS = f"""
@@ -347,18 +363,16 @@ WITH events AS ({INSERT_EVENTS}), tasks AS ({_INSERT_TASKS})
 {LOCK_EVENT_TYPES}
 """
 
-# Rows the engine advanced (queued, skipped, upstream failed), all at once, with the events of those
-# it queued, and the lock of the types in `lock`; bulk_update's CASE per field costs more Python
-# than the rest of a finish together. The task rows' foreign key to their new event is checked at
-# commit (Django makes it deferrable).
+# Rows the engine advanced (queued, skipped, upstream failed; `advanced`, a JSON array), all at once,
+# with the events of those it queued, and the lock of the types in `lock`; bulk_update's CASE per
+# field costs more Python than the rest of a finish together. The task rows' foreign key to their
+# new event is checked at commit (Django makes it deferrable).
 SAVE_ADVANCED = f"""
 WITH events AS ({INSERT_EVENTS}), advanced AS (
 UPDATE {TASK} AS task
 SET status = new.status, queued_at = new.queued_at, finished_at = new.finished_at, current_event_id = new.event_id
-FROM unnest(
-    %(id)s::bigint[], %(status)s::varchar[], %(queued_at)s::timestamptz[], %(finished_at)s::timestamptz[],
-    %(current_event_id)s::uuid[]
-) AS new(id, status, queued_at, finished_at, event_id)
+FROM jsonb_to_recordset(%(advanced)s)
+    AS new(id bigint, status varchar, queued_at timestamptz, finished_at timestamptz, event_id uuid)
 WHERE task.id = new.id
 )
 {LOCK_EVENT_TYPES}
