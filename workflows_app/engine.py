@@ -211,20 +211,26 @@ def _args_repr(event: dict, limit: int) -> str:
 
 def _new_event(
     *,
-    run: WorkflowRun,
+    run: WorkflowRun | None = None,
     graph: Graph,
     node: NodeSpec,
     attempt: int,
     upstream: dict,
     now: datetime,
     event_id: uuid.UUID | None = None,
+    run_payload: dict | None = None,
+    trace_id: Any = None,
 ) -> Event:
+    """The Event of a node's attempt: the run's payload with the node's params over it. A run's
+    `trace_id` and `run_payload` may stand for the run itself."""
+    if run is not None:
+        trace_id, run_payload = run.trace_id, run.payload
     return Event(
         event_id=event_id or uuid.uuid4(),
-        trace_id=run.trace_id,
+        trace_id=trace_id,
         event_type=node.event_type,
         task_name=node.task,
-        payload={**run.payload, **node.params},
+        payload={**run_payload, **node.params},
         result={},
         context=_event_context(graph, node, attempt=attempt, upstream=upstream),
         status=Event.Status.PENDING,
@@ -939,7 +945,7 @@ def _finish_success_in_one_trip(
     general path must record the outcome; whatever it admitted is sent all the same.
 
     The graph comes from the Event's context, before any lock, so the statements can be sent at
-    once: the run's lock, the event types' locks in name order, the outcome with its successors
+    once: the run's lock and the event types' locks in name order, the outcome with its successors
     (written only if the attempt is current and the run's version is the one read), admission, and
     the run's end for a leaf.
     """
@@ -984,30 +990,39 @@ def _finish_success_in_one_trip(
     }
     types = sorted({node.event_type, *(s.event_type for s in successors)})
     with pgsql.one_trip():
-        runs = pgsql.fetch_models_later(WorkflowRun, pgsql.LOCK_RUN, [trace_id])
-        pgsql.execute(pgsql.LOCK_EVENT_TYPES, {"lock": types})
+        locked = pgsql.execute(pgsql.LOCK_RUN_AND_TYPES, {"run_id": trace_id, "lock": types})
         finished = pgsql.execute(pgsql.FINISH_SUCCESS, params)
         admitted = _admit_send(types, locked=True)
         if not successors:
             pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
     recorded, version_matched, queued = finished.fetchone()
-    run = next(iter(runs()), None)
+    run_found = locked.fetchone()
     created = []
-    if run is not None and queued:
+    if run_found and queued:
         by_id = dict(zip(next_ids, successors, strict=True))
+        run_payload = WorkflowRun._meta.get_field("payload").from_db_value(run_found[0], None, connection)
         created = [
-            _new_event(run=run, graph=graph, node=by_id[i], attempt=1, upstream=upstream, now=now, event_id=i)
+            _new_event(
+                trace_id=uuid.UUID(trace_id),
+                run_payload=run_payload,
+                graph=graph,
+                node=by_id[i],
+                attempt=1,
+                upstream=upstream,
+                now=now,
+                event_id=i,
+            )
             for i in queued
         ]
     outbox = _Outbox()
     _admitted(admitted, outbox, known=created)
     outbox.flush_on_commit()
-    if run is not None and not version_matched:
+    if run_found and not version_matched:
         _version_id_named.cache_clear()  # the workflow was created again under its name
         return None
     if recorded and successors and len(queued) < len(successors):
         # A successor was no longer WAITING (only rows changed outside the engine do that).
-        _finish_run_if_done(run, now)
+        pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
     return bool(recorded) and celery_result is not None
 
 

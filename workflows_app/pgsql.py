@@ -184,6 +184,13 @@ SELECT (SELECT count(*) FROM started), set_config('synchronous_commit', 'off', t
 
 WORKFLOW_BY_NAME = f"SELECT {columns(WorkflowDefinition)} FROM {WorkflowDefinition._meta.db_table} WHERE name = %s"
 LOCK_RUN = f"SELECT {columns(WorkflowRun)} FROM {RUN} WHERE trace_id = %s FOR UPDATE"
+# The run's lock, then its event types' (`lock`) in name order, in one statement: each row out locks
+# the run (again, for all but the first) and the next type. Answers the run's payload, on every row.
+LOCK_RUN_AND_TYPES = f"""
+SELECT run.payload FROM {RUN} AS run, {EVENT_TYPE} AS type
+WHERE run.trace_id = %(run_id)s AND type.name = ANY(%(lock)s::varchar[])
+ORDER BY type.name FOR UPDATE
+"""
 TASK_OF_EVENT = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND current_event_id = %s"
 TASKS_OF_NODES = f"SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %s AND node_key = ANY(%s::varchar[])"
 
