@@ -88,6 +88,15 @@ def test_a_token_authenticates_only_a_known_active_user_and_a_permission_counts_
     assert response.status_code == 401 and response.json()["detail"] == "User inactive or deleted."
     assert WorkflowRun.objects.count() == 1
 
+    direct = django_user_model.objects.create_user(username="direct", password="pw-direct-123")
+    direct.user_permissions.add(Permission.objects.get(codename="add_workflowdefinition"))
+    direct_client = token_client(direct)
+    assert direct_client.post(trigger, {}, format="json").status_code == 403  # another permission
+    direct.user_permissions.add(Permission.objects.get(codename="add_workflowrun"))
+    assert direct_client.post(trigger, {}, format="json").status_code == 201
+    root = django_user_model.objects.create_superuser(username="root", password="pw-root-123", email="r@x.io")
+    assert token_client(root).post(trigger, {}, format="json").status_code == 201  # holds every permission
+
 
 @pytest.mark.django_db
 def test_only_json_crosses_the_broker():

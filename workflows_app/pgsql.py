@@ -125,8 +125,8 @@ def fetch_models_later(model: type[M], sql: str, params: Sequence[Any] | Mapping
 
 
 def fetch_rows(sql: str, params: Sequence[Any], *row_models: type[models.Model]) -> list[tuple[Any, ...]]:
-    """Run a statement selecting `columns(model)` for each of `row_models` in turn; per row, the
-    instance of each, as the ORM would load them."""
+    """Run a statement selecting `columns(model)` for each of `row_models` in turn, then any other
+    values; per row, the instance of each, as the ORM would load them, then those values."""
     cursor = execute(sql, params)
     with connection.wrap_database_errors:
         rows = cursor.fetchall()
@@ -150,7 +150,7 @@ def _instances(rows: list[tuple[Any, ...]], row_models: list[type[models.Model]]
             for i, convert in converters:
                 values[i] = convert(values[i], None, connection)
             instances.append(model.from_db(connection.alias, names, values))
-        loaded.append(tuple(instances))
+        loaded.append((*instances, *row[start:]))
     return loaded
 
 
