@@ -946,8 +946,9 @@ def _finish_success_in_one_trip(
 
     The graph comes from the Event's context, before any lock, so the statements can be sent at
     once: the run's lock and the event types' locks in name order, the outcome with its successors
-    (written only if the attempt is current and the run's version is the one read), admission, and
-    the run's end for a leaf.
+    (written only if the attempt is current and the run's version is the one read, and admitting
+    those with a free slot and nobody ahead of them), admission from the lines, and the run's end
+    for a leaf.
     """
     context = event.get("context")
     try:
@@ -989,13 +990,14 @@ def _finish_success_in_one_trip(
         ),
     }
     types = sorted({node.event_type, *(s.event_type for s in successors)})
+    params.update(lock=types, deadline=_dispatch_deadline(now))
     with pgsql.one_trip():
         locked = pgsql.execute(pgsql.LOCK_RUN_AND_TYPES, {"run_id": trace_id, "lock": types})
         finished = pgsql.execute(pgsql.FINISH_SUCCESS, params)
         admitted = _admit_send(types, locked=True)
         if not successors:
             pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
-    recorded, version_matched, queued = finished.fetchone()
+    recorded, version_matched, queued, admitted_at_once = finished.fetchone()
     run_found = locked.fetchone()
     created = []
     if run_found and queued:
@@ -1015,6 +1017,9 @@ def _finish_success_in_one_trip(
             for i in queued
         ]
     outbox = _Outbox()
+    for event in created:
+        if event.event_id in admitted_at_once:
+            outbox.add(event.as_message(), timeout=graph.nodes[event.context["node"]].timeout)
     _admitted(admitted, outbox, known=created)
     outbox.flush_on_commit()
     if run_found and not version_matched:

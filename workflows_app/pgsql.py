@@ -246,12 +246,18 @@ SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = A
 
 # A success recorded with its successors in one statement, for a node whose successors each have it as
 # their only predecessor (so each becomes QUEUED, whatever its trigger rule): the task row, its
-# attempt's Event, Celery's result row when there is one, the slot it held taken off its
-# type's count (the type is locked before, as admission would), and each successor still WAITING
-# made QUEUED with its new Event, whose payload is the run's own with the node's params over it.
-# Nothing is written unless the attempt is the task's current one, not final, and the run's version
-# is `version_id` (the graph the caller read the successors from). Answers how many tasks it
-# recorded, whether the version matched, and the Event ids of the successors it queued.
+# attempt's Event, Celery's result row when there is one, and each successor still WAITING made
+# QUEUED with its new Event, whose payload is the run's own with the node's params over it. Nothing
+# is written unless the attempt is the task's current one, not final, and the run's version is
+# `version_id` (the graph the caller read the successors from).
+#
+# The event types in `lock` are locked before (so this statement's snapshot has their counts of held
+# slots after the wait, as admission's has; `ADMIT`). A successor whose type has nobody waiting in
+# line and a slot free (counting the one this finish gives back) takes the slot at once, in the write
+# that queues it, and its type's count follows in the same statement: one row version each, where
+# queueing, then admitting from the line, wrote two. Successors of a type with a line join its end,
+# for `ADMIT` to take in turn. Answers how many tasks it recorded, whether the version matched, the
+# Event ids of the successors it queued, and those of them it admitted.
 FINISH_SUCCESS = f"""
 WITH old AS (
     SELECT id, holds_slot FROM {TASK}
@@ -266,15 +272,40 @@ WITH old AS (
 ), attempt AS (
     UPDATE {EVENT} SET status = '{Event.Status.SUCCESS.value}', result = %(result)s
     WHERE event_id = %(event_id)s AND EXISTS (SELECT 1 FROM old)
-), celery_result AS ({_insert_celery_result("EXISTS (SELECT 1 FROM old)")}), released AS (
-    UPDATE {EVENT_TYPE} SET held = GREATEST(held - 1, 0)
-    WHERE name = %(event_type)s AND EXISTS (SELECT 1 FROM old WHERE holds_slot)
+), celery_result AS ({_insert_celery_result("EXISTS (SELECT 1 FROM old)")}
+), freed AS (
+    SELECT count(*) AS slots FROM old WHERE holds_slot
+), free AS (
+    SELECT type.name,
+        type.concurrency - type.held
+            + CASE WHEN type.name = %(event_type)s THEN (SELECT slots FROM freed) ELSE 0 END AS slots,
+        NOT EXISTS (
+            SELECT 1 FROM {TASK} WHERE event_type_id = type.name AND status = '{S.QUEUED.value}' AND holds_slot = false
+        ) AS line_empty
+    FROM {EVENT_TYPE} AS type WHERE type.name = ANY(%(lock)s::varchar[])
+), next AS (
+    SELECT new.node_key, new.event_id, new.event_type, free.line_empty AND
+        row_number() OVER (PARTITION BY new.event_type ORDER BY new.place) <= free.slots AS admitted
+    FROM ROWS FROM (jsonb_to_recordset(%(next)s) AS (node_key varchar, event_id uuid, event_type varchar))
+        WITH ORDINALITY AS new(node_key, event_id, event_type, place)
+    JOIN free ON free.name = new.event_type
 ), queued AS (
-    UPDATE {TASK} AS task SET status = '{S.QUEUED.value}', queued_at = %(now)s, current_event_id = new.event_id
-    FROM jsonb_to_recordset(%(next)s) AS new(node_key varchar, event_id uuid)
-    WHERE task.run_id = %(run_id)s AND task.node_key = new.node_key AND task.status = '{S.WAITING.value}'
+    UPDATE {TASK} AS task
+    SET status = '{S.QUEUED.value}', queued_at = %(now)s, current_event_id = next.event_id,
+        holds_slot = next.admitted, lease_expires_at = CASE WHEN next.admitted THEN %(deadline)s::timestamptz END
+    FROM next
+    WHERE task.run_id = %(run_id)s AND task.node_key = next.node_key AND task.status = '{S.WAITING.value}'
       AND EXISTS (SELECT 1 FROM old)
-    RETURNING new.event_id
+    RETURNING next.event_id, next.event_type, next.admitted
+), counted AS (
+    UPDATE {EVENT_TYPE} AS type
+    SET held = GREATEST(
+        type.held - CASE WHEN type.name = %(event_type)s THEN (SELECT slots FROM freed) ELSE 0 END
+            + (SELECT count(*) FROM queued WHERE queued.event_type = type.name AND queued.admitted),
+        0)
+    WHERE type.name = ANY(%(lock)s::varchar[])
+      AND ((type.name = %(event_type)s AND (SELECT slots FROM freed) > 0)
+           OR EXISTS (SELECT 1 FROM queued WHERE queued.event_type = type.name AND queued.admitted))
 ), events AS (
     INSERT INTO {EVENT}
         (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
@@ -287,7 +318,7 @@ WITH old AS (
 )
 SELECT (SELECT count(*) FROM old),
        EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s),
-       ARRAY(SELECT event_id FROM queued)
+       ARRAY(SELECT event_id FROM queued), ARRAY(SELECT event_id FROM queued WHERE admitted)
 """
 
 # A run ends once none of its tasks is left to finish: FAILED when one failed or could not run for
@@ -407,7 +438,7 @@ WITH picked AS (
     RETURNING queued_at, id, current_event_id, node_key, run_id
 ), counted AS (
     UPDATE {EVENT_TYPE} SET held = GREATEST(held - %(released)s + (SELECT count(*) FROM admitted), 0)
-    WHERE name = %(name)s
+    WHERE name = %(name)s AND (%(released)s > 0 OR EXISTS (SELECT 1 FROM admitted))
 )
 SELECT queued_at, id, current_event_id, node_key, (SELECT version_id FROM {RUN} WHERE trace_id = run_id)
 FROM admitted
