@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from _procs import Worker, bench_env
 from _setup import setup_django
@@ -63,7 +64,8 @@ def _frame_key(frame: str) -> str:
 
 def count_queries(flows: dict) -> None:
     """Statements and round trips per engine transition for one hop of the chain, run in this
-    process (nothing published)."""
+    process (nothing published): a success as a worker records it (with its Event, in one round
+    trip) and as the general path records it (failures, retries and joins take that one)."""
     import contextlib
 
     from django.db import connection
@@ -71,67 +73,79 @@ def count_queries(flows: dict) -> None:
     from workflows_app import engine, pgsql
     from workflows_app.models import TaskRun
 
-    statements: list[tuple[int | None, str]] = []  # (the together() block it was sent in, SQL)
+    statements: list[tuple[int | None, str]] = []  # (the block it was sent in, SQL)
+    trips: set[int] = set()  # blocks that carry their transaction's BEGIN and COMMIT (`one_trip`)
     blocks = iter(range(1_000_000))
     block: int | None = None
-    original_execute, original_together, original_publish = pgsql.execute, pgsql.together, engine._publish
+    original = pgsql.execute, pgsql.together, pgsql.one_trip, engine._publish
 
     def recorded(sql, params):
         statements.append((block, " ".join(sql.split())))
-        return original_execute(sql, params)
+        return original[0](sql, params)
 
-    @contextlib.contextmanager
-    def grouped():
-        nonlocal block
-        block = next(blocks)
-        try:
-            with original_together():
-                yield
-        finally:
-            block = None
+    def grouping(send: Any, *, whole: bool) -> Any:
+        @contextlib.contextmanager
+        def grouped():
+            nonlocal block
+            if block is not None:  # a pipeline within one: psycopg's, not another round trip
+                with send():
+                    yield
+                return
+            block = next(blocks)
+            if whole:
+                trips.add(block)
+            try:
+                with send():
+                    yield
+            finally:
+                block = None
+
+        return grouped
 
     def orm(execute, sql, params, many, context):
         statements.append((block, sql))
         return execute(sql, params, many, context)
 
     def round_trips(listed: list[tuple[int | None, str]], *, transaction: bool) -> int:
-        """One per statement sent alone, one per block; in a transaction, COMMIT, and BEGIN unless
-        the first statement went in a block (which then carries it)."""
-        trips = len({b for b, _ in listed if b is not None}) + sum(1 for b, _ in listed if b is None)
-        if transaction:
-            trips += 1 + (listed[0][0] is None)
-        return trips
+        """One per statement sent alone, one per block; in a transaction not sent whole in one
+        block, COMMIT, and BEGIN unless the first statement went in a block (which then carries it)."""
+        count = len({b for b, _ in listed if b is not None}) + sum(1 for b, _ in listed if b is None)
+        if transaction and not any(b in trips for b, _ in listed):
+            count += 1 + (listed[0][0] is None)
+        return count
 
     engine._publish = lambda messages, revokes: None
-    pgsql.execute, pgsql.together = recorded, grouped
+    pgsql.execute = recorded
+    pgsql.together = grouping(original[1], whole=False)
+    pgsql.one_trip = grouping(original[2], whole=True)
     try:
-        run, _ = engine.workflow_run_start(workflow=flows["chain"], payload={}, source="bench")
-        with connection.execute_wrapper(orm):
-            for hop in range(3):
-                row = TaskRun.objects.get(run=run, status=TaskRun.Status.QUEUED)
-                event_id = str(row.current_event_id)
-                statements.clear()
-                engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
-                started = list(statements)
-                statements.clear()
-                engine.task_run_finish(
-                    trace_id=str(run.pk),
-                    event_id=event_id,
-                    succeeded=True,
-                    result=None,
-                    event=row.current_event.as_message(),
-                )
-                if hop == 2:
-                    print(
-                        f"\ntask_run_start: {len(started)} statement, {round_trips(started, transaction=False)}"
-                        f" round trip (autocommit); task_run_finish: {len(statements)} statements in one"
-                        f" transaction, {round_trips(statements, transaction=True)} round trips with BEGIN and"
-                        " COMMIT; statements sent together are marked alike:"
+        for how, with_event in (("with its Event, as a worker sends it", True), ("by the general path", False)):
+            run, _ = engine.workflow_run_start(workflow=flows["chain"], payload={}, source="bench")
+            with connection.execute_wrapper(orm):
+                for _ in range(3):
+                    row = TaskRun.objects.select_related("current_event").get(run=run, status=TaskRun.Status.QUEUED)
+                    event_id, message = str(row.current_event_id), row.current_event.as_message()
+                    statements.clear()
+                    engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
+                    started = list(statements)
+                    statements.clear()
+                    engine.task_run_finish(
+                        trace_id=str(run.pk),
+                        event_id=event_id,
+                        succeeded=True,
+                        result=None,
+                        event=message if with_event else None,
                     )
-                    for sent_in, sql in statements:
-                        print(f"  {'' if sent_in is None else chr(ord('a') + sent_in % 26)!s:>2} {sql[:150]}")
+            print(
+                f"\ntask_run_start: {len(started)} statement, {round_trips(started, transaction=False)} round trip"
+                f" (autocommit); task_run_finish {how}: {len(statements)} statements in one transaction,"
+                f" {round_trips(statements, transaction=True)} round trip(s) from BEGIN to COMMIT; statements"
+                " sent together are marked alike:"
+            )
+            for sent_in, sql in statements:
+                print(f"  {'' if sent_in is None else chr(ord('a') + sent_in % 26)!s:>2} {sql[:150]}")
     finally:
-        engine._publish, pgsql.execute, pgsql.together = original_publish, original_execute, original_together
+        pgsql.execute, pgsql.together, pgsql.one_trip, engine._publish = original
 
 
 def main() -> None:
