@@ -1017,9 +1017,9 @@ def _finish_success_in_one_trip(
             for i in queued
         ]
     outbox = _Outbox()
-    for event in created:
-        if event.event_id in admitted_at_once:
-            outbox.add(event.as_message(), timeout=graph.nodes[event.context["node"]].timeout)
+    for new in created:
+        if new.event_id in admitted_at_once:
+            outbox.add(new.as_message(), timeout=graph.nodes[new.context["node"]].timeout)
     _admitted(admitted, outbox, known=created)
     outbox.flush_on_commit()
     if run_found and not version_matched:

@@ -92,7 +92,7 @@ def one_trip() -> Iterator[None]:
     PostgreSQL. Only statements whose results can wait belong here; an error is raised at the
     block's end, after which nothing of it is written.
     """
-    if connection.in_atomic_block or not available():
+    if connection.in_atomic_block or not available() or not connection.get_autocommit():
         with transaction.atomic(), together():
             yield
         return
