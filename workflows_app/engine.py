@@ -211,20 +211,17 @@ def _args_repr(event: dict, limit: int) -> str:
 
 def _new_event(
     *,
-    run: WorkflowRun | None = None,
+    trace_id: uuid.UUID,
+    run_payload: dict,
     graph: Graph,
     node: NodeSpec,
     attempt: int,
     upstream: dict,
     now: datetime,
     event_id: uuid.UUID | None = None,
-    run_payload: dict | None = None,
-    trace_id: Any = None,
 ) -> Event:
-    """The Event of a node's attempt: the run's payload with the node's params over it. A run's
-    `trace_id` and `run_payload` may stand for the run itself."""
-    if run is not None:
-        trace_id, run_payload = run.trace_id, run.payload
+    """The Event of a node's attempt in the run `trace_id`: the run's payload with the node's params
+    over it."""
     return Event(
         event_id=event_id or uuid.uuid4(),
         trace_id=trace_id,
@@ -431,7 +428,8 @@ def _advance(
                 row.queued_at = now
                 results = {p: rows[p].result if rows[p].status == S.SUCCESS else None for p in graph.preds[key]}
                 event = _new_event(
-                    run=run,
+                    trace_id=run.trace_id,
+                    run_payload=run.payload,
                     graph=graph,
                     node=node,
                     attempt=1,
@@ -606,7 +604,8 @@ def workflow_run_start(
                 raise
         events = {
             key: _new_event(
-                run=run,
+                trace_id=run.trace_id,
+                run_payload=run.payload,
                 graph=graph,
                 node=graph.nodes[key],
                 attempt=1,
@@ -873,7 +872,8 @@ def task_run_finish(
             attempt = row.attempts + 1
             previous = Event.objects.filter(event_id=event_id).values_list("context", flat=True).first() or {}
             event = _new_event(
-                run=run,
+                trace_id=run.trace_id,
+                run_payload=run.payload,
                 graph=graph,
                 node=node,
                 attempt=attempt,
