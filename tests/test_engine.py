@@ -347,3 +347,37 @@ def test_joins_and_events_naming_another_graph_go_the_general_way(sent, one_trip
     run.refresh_from_db()
     assert run.status == "SUCCESS" and set(statuses(run).values()) == {"SUCCESS"}
     assert [n for n, _, _ in sent] == list("abcd") and held("q_default") == (0, 0)
+
+
+def test_an_event_naming_another_version_of_the_runs_workflow_writes_nothing_then_goes_the_general_way(
+    sent, one_trips, django_capture_on_commit_callbacks
+):
+    # version 1: a -> b; version 2 (the run's): a -> c. A message claiming version 1 would queue b.
+    cap = django_capture_on_commit_callbacks
+    factories.workflow(factories.spec("moved", [(k, ECHO) for k in "ab"], [["a", "b"]]))
+    wf = factories.workflow(factories.spec("moved", [(k, ECHO) for k in "ac"], [["a", "c"]]))
+    run = start(wf, capture=cap)
+    a = TaskRun.objects.get(run=run, node_key="a").current_event
+    message = a.as_message()
+    assert message["context"]["workflow_version"] == 2
+    message["context"] = {**message["context"], "workflow_version": 1}
+    assert engine.task_run_start(event_id=str(a.event_id))
+    with cap(execute=True):
+        engine.task_run_finish(trace_id=str(run.trace_id), event_id=str(a.event_id), succeeded=True, event=message)
+    assert one_trips == [None]  # the database saw the version differ, and wrote nothing
+    assert statuses(run) == {"a": "SUCCESS", "c": "QUEUED"}
+    assert [n for n, _, _ in sent] == ["a", "c"] and held("q_default") == (1, 1)
+
+
+def test_a_run_ends_when_its_last_success_finds_a_successor_already_ended(
+    sent, one_trips, django_capture_on_commit_callbacks
+):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(factories.spec("ended", [(k, ECHO) for k in "ab"], [["a", "b"]]))
+    run = start(wf, capture=cap)
+    TaskRun.objects.filter(run=run, node_key="b").update(status="SKIPPED")  # changed outside the engine
+    run_task(run, "a", cap)
+    assert one_trips == [False]
+    run.refresh_from_db()
+    assert run.status == "SUCCESS" and run.finished_at is not None
+    assert [n for n, _, _ in sent] == ["a"] and held("q_default") == (0, 0)

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, models, transaction
@@ -27,6 +27,9 @@ from .models import (
     WorkflowRun,
     WorkflowVersion,
 )
+
+if TYPE_CHECKING:
+    from psycopg.types.json import Jsonb
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +327,7 @@ def _admit_postgresql(name: str, deadline: datetime, released: int, *, locked: b
     if not locked:
         pgsql.execute(pgsql.LOCK_EVENT_TYPES, {"lock": [name]})
     cursor = pgsql.execute(pgsql.ADMIT, {"name": name, "deadline": deadline, "released": released})
-    return lambda: [row[2:] for row in sorted(cursor.fetchall())]
+    return lambda: [row[2:] for row in cursor.fetchall()]
 
 
 def _load_rows(run: WorkflowRun, rows: dict[str, TaskRun], keys: Iterable[str]) -> None:
@@ -496,6 +499,82 @@ def _stored_version_id(workflow_id: int, version: int) -> int:
     return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow_id=workflow_id, version=version)
 
 
+def _new_run(
+    workflow: WorkflowDefinition,
+    version_id: int,
+    payload: dict,
+    user: Any,
+    source: str,
+    trigger_event: Event | None,
+    now: datetime,
+    idempotency_key: str | None = None,
+) -> tuple[WorkflowRun, dict[str, Event]]:
+    """A run of the workflow's version `version_id`, not yet written, and its roots' Events."""
+    graph = graph_for_version(version_id)
+    run = WorkflowRun(
+        workflow=workflow,
+        version_id=version_id,
+        workflow_version=graph.version,
+        payload=payload,
+        idempotency_key=idempotency_key or None,
+        created_by=user if getattr(user, "is_authenticated", False) else None,
+        source=source,
+        trigger_event=trigger_event,
+    )
+    events = {
+        key: _new_event(
+            trace_id=run.trace_id,
+            run_payload=run.payload,
+            graph=graph,
+            node=graph.nodes[key],
+            attempt=1,
+            upstream={},
+            now=now,
+        )
+        for key in graph.roots
+    }
+    return run, events
+
+
+def _task_rows(graph: Graph, events: dict[str, Event], now: datetime) -> Jsonb:
+    """A run's task rows for `pgsql.START_RUN`: QUEUED with their Events for the roots (`events`),
+    WAITING for the rest."""
+    return pgsql.as_json(
+        [
+            {
+                "node_key": node.key,
+                "event_type": node.event_type,
+                "task_name": node.task,
+                "status": S.QUEUED if node.key in events else S.WAITING,
+                "queued_at": now if node.key in events else None,
+                "event_id": events[node.key].event_id if node.key in events else None,
+            }
+            for node in graph.nodes.values()
+        ]
+    )
+
+
+def _start_run_in_one_call(
+    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime
+) -> Callable[[], Picked]:
+    """Write a new run, its tasks and its roots' Events, and admit its roots, in one call of
+    `pgsql.START_RUN_FUNCTION`: one statement where BEGIN, the inserts, admission and COMMIT were
+    four, each costing the web process more to send than PostgreSQL spends on it."""
+    answer = pgsql.call(
+        pgsql.CALL_START_RUN,
+        {
+            "run": pgsql.as_json(pgsql.new_row(run)),
+            "run_id": run.pk,
+            "tasks": _task_rows(graph, events, now),
+            "events": pgsql.rows_json(events.values()),
+            "lock": sorted({graph.nodes[key].event_type for key in events}),
+            "deadline": _dispatch_deadline(now),
+        },
+    ).fetchone()
+    run._state.adding, run._state.db = False, connection.alias  # written, as after the ORM's save
+    return lambda: list(zip(*answer, strict=True))
+
+
 def _insert_tasks(
     run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, lock: Iterable[str], new_run: bool
 ) -> None:
@@ -520,23 +599,12 @@ def _insert_tasks(
             for node in nodes
         )
         return
-    tasks = [
-        {
-            "node_key": node.key,
-            "event_type": node.event_type,
-            "task_name": node.task,
-            "status": S.QUEUED if node.key in events else S.WAITING,
-            "queued_at": now if node.key in events else None,
-            "event_id": events[node.key].event_id if node.key in events else None,
-        }
-        for node in nodes
-    ]
     pgsql.execute(
         pgsql.START_RUN if new_run else pgsql.START_TASKS,
         {
             **({"run": pgsql.as_json(pgsql.new_row(run))} if new_run else {}),
             "run_id": run.pk,
-            "tasks": pgsql.as_json(tasks),
+            "tasks": _task_rows(graph, events, now),
             "events": pgsql.rows_json(events.values()),
             "lock": sorted(set(lock)),
         },
@@ -574,50 +642,31 @@ def workflow_run_start(
         version_id: int | None = _stored_version_id(workflow.pk, workflow.version)
     except WorkflowVersion.DoesNotExist:
         version_id = None  # snapshotted in the transaction below
-    # Without a key's savepoint or a version to write, BEGIN, the inserts, admission and COMMIT go
-    # to PostgreSQL in one round trip; otherwise the inserts and admission take one of their own.
-    in_one_trip = version_id is not None and not idempotency_key
-    with pgsql.one_trip() if in_one_trip else transaction.atomic():
-        if version_id is None:
-            version_id = _current_version_id(workflow)
-        graph = graph_for_version(version_id)
-        run = WorkflowRun(
-            workflow=workflow,
-            version_id=version_id,
-            workflow_version=graph.version,
-            payload=payload,
-            idempotency_key=idempotency_key or None,
-            created_by=user if getattr(user, "is_authenticated", False) else None,
-            source=source,
-            trigger_event=trigger_event,
-        )
-        if idempotency_key:
-            try:
-                # The savepoint lets a lost race on the idempotency key end in the winner's run.
-                with transaction.atomic():
-                    run.save(force_insert=True)
-            except IntegrityError:
-                # A concurrent request with the same idempotency key won the insert.
-                existing = WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
-                if existing:
-                    return existing, False
-                raise
-        events = {
-            key: _new_event(
-                trace_id=run.trace_id,
-                run_payload=run.payload,
-                graph=graph,
-                node=graph.nodes[key],
-                attempt=1,
-                upstream={},
-                now=now,
-            )
-            for key in graph.roots
-        }
-        with pgsql.together():
-            types = {graph.nodes[key].event_type for key in events}
-            _insert_tasks(run, graph, events, now, lock=types, new_run=not idempotency_key)
-            admitted = _admit_send(types, locked=True)
+    if version_id is not None and not idempotency_key and pgsql.available():
+        # Without a key's savepoint or a version to write, the inserts and admission are one call.
+        run, events = _new_run(workflow, version_id, payload, user, source, trigger_event, now)
+        admitted = [_start_run_in_one_call(run, graph_for_version(version_id), events, now)]
+    else:
+        with transaction.atomic():
+            if version_id is None:
+                version_id = _current_version_id(workflow)
+            run, events = _new_run(workflow, version_id, payload, user, source, trigger_event, now, idempotency_key)
+            if idempotency_key:
+                try:
+                    # The savepoint lets a lost race on the idempotency key end in the winner's run.
+                    with transaction.atomic():
+                        run.save(force_insert=True)
+                except IntegrityError:
+                    # A concurrent request with the same idempotency key won the insert.
+                    existing = WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
+                    if existing:
+                        return existing, False
+                    raise
+            graph = graph_for_version(version_id)
+            with pgsql.together():
+                types = {graph.nodes[key].event_type for key in events}
+                _insert_tasks(run, graph, events, now, lock=types, new_run=not idempotency_key)
+                admitted = _admit_send(types, locked=True)
     outbox = _Outbox()
     _admitted(admitted, outbox, known=events.values())
     outbox.flush_on_commit()
@@ -939,16 +988,16 @@ def _finish_success_in_one_trip(
     event: Mapping[str, Any],
 ) -> bool | None:
     """`task_run_finish` for a success whose successors each wait on this node alone (a chain, a
-    fan-out, a leaf), in one round trip from BEGIN to COMMIT: each round trip costs a worker more,
+    fan-out, a leaf), in one statement and round trip: each round trip costs a worker more,
     waiting for a CPU on a busy machine, than the statements take. None when it does not apply
     (a successor joins other branches, or the Event names a graph the run does not have) and the
     general path must record the outcome; whatever it admitted is sent all the same.
 
-    The graph comes from the Event's context, before any lock, so the statements can be sent at
-    once: the run's lock and the event types' locks in name order, the outcome with its successors
-    (written only if the attempt is current and the run's version is the one read, and admitting
-    those with a free slot and nobody ahead of them), admission from the lines, and the run's end
-    for a leaf.
+    The graph comes from the Event's context, before any lock, so all of it is known to the one
+    call of `pgsql.FINISH_SUCCESS_FUNCTION`: the run's lock and the event types' locks in name
+    order, the outcome with its successors (written only if the attempt is current and the run's
+    version is the one read, and admitting those with a free slot and nobody ahead of them),
+    admission from the lines, and the run's end for a leaf.
     """
     context = event.get("context")
     try:
@@ -991,18 +1040,12 @@ def _finish_success_in_one_trip(
     }
     types = sorted({node.event_type, *(s.event_type for s in successors)})
     params.update(lock=types, deadline=_dispatch_deadline(now))
-    with pgsql.one_trip():
-        locked = pgsql.execute(pgsql.LOCK_RUN_AND_TYPES, {"run_id": trace_id, "lock": types})
-        finished = pgsql.execute(pgsql.FINISH_SUCCESS, params)
-        admitted = _admit_send(types, locked=True)
-        if not successors:
-            pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
-    recorded, version_matched, queued, admitted_at_once = finished.fetchone()
-    run_found = locked.fetchone()
+    answer = pgsql.call(pgsql.CALL_FINISH_SUCCESS, params).fetchone()
+    recorded, version_matched, queued, admitted_at_once, run_payload, *admitted = answer
     created = []
-    if run_found and queued:
+    if queued:
         by_id = dict(zip(next_ids, successors, strict=True))
-        run_payload = WorkflowRun._meta.get_field("payload").from_db_value(run_found[0], None, connection)
+        run_payload = WorkflowRun._meta.get_field("payload").from_db_value(run_payload, None, connection)
         created = [
             _new_event(
                 trace_id=uuid.UUID(trace_id),
@@ -1020,14 +1063,11 @@ def _finish_success_in_one_trip(
     for new in created:
         if new.event_id in admitted_at_once:
             outbox.add(new.as_message(), timeout=graph.nodes[new.context["node"]].timeout)
-    _admitted(admitted, outbox, known=created)
+    _admitted([lambda: list(zip(*admitted, strict=True))], outbox, known=created)
     outbox.flush_on_commit()
-    if run_found and not version_matched:
+    if run_payload is not None and not version_matched:
         _version_id_named.cache_clear()  # the workflow was created again under its name
         return None
-    if recorded and successors and len(queued) < len(successors):
-        # A successor was no longer WAITING (only rows changed outside the engine do that).
-        pgsql.execute(pgsql.FINISH_RUN, {"run_id": trace_id, "now": now})
     return bool(recorded) and celery_result is not None
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
-from django.db import connection, models, transaction
+from django.db import ProgrammingError, connection, models
 from django_celery_results.models import TaskResult
 from psycopg.types.json import Jsonb
 
@@ -72,43 +74,11 @@ def together() -> Iterator[None]:
         connection.ensure_connection()
         raw = connection.connection
         if raw.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF:
-            # Within `one_trip`: psycopg would sync the outer pipeline at each end of a nested one.
+            # Within another: psycopg would sync the outer pipeline at each end of a nested one.
             yield
             return
         with raw.pipeline():
             yield
-
-
-@contextlib.contextmanager
-def one_trip() -> Iterator[None]:
-    """A transaction whose BEGIN, statements and COMMIT go to PostgreSQL in one round trip: `execute`
-    the statements in the block, and read their results after it, once the transaction committed.
-
-    In pipeline mode, Django's `atomic` and psycopg's `transaction()` each cost round trips of their
-    own (psycopg syncs the pipeline to switch autocommit, and at each end of a transaction block),
-    so outside any transaction the block sends BEGIN and COMMIT itself, on a connection Django
-    keeps in autocommit mode. Inside a caller's transaction it is a savepoint of it, committed with
-    it (and `transaction.on_commit` waits for that), as is the whole block elsewhere than on
-    PostgreSQL. Only statements whose results can wait belong here; an error is raised at the
-    block's end, after which nothing of it is written.
-    """
-    if connection.in_atomic_block or not available() or not connection.get_autocommit():
-        with transaction.atomic(), together():
-            yield
-        return
-    with connection.wrap_database_errors:
-        connection.ensure_connection()
-        raw = connection.connection
-        try:
-            with raw.pipeline():
-                psycopg.Cursor(raw).execute("BEGIN")
-                yield
-                psycopg.Cursor(raw).execute("COMMIT")
-        except BaseException:
-            # A statement's error leaves the transaction aborted once the pipeline synced.
-            if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                raw.rollback()
-            raise
 
 
 def fetch_models_later(model: type[M], sql: str, params: Sequence[Any] | Mapping[str, Any]) -> Callable[[], list[M]]:
@@ -254,10 +224,12 @@ SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = A
 # The event types in `lock` are locked before (so this statement's snapshot has their counts of held
 # slots after the wait, as admission's has; `ADMIT`). A successor whose type has nobody waiting in
 # line and a slot free (counting the one this finish gives back) takes the slot at once, in the write
-# that queues it, and its type's count follows in the same statement: one row version each, where
-# queueing, then admitting from the line, wrote two. Successors of a type with a line join its end,
-# for `ADMIT` to take in turn. Answers how many tasks it recorded, whether the version matched, the
-# Event ids of the successors it queued, and those of them it admitted.
+# that queues it, and its type's count follows in the same statement, when it changes (a chain's
+# next step takes the slot its predecessor gives back): one row version each, where queueing, then
+# admitting from the line, wrote two. Successors of a type with a line join its end, for `ADMIT` to
+# take in turn. Answers how many tasks it recorded, whether the version matched, the Event ids of the
+# successors it queued, those of them it admitted, and the types whose line it found not empty.
+# Run by the function below (`FINISH_SUCCESS_FUNCTION`).
 FINISH_SUCCESS = f"""
 WITH old AS (
     SELECT id, holds_slot FROM {TASK}
@@ -297,15 +269,14 @@ WITH old AS (
     WHERE task.run_id = %(run_id)s AND task.node_key = next.node_key AND task.status = '{S.WAITING.value}'
       AND EXISTS (SELECT 1 FROM old)
     RETURNING next.event_id, next.event_type, next.admitted
+), change AS (
+    SELECT free.name,
+        (SELECT count(*) FROM queued WHERE queued.event_type = free.name AND queued.admitted)
+            - CASE WHEN free.name = %(event_type)s THEN (SELECT slots FROM freed) ELSE 0 END AS held
+    FROM free
 ), counted AS (
-    UPDATE {EVENT_TYPE} AS type
-    SET held = GREATEST(
-        type.held - CASE WHEN type.name = %(event_type)s THEN (SELECT slots FROM freed) ELSE 0 END
-            + (SELECT count(*) FROM queued WHERE queued.event_type = type.name AND queued.admitted),
-        0)
-    WHERE type.name = ANY(%(lock)s::varchar[])
-      AND ((type.name = %(event_type)s AND (SELECT slots FROM freed) > 0)
-           OR EXISTS (SELECT 1 FROM queued WHERE queued.event_type = type.name AND queued.admitted))
+    UPDATE {EVENT_TYPE} AS type SET held = GREATEST(type.held + change.held, 0)
+    FROM change WHERE type.name = change.name AND change.held <> 0
 ), events AS (
     INSERT INTO {EVENT}
         (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
@@ -318,7 +289,8 @@ WITH old AS (
 )
 SELECT (SELECT count(*) FROM old),
        EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s),
-       ARRAY(SELECT event_id FROM queued), ARRAY(SELECT event_id FROM queued WHERE admitted)
+       ARRAY(SELECT event_id FROM queued), ARRAY(SELECT event_id FROM queued WHERE admitted),
+       ARRAY(SELECT name FROM free WHERE NOT line_empty ORDER BY name)
 """
 
 # A run ends once none of its tasks is left to finish: FAILED when one failed or could not run for
@@ -441,5 +413,150 @@ WITH picked AS (
     WHERE name = %(name)s AND (%(released)s > 0 OR EXISTS (SELECT 1 FROM admitted))
 )
 SELECT queued_at, id, current_event_id, node_key, (SELECT version_id FROM {RUN} WHERE trace_id = run_id)
-FROM admitted
+FROM admitted ORDER BY queued_at, id
 """
+
+
+def _in_function(sql: str) -> str:
+    """A statement above as a PL/pgSQL function runs it: its parameter `%(name)s` is the function's
+    argument or variable `p_name` (prefixed, so no name can be taken for a column's)."""
+    return re.sub(r"%\((\w+)\)s", r"p_\1", sql)
+
+
+FUNCTION_PREFIX = "eventflow_"
+
+
+def _function(name: str, definition: str) -> tuple[str, str]:
+    """A function's name, made of `name` and a digest of its `definition` (arguments, results and
+    body), and the statement that creates it.
+
+    The name changes with the definition, so a process calls only the function its own code
+    defines: on a database migrated by older or newer code, it creates its own at the first call
+    (`call`), rather than run another's statements under the same name.
+    """
+    digest = hashlib.sha256(definition.encode()).hexdigest()[:12]
+    named = f"{FUNCTION_PREFIX}{name}_{digest}"
+    return named, f"CREATE OR REPLACE FUNCTION {named}{definition}"
+
+
+# What admission took, as the functions below answer it.
+_ADMITTED_OUT = "OUT admitted_events uuid[], OUT admitted_nodes varchar[], OUT admitted_versions bigint[]"
+
+
+def _admit_in_function(types: str) -> str:
+    """`ADMIT` for each event type of the array `types`, in a function with `_ADMITTED_OUT`, whose
+    variables `p_name`, `p_released` and `taken` it uses."""
+    return f"""
+    admitted_events := '{{}}'; admitted_nodes := '{{}}'; admitted_versions := '{{}}';
+    FOREACH p_name IN ARRAY {types} LOOP
+        FOR taken IN {_in_function(ADMIT).strip()} LOOP
+            admitted_events := admitted_events || taken.current_event_id;
+            admitted_nodes := admitted_nodes || taken.node_key;
+            admitted_versions := admitted_versions || taken.version_id;
+        END LOOP;
+    END LOOP;"""
+
+
+# A success whose successors wait on it alone (`engine._finish_success_in_one_trip`), as one call:
+# the locks of the run and of the event types (`LOCK_RUN_AND_TYPES`, every row of it read, so every
+# type is locked), `FINISH_SUCCESS`, then `ADMIT` for the types whose line it found not empty (only a
+# line can hold a task a freed slot lets in: a successor that found none was admitted at once or the
+# slots were full), then `FINISH_RUN` when the node is a leaf, or when a successor was no longer
+# WAITING. Each statement of a function called in READ COMMITTED takes a snapshot of its own, so
+# FINISH_SUCCESS and ADMIT see the counts as the locks left them, as when they were sent one by one.
+# Sent one by one, the five statements with BEGIN and COMMIT cost a worker more to send than
+# PostgreSQL spends running them. Answers FINISH_SUCCESS's answer, the run's payload, and what ADMIT
+# took.
+FINISH_SUCCESS_FUNCTION, _CREATE_FINISH_SUCCESS = _function(
+    "finish_success",
+    f"""(
+    p_run_id uuid, p_event_id uuid, p_node varchar, p_version_id bigint, p_event_type varchar,
+    p_now timestamptz, p_result jsonb, p_celery_result jsonb, p_next jsonb, p_lock varchar[],
+    p_deadline timestamptz,
+    OUT recorded bigint, OUT version_matched boolean, OUT queued_events uuid[], OUT admitted_at_once uuid[],
+    OUT run_payload jsonb, {_ADMITTED_OUT}
+) LANGUAGE plpgsql AS $function$
+DECLARE
+    p_name varchar;
+    p_released integer := 0;
+    lines varchar[];
+    taken record;
+BEGIN
+    SELECT (array_agg(locked.payload))[1] INTO run_payload FROM ({_in_function(LOCK_RUN_AND_TYPES)}) AS locked;
+    {_in_function(FINISH_SUCCESS).strip()}
+    INTO recorded, version_matched, queued_events, admitted_at_once, lines;
+    {_admit_in_function("lines")}
+    IF jsonb_array_length(p_next) = 0 OR (recorded > 0 AND cardinality(queued_events) < jsonb_array_length(p_next)) THEN
+        {_in_function(FINISH_RUN).replace("RETURNING status, finished_at", "").strip()};
+    END IF;
+END
+$function$""",
+)
+CALL_FINISH_SUCCESS = f"""
+SELECT * FROM {FINISH_SUCCESS_FUNCTION}(
+    %(run_id)s, %(event_id)s, %(node)s, %(version_id)s, %(event_type)s, %(now)s, %(result)s,
+    %(celery_result)s, %(next)s, %(lock)s, %(deadline)s)
+"""
+
+# A new run as a trigger without an Idempotency-Key writes it, as one call: `START_RUN` (every row
+# of its answer read, so every type is locked), then `ADMIT` for the types in `lock` (the roots').
+# Answers what admission took.
+START_RUN_FUNCTION, _CREATE_START_RUN = _function(
+    "start_run",
+    f"""(
+    p_run jsonb, p_run_id uuid, p_tasks jsonb, p_events jsonb, p_lock varchar[], p_deadline timestamptz,
+    {_ADMITTED_OUT}
+) LANGUAGE plpgsql AS $function$
+DECLARE
+    p_name varchar;
+    p_released integer := 0;
+    taken record;
+BEGIN
+    FOR taken IN {_in_function(START_RUN).strip()} LOOP
+    END LOOP;
+    {_admit_in_function("p_lock")}
+END
+$function$""",
+)
+CALL_START_RUN = f"""
+SELECT * FROM {START_RUN_FUNCTION}(%(run)s, %(run_id)s, %(tasks)s, %(events)s, %(lock)s, %(deadline)s)
+"""
+
+_FUNCTIONS = {FINISH_SUCCESS_FUNCTION: _CREATE_FINISH_SUCCESS, START_RUN_FUNCTION: _CREATE_START_RUN}
+
+
+def install_functions(using: str = "default", *, drop_others: bool = True) -> None:
+    """Create the engine's functions in the database `using`, and drop those of other code (their
+    names differ; `_function`) unless told not to. Run after each `migrate` (the app's
+    `post_migrate` handler); a process still running older code creates its own again at its next
+    call, and drops none."""
+    from django.db import connections
+
+    target = connections[using]
+    if target.vendor != "postgresql":
+        return
+    with target.cursor() as cursor:
+        for create in _FUNCTIONS.values():
+            cursor.execute(create)
+        if not drop_others:
+            return
+        cursor.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = current_schema() AND p.proname LIKE %s AND NOT p.proname = ANY(%s)",
+            [FUNCTION_PREFIX.replace("_", r"\_") + "%", list(_FUNCTIONS)],
+        )
+        for (signature,) in cursor.fetchall():
+            cursor.execute(f"DROP FUNCTION IF EXISTS {signature}")
+
+
+def call(sql: str, params: Mapping[str, Any]) -> psycopg.Cursor:
+    """`execute` a statement calling one of the engine's functions, creating them first when the
+    database has not got them (it was migrated by other code, or not since this code was deployed).
+    Within a transaction the error stands: the transaction cannot go on after it."""
+    try:
+        return execute(sql, params)
+    except ProgrammingError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.UndefinedFunction) or not connection.get_autocommit():
+            raise
+    install_functions(connection.alias, drop_others=False)
+    return execute(sql, params)
