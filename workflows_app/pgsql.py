@@ -219,7 +219,8 @@ SELECT {columns(TaskRun)} FROM {TASK} WHERE run_id = %(run_id)s AND node_key = A
 # attempt's Event, Celery's result row when there is one, and each successor still WAITING made
 # QUEUED with its new Event, whose payload is the run's own with the node's params over it. Nothing
 # is written unless the attempt is the task's current one, not final, and the run's version is
-# `version_id` (the graph the caller read the successors from).
+# `version_id` (the graph the caller read the successors from; compared after the run is read by its
+# key, so no plan can read the version's other runs through its index).
 #
 # The event types in `lock` are locked before (so this statement's snapshot has their counts of held
 # slots after the wait, as admission's has; `ADMIT`). A successor whose type has nobody waiting in
@@ -235,7 +236,7 @@ WITH old AS (
     SELECT id, holds_slot FROM {TASK}
     WHERE run_id = %(run_id)s AND current_event_id = %(event_id)s AND node_key = %(node)s
       AND status IN ('{S.QUEUED.value}', '{S.STARTED.value}', '{S.RETRY.value}')
-      AND EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s)
+      AND (SELECT version_id FROM {RUN} WHERE trace_id = %(run_id)s) = %(version_id)s
 ), outcome AS (
     UPDATE {TASK}
     SET status = '{S.SUCCESS.value}', result = %(result)s, error = '', finished_at = %(now)s,
@@ -288,7 +289,7 @@ WITH old AS (
     WHERE new.event_id IN (SELECT event_id FROM queued)
 )
 SELECT (SELECT count(*) FROM old),
-       EXISTS (SELECT 1 FROM {RUN} WHERE trace_id = %(run_id)s AND version_id = %(version_id)s),
+       coalesce((SELECT version_id FROM {RUN} WHERE trace_id = %(run_id)s) = %(version_id)s, false),
        ARRAY(SELECT event_id FROM queued), ARRAY(SELECT event_id FROM queued WHERE admitted),
        ARRAY(SELECT name FROM free WHERE NOT line_empty ORDER BY name)
 """
