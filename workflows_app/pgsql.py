@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import psycopg
-from django.db import ProgrammingError, connection, models
+from django.db import DatabaseError, ProgrammingError, connection, models
 from django_celery_results.models import TaskResult
 from psycopg.types.json import Jsonb
 
@@ -559,5 +559,8 @@ def call(sql: str, params: Mapping[str, Any]) -> psycopg.Cursor:
     except ProgrammingError as exc:
         if not isinstance(exc.__cause__, psycopg.errors.UndefinedFunction) or not connection.get_autocommit():
             raise
-    install_functions(connection.alias, drop_others=False)
+    try:
+        install_functions(connection.alias, drop_others=False)
+    except DatabaseError:
+        pass  # another process was creating it at the same moment; the call below tells
     return execute(sql, params)
