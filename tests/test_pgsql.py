@@ -23,10 +23,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_a_start_that_fails_part_way_writes_nothing_and_leaves_the_connection_usable():
     """The run's insert goes through and its root's Event collides: the call writes none of it."""
     workflow = factories.workflow(factories.spec("half", [("a", ECHO), ("b", ECHO)], [["a", "b"]]))
-    version_id = engine._current_version_id(workflow)
-    graph = engine.graph_for_version(version_id)
     now = timezone.now()
-    run, events = engine._new_run(workflow, version_id, {}, None, "api", None, now)
+    run, graph, events = engine._new_run(workflow, engine._current_version_id(workflow), {}, None, "api", None, now)
     taken = events["a"]
     Event.objects.create(
         event_id=taken.event_id, trace_id=uuid.uuid4(), event_type=taken.event_type, task_name=ECHO, timestamp=now

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, models, transaction
@@ -27,9 +27,6 @@ from .models import (
     WorkflowRun,
     WorkflowVersion,
 )
-
-if TYPE_CHECKING:
-    from psycopg.types.json import Jsonb
 
 logger = logging.getLogger(__name__)
 
@@ -508,8 +505,9 @@ def _new_run(
     trigger_event: Event | None,
     now: datetime,
     idempotency_key: str | None = None,
-) -> tuple[WorkflowRun, dict[str, Event]]:
-    """A run of the workflow's version `version_id`, not yet written, and its roots' Events."""
+) -> tuple[WorkflowRun, Graph, dict[str, Event]]:
+    """A run of the workflow's version `version_id`, not yet written, its graph, and its roots'
+    Events."""
     graph = graph_for_version(version_id)
     run = WorkflowRun(
         workflow=workflow,
@@ -533,25 +531,44 @@ def _new_run(
         )
         for key in graph.roots
     }
-    return run, events
+    return run, graph, events
 
 
-def _task_rows(graph: Graph, events: dict[str, Event], now: datetime) -> Jsonb:
-    """A run's task rows for `pgsql.START_RUN`: QUEUED with their Events for the roots (`events`),
-    WAITING for the rest."""
-    return pgsql.as_json(
-        [
-            {
-                "node_key": node.key,
-                "event_type": node.event_type,
-                "task_name": node.task,
-                "status": S.QUEUED if node.key in events else S.WAITING,
-                "queued_at": now if node.key in events else None,
-                "event_id": events[node.key].event_id if node.key in events else None,
-            }
-            for node in graph.nodes.values()
-        ]
-    )
+def _start_params(
+    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, new_run: bool
+) -> dict[str, Any]:
+    """The parameters of `pgsql.START_RUN` (`pgsql.START_TASKS` for a run already written, without
+    its row): the run's row, a task row per node, QUEUED with its Event for the roots (`events`) and
+    WAITING for the rest, the roots' Events, and the lock of the roots' event types."""
+    tasks = [
+        {
+            "node_key": node.key,
+            "event_type": node.event_type,
+            "task_name": node.task,
+            "status": S.QUEUED if node.key in events else S.WAITING,
+            "queued_at": now if node.key in events else None,
+            "event_id": events[node.key].event_id if node.key in events else None,
+        }
+        for node in graph.nodes.values()
+    ]
+    return {
+        **({"run": pgsql.as_json(pgsql.new_row(run))} if new_run else {}),
+        "run_id": run.pk,
+        "tasks": pgsql.as_json(tasks),
+        "events": pgsql.rows_json(events.values()),
+        "lock": sorted({graph.nodes[key].event_type for key in events}),
+    }
+
+
+def _written(run: WorkflowRun) -> None:
+    """Mark a run inserted by one of the engine's statements as saved, as the ORM's insert would."""
+    run._state.adding, run._state.db = False, connection.alias
+
+
+def _admitted_by_function(events: list[uuid.UUID], nodes: list[str], versions: list[int]) -> Callable[[], Picked]:
+    """What admission took, as the engine's functions answer it (`pgsql._ADMITTED_OUT`), in the form
+    `_admitted` reads."""
+    return lambda: list(zip(events, nodes, versions, strict=True))
 
 
 def _start_run_in_one_call(
@@ -560,28 +577,16 @@ def _start_run_in_one_call(
     """Write a new run, its tasks and its roots' Events, and admit its roots, in one call of
     `pgsql.START_RUN_FUNCTION`: one statement where BEGIN, the inserts, admission and COMMIT were
     four, each costing the web process more to send than PostgreSQL spends on it."""
-    answer = pgsql.call(
-        pgsql.CALL_START_RUN,
-        {
-            "run": pgsql.as_json(pgsql.new_row(run)),
-            "run_id": run.pk,
-            "tasks": _task_rows(graph, events, now),
-            "events": pgsql.rows_json(events.values()),
-            "lock": sorted({graph.nodes[key].event_type for key in events}),
-            "deadline": _dispatch_deadline(now),
-        },
-    ).fetchone()
-    run._state.adding, run._state.db = False, connection.alias  # written, as after the ORM's save
-    return lambda: list(zip(*answer, strict=True))
+    params = {**_start_params(run, graph, events, now, new_run=True), "deadline": _dispatch_deadline(now)}
+    admitted = pgsql.call(pgsql.CALL_START_RUN, params).fetchone()
+    _written(run)
+    return _admitted_by_function(*admitted)
 
 
-def _insert_tasks(
-    run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, lock: Iterable[str], new_run: bool
-) -> None:
+def _insert_tasks(run: WorkflowRun, graph: Graph, events: dict[str, Event], now: datetime, *, new_run: bool) -> None:
     """A task row per node, QUEUED with its event for the roots (`events`), WAITING for the rest,
-    after the run's own row when `new_run`; on PostgreSQL the same statement locks the event types
-    in `lock`."""
-    nodes = list(graph.nodes.values())
+    after the run's own row when `new_run`; on PostgreSQL the same statement locks the roots' event
+    types."""
     if not pgsql.available():
         if new_run:
             run.save(force_insert=True)
@@ -596,21 +601,14 @@ def _insert_tasks(
                 queued_at=now if node.key in events else None,
                 current_event=events.get(node.key),
             )
-            for node in nodes
+            for node in graph.nodes.values()
         )
         return
     pgsql.execute(
-        pgsql.START_RUN if new_run else pgsql.START_TASKS,
-        {
-            **({"run": pgsql.as_json(pgsql.new_row(run))} if new_run else {}),
-            "run_id": run.pk,
-            "tasks": _task_rows(graph, events, now),
-            "events": pgsql.rows_json(events.values()),
-            "lock": sorted(set(lock)),
-        },
+        pgsql.START_RUN if new_run else pgsql.START_TASKS, _start_params(run, graph, events, now, new_run=new_run)
     )
     if new_run:
-        run._state.adding, run._state.db = False, connection.alias  # written, as after the ORM's save
+        _written(run)
 
 
 @_retry_on_conflict
@@ -644,13 +642,15 @@ def workflow_run_start(
         version_id = None  # snapshotted in the transaction below
     if version_id is not None and not idempotency_key and pgsql.available():
         # Without a key's savepoint or a version to write, the inserts and admission are one call.
-        run, events = _new_run(workflow, version_id, payload, user, source, trigger_event, now)
-        admitted = [_start_run_in_one_call(run, graph_for_version(version_id), events, now)]
+        run, graph, events = _new_run(workflow, version_id, payload, user, source, trigger_event, now)
+        admitted = [_start_run_in_one_call(run, graph, events, now)]
     else:
         with transaction.atomic():
             if version_id is None:
                 version_id = _current_version_id(workflow)
-            run, events = _new_run(workflow, version_id, payload, user, source, trigger_event, now, idempotency_key)
+            run, graph, events = _new_run(
+                workflow, version_id, payload, user, source, trigger_event, now, idempotency_key
+            )
             if idempotency_key:
                 try:
                     # The savepoint lets a lost race on the idempotency key end in the winner's run.
@@ -662,11 +662,9 @@ def workflow_run_start(
                     if existing:
                         return existing, False
                     raise
-            graph = graph_for_version(version_id)
             with pgsql.together():
-                types = {graph.nodes[key].event_type for key in events}
-                _insert_tasks(run, graph, events, now, lock=types, new_run=not idempotency_key)
-                admitted = _admit_send(types, locked=True)
+                _insert_tasks(run, graph, events, now, new_run=not idempotency_key)
+                admitted = _admit_send({graph.nodes[key].event_type for key in events}, locked=True)
     outbox = _Outbox()
     _admitted(admitted, outbox, known=events.values())
     outbox.flush_on_commit()
@@ -1063,7 +1061,7 @@ def _finish_success_in_one_trip(
     for new in created:
         if new.event_id in admitted_at_once:
             outbox.add(new.as_message(), timeout=graph.nodes[new.context["node"]].timeout)
-    _admitted([lambda: list(zip(*admitted, strict=True))], outbox, known=created)
+    _admitted([_admitted_by_function(*admitted)], outbox, known=created)
     outbox.flush_on_commit()
     if run_payload is not None and not version_matched:
         _version_id_named.cache_clear()  # the workflow was created again under its name
