@@ -19,11 +19,12 @@ RUN_URL = re.compile(r"http://127\.0\.0\.1:\d+/runs/[0-9a-f]{8}-[0-9a-f]{4}-[0-9
 
 
 def processes_in(folder: Path) -> dict[int, str]:
-    """Pid -> command line of the live processes whose working directory is `folder` (Linux /proc)."""
+    """Pid -> command line of the live processes whose working directory is `folder` or within it, as
+    the embedded PostgreSQL's is (Linux /proc)."""
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if Path(os.readlink(proc / "cwd")) == folder:
+            if Path(os.readlink(proc / "cwd")).is_relative_to(folder):
                 found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue  # gone meanwhile, or not ours to inspect
@@ -49,7 +50,7 @@ def run_demo(project: Path, env: dict[str, str], *args: str, timeout: float) -> 
 
 @pytest.mark.e2e
 def test_demo_runs_the_product_pipeline_on_embedded_defaults(tmp_path: Path) -> None:
-    # A copy of the working tree, so the SQLite file and the broker folders land in it and the
+    # A copy of the working tree, so the embedded database and the broker folders land in it and the
     # run starts from nothing, as in a fresh clone (untracked new files included, hence no git).
     project = tmp_path / "eventflow"
     shutil.copytree(
@@ -79,11 +80,11 @@ def test_demo_runs_the_product_pipeline_on_embedded_defaults(tmp_path: Path) -> 
     assert "SUCCESS" in result.stdout
     assert "All runs succeeded." in result.stdout
     assert len(re.findall(r"GET /runs/\S+ as demo -> 200", result.stdout)) == 2, output
-    assert (project / "var" / "eventflow.sqlite3").exists()
+    assert (project / "var" / "pgdata" / "PG_VERSION").exists()
     assert (project / "var" / "broker" / "queue").is_dir()
     for log in (project / "var" / "log" / "demo").glob("worker-*.log"):
         assert "Traceback" not in log.read_text(), f"{log.name}:\n{log.read_text()[-3000:]}"
-    # Every process it started was gone by the time it returned.
+    # Every process it started, the embedded PostgreSQL's included, was gone by the time it returned.
     assert left == {}
 
 
@@ -123,7 +124,7 @@ def test_demo_uses_postgresql_and_redis_when_told(tmp_path: Path) -> None:
     with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}") as conn:
         status = conn.execute("SELECT status FROM workflows_app_workflowrun WHERE trace_id = %s", [trace_id]).fetchone()
     assert status == ("SUCCESS",)
-    assert not (project / "var" / "eventflow.sqlite3").exists()
+    assert not (project / "var" / "pgdata").exists()
     assert not (project / "var" / "broker" / "queue").exists()
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -60,32 +60,36 @@ TEMPLATES = [
 
 
 def database(default: str | None = None) -> dict:
-    """The database of DATABASE_URL, its connections kept across requests.
+    """The database of DATABASE_URL (PostgreSQL), its connections kept across requests."""
+    return _tuned(env.db("DATABASE_URL", default=default) if default else env.db("DATABASE_URL"))
 
-    A new PostgreSQL connection per request costs more than a whole API request (a backend process
-    forked and authenticated); health checks replace one the server closed.
+
+def database_or_embedded() -> dict:
+    """DATABASE_URL's database, or without it the quickstart's PostgreSQL embedded under var/pgdata
+    (`config.embedded_postgres`), started by the first process that needs it."""
+    if env("DATABASE_URL", default=""):
+        return database()
+    from config.embedded_postgres import database as embedded
+
+    return _tuned(embedded(VAR_DIR / "pgdata"))
+
+
+def _tuned(db: dict) -> dict:
+    """A new PostgreSQL connection per request costs more than a whole API request (a backend process
+    forked and authenticated): connections are kept, and health checks replace one the server closed.
+
+    Parameters bound on the server let psycopg prepare what a process keeps repeating (a trigger's
+    inserts, Celery's result store): PostgreSQL plans those statements once per connection instead
+    of every time, and planning costs more than running them. Turn it off behind a pooler that
+    cannot keep prepared statements (PgBouncer before 1.21 in transaction mode).
     """
-    db = env.db("DATABASE_URL", default=default) if default else env.db("DATABASE_URL")
     db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     db["CONN_HEALTH_CHECKS"] = True
-    if db["ENGINE"].endswith("postgresql"):
-        # Parameters bound on the server let psycopg prepare what a process keeps repeating (a
-        # trigger's inserts, Celery's result store): PostgreSQL plans those statements once per
-        # connection instead of every time, and planning costs more than running them.
-        # Turn off behind a pooler that cannot keep prepared statements (PgBouncer before 1.21 in
-        # transaction mode).
-        prepared = env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True)
-        db.setdefault("OPTIONS", {}).update({"server_side_binding": True, "prepare_threshold": 5 if prepared else None})
-    if db["ENGINE"].endswith("sqlite3"):
-        # Writers take the lock at BEGIN, so concurrent transitions queue instead of failing mid-way.
-        # WAL lets pages read while workers write.
-        db.setdefault("OPTIONS", {}).update(
-            {"transaction_mode": "IMMEDIATE", "timeout": 30, "init_command": "PRAGMA journal_mode=WAL;"}
-        )
+    prepared = env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True)
+    db.setdefault("OPTIONS", {}).update({"server_side_binding": True, "prepare_threshold": 5 if prepared else None})
     return db
 
 
-DATABASES = {"default": database(f"sqlite:///{VAR_DIR / 'eventflow.sqlite3'}")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -246,4 +250,6 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    # The embedded PostgreSQL's wrapper narrates every start and stop at INFO.
+    "loggers": {"embedded_postgres": {"level": "WARNING"}},
 }

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import OperationalError, close_old_connections, connection
+from django.db import OperationalError, close_old_connections
 from django.db.models import Count
 from django.test import Client
 from django.urls import reverse
@@ -38,7 +38,7 @@ from .run_workers import worker_command, worker_plan
 
 ADMIN_USERNAME = "demo"  # its own superuser, so a real admin account is never touched
 # Seconds between two reads of the demo's runs: live enough for a terminal, and two grouped
-# counts per read cost the database next to nothing, even SQLite shared with the workers.
+# counts per read cost the database next to nothing.
 POLL_INTERVAL = 0.2
 # Starting eight Django processes at once on a small machine takes a while; a worker that
 # crashes is noticed at once anyway, since its process exits.
@@ -113,7 +113,8 @@ def progress_line(*, task_counts: dict[str, int], run_counts: dict[str, int]) ->
 
 class Command(BaseCommand):
     help = (
-        "The quickstart: migrate the database (SQLite under var/ unless DATABASE_URL is set), load "
+        "The quickstart: migrate the database (a PostgreSQL embedded under var/pgdata unless DATABASE_URL "
+        "is set), load "
         "examples/product_pipeline.yaml, create the admin user, start one Celery worker per event-type "
         "queue on the broker (an embedded file broker under var/broker unless CELERY_BROKER_URL is set) "
         "and the web server, trigger a few runs and show their progress. Without --no-serve it keeps "
@@ -175,7 +176,6 @@ class Command(BaseCommand):
         except OperationalError as exc:
             raise CommandError(f"cannot use the database: {exc}") from None
         self._check_broker()
-        self._sqlite_tune()
         workflow = self._load_pipeline()
         password = self._admin_reset()
         self._say(f"Admin login: user {ADMIN_USERNAME!r}, password {password!r}  ({self.base_url}/admin/)")
@@ -205,12 +205,11 @@ class Command(BaseCommand):
 
     def _prepare_storage(self) -> None:
         db = settings.DATABASES["default"]
-        if connection.vendor == "sqlite":
-            Path(db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
-            self._say(f"  database  SQLite {db['NAME']}")
+        if not os.environ.get("DATABASE_URL"):
+            self._say(f"  database  PostgreSQL embedded, files under {db['HOST']} (no server needed)")
         else:
             where = f"{db.get('HOST') or 'localhost'}{':' + str(db['PORT']) if db.get('PORT') else ''}"
-            self._say(f"  database  {connection.vendor} {where}/{db.get('NAME')}")
+            self._say(f"  database  PostgreSQL {where}/{db.get('NAME')}")
         broker = settings.CELERY_BROKER_URL
         if self._embedded_broker():
             # The file transport expects its folders to exist: it writes messages into them
@@ -241,15 +240,6 @@ class Command(BaseCommand):
     @staticmethod
     def _embedded_broker() -> bool:
         return settings.CELERY_BROKER_URL.startswith("filesystem://")
-
-    def _sqlite_tune(self) -> None:
-        if connection.vendor != "sqlite":
-            return
-        # Write-ahead logging lets readers (the pages, this progress display) read while a worker
-        # writes, instead of queueing behind it. The mode is stored in the database file, so every
-        # worker process opening it gets it too.
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA journal_mode=WAL")
 
     def _load_pipeline(self) -> WorkflowDefinition:
         path = Path(settings.BASE_DIR) / "examples" / "product_pipeline.yaml"
