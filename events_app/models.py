@@ -6,9 +6,10 @@ import uuid
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
+# An event type's name, which is also its Celery queue's: the definition format checks it too.
+EVENT_TYPE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 queue_name_validator = RegexValidator(
-    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-    "Use letters, digits, '.', '_' or '-', starting with a letter or digit.",
+    EVENT_TYPE_NAME, "Use letters, digits, '.', '_' or '-', starting with a letter or digit."
 )
 
 

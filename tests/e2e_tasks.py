@@ -9,6 +9,8 @@ from pathlib import Path
 import redis
 from celery import shared_task, signals
 
+import tests.kinds  # noqa: F401 - the workers settle `noop` nodes too
+
 
 def _redis() -> redis.Redis:
     """The test broker's Redis, also used as a counter store the test process can read."""

@@ -31,12 +31,6 @@ ECHO = "workflows_app.tasks.echo"
 FAIL = "workflows_app.tasks.fail"
 
 
-@pytest.fixture(autouse=True)
-def no_publishing(monkeypatch):
-    """Nothing here needs a broker: messages the engine would send after commit are dropped."""
-    monkeypatch.setattr(engine, "_publish", lambda messages, revokes: None)
-
-
 def run_command(name: str, *args: str) -> str:
     out = io.StringIO()
     call_command(name, *args, stdout=out, stderr=io.StringIO())

@@ -1,9 +1,21 @@
-"""Pure rules of the engine: trigger decisions, graph snapshots, definition validation."""
+"""The engine's decisions, without a database: trigger rules, settling, retries, a run's end,
+admission, and random DAGs played to their end through the same functions the engine calls."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import tests.kinds  # noqa: F401 - registers the `noop` kind
 from workflows_app.definitions import DefinitionError, definition_validate, find_cycle
-from workflows_app.engine import graph_from_spec, trigger_decision
+from workflows_app.engine import rules
+from workflows_app.engine.graph import graph_from_spec
+from workflows_app.engine.rules import FINAL, NodeState, RunContext, S, Waiting
+from workflows_app.models import TriggerRule
 
 KNOWN = {"t.echo"}
 
@@ -11,35 +23,106 @@ KNOWN = {"t.echo"}
 @pytest.mark.parametrize(
     ("rule", "upstream", "expected"),
     [
-        ("all_success", [], "QUEUED"),
-        ("all_success", ["SUCCESS", "SUCCESS"], "QUEUED"),
+        ("all_success", [], "run"),
+        ("all_success", ["SUCCESS", "SUCCESS"], "run"),
         ("all_success", ["SUCCESS", "FAILURE"], "UPSTREAM_FAILED"),
         ("all_success", ["SUCCESS", "UPSTREAM_FAILED"], "UPSTREAM_FAILED"),
         ("all_success", ["SUCCESS", "SKIPPED"], "SKIPPED"),
         ("all_success", ["SKIPPED", "FAILURE"], "UPSTREAM_FAILED"),
-        ("one_success", ["FAILURE", "SUCCESS"], "QUEUED"),
+        ("one_success", ["FAILURE", "SUCCESS"], "run"),
         ("one_success", ["FAILURE", "FAILURE"], "UPSTREAM_FAILED"),
         ("one_success", ["SKIPPED", "SKIPPED"], "SKIPPED"),
-        ("all_done", ["FAILURE", "SKIPPED"], "QUEUED"),
-        ("all_done", ["REVOKED"], "QUEUED"),
+        ("all_done", ["FAILURE", "SKIPPED"], "run"),
+        ("all_done", ["REVOKED"], "run"),
+        ("all_failed", ["FAILURE", "UPSTREAM_FAILED"], "run"),
+        ("all_failed", ["FAILURE", "SUCCESS"], "SKIPPED"),
+        ("all_skipped", ["SKIPPED", "SKIPPED"], "run"),
+        ("all_skipped", ["SKIPPED", "FAILURE"], "SKIPPED"),
+        ("one_failed", ["SUCCESS", "UPSTREAM_FAILED"], "run"),
+        ("one_failed", ["SUCCESS", "SKIPPED"], "SKIPPED"),
+        ("one_done", ["SKIPPED", "FAILURE"], "run"),
+        ("one_done", ["SKIPPED", "SKIPPED"], "SKIPPED"),
+        ("none_failed", ["SUCCESS", "SKIPPED"], "run"),
+        ("none_failed", ["SUCCESS", "FAILURE"], "UPSTREAM_FAILED"),
+        ("none_failed_min_one_success", ["SKIPPED", "SKIPPED"], "SKIPPED"),
+        ("none_failed_min_one_success", ["SKIPPED", "SUCCESS"], "run"),
+        ("none_failed_min_one_success", ["SUCCESS", "UPSTREAM_FAILED"], "UPSTREAM_FAILED"),
+        ("none_skipped", ["SUCCESS", "FAILURE"], "run"),
+        ("none_skipped", ["SUCCESS", "SKIPPED"], "SKIPPED"),
+        ("always", ["UPSTREAM_FAILED"], "run"),
     ],
 )
-def test_trigger_decision(rule, upstream, expected):
-    assert trigger_decision(rule, upstream) == expected
+def test_trigger(rule, upstream, expected):
+    assert rules.trigger(rule, upstream) == expected
 
 
-def test_graph_from_spec_maps_both_directions():
+def test_every_trigger_rule_a_definition_accepts_has_a_meaning():
+    assert set(TriggerRule.values) == set(rules.TRIGGER_RULES)
+
+
+def test_retry_delay_doubles_until_the_retries_are_spent():
     graph = graph_from_spec(
-        {
-            "name": "d",
-            "nodes": [{"key": k, "task": "t.echo", "event_type": "q"} for k in "abcd"],
-            "edges": [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]],
-        },
-        version=3,
+        {"name": "r", "nodes": [{"key": "a", "max_retries": 2, "retry_delay": 1.5}], "edges": []}, version=1
     )
-    assert graph.roots == ["a"]
-    assert graph.preds["d"] == ("b", "c") and graph.succs["a"] == ("b", "c")
-    assert graph.nodes["d"].trigger_rule == "all_success" and graph.version == 3
+    node = graph.nodes["a"]
+    assert [rules.retry_delay(node, attempt) for attempt in (1, 2, 3)] == [1.5, 3.0, None]
+    assert rules.attempt_outcome(node, attempt=3, succeeded=False, error="x") == rules.Outcome("FAILURE", error="x")
+
+
+def test_run_outcome():
+    assert rules.run_outcome(["SUCCESS", "SKIPPED"]) == "SUCCESS"
+    assert rules.run_outcome(["SUCCESS", "UPSTREAM_FAILED"]) == "FAILED"
+    assert rules.run_outcome(["SUCCESS", "QUEUED"]) is None
+
+
+def test_admission_takes_the_free_slots_first_ready_first():
+    line = [Waiting(3, 30), Waiting(1, 10), Waiting(1, 5), Waiting(2, 1)]
+    assert rules.admit(concurrency=3, held=3, released=1, line=line) == [Waiting(1, 5)]
+    assert rules.admit(concurrency=5, held=1, released=0, line=line) == sorted(line)
+    assert rules.admit(concurrency=1, held=4, released=1, line=line) == []
+    assert rules.held_after(held=1, released=2, admitted=0) == 0
+
+
+def graph_of(nodes: list[dict], edges: list[list[str]]):
+    return graph_from_spec(
+        {"name": "g", "nodes": [{"event_type": "q", "task": "t.echo", **n} for n in nodes], "edges": edges}, version=1
+    )
+
+
+def test_a_success_settles_a_successor_by_its_trigger_rule():
+    """A node that needs a failure is skipped after a success: the decision is the rule's, even when
+    the successor waits on this node alone."""
+    graph = graph_of(
+        [
+            {"key": "a"},
+            {"key": "b", "trigger_rule": "one_failed"},
+            {"key": "c"},
+            {"key": "d", "trigger_rule": "all_done"},
+        ],
+        [["a", "b"], ["b", "c"], ["b", "d"]],
+    )
+    run = RunContext("t", {"p": 1}, graph)
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result=7), {})
+    assert [(s.node, s.status) for s in plan.steps] == [("b", "SKIPPED"), ("c", "SKIPPED"), ("d", "QUEUED")]
+    assert plan.steps[2].event["context"]["upstream"] == {"b": None}
+    assert plan.expect == {"b": "WAITING", "c": "WAITING", "d": "WAITING"} and not plan.may_end
+
+
+def test_a_join_needs_its_other_predecessors_then_expects_what_it_read():
+    graph = graph_of([{"key": k} for k in "abcd"], [["a", "c"], ["b", "c"], ["c", "d"]])
+    run = RunContext("t", {}, graph)
+    assert rules.plan_finish(run, "a", rules.Outcome("SUCCESS"), {}) == {"b"}
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result=1), {"b": NodeState("SUCCESS", 2)})
+    assert [(s.node, s.status) for s in plan.steps] == [("c", "QUEUED")]
+    assert plan.steps[0].event["context"]["upstream"] == {"a": 1, "b": 2}
+    assert plan.expect == {"b": "SUCCESS", "c": "WAITING"} and plan.types == ["q"]
+
+
+def test_a_kind_that_needs_no_worker_ends_at_once_and_its_successors_follow():
+    graph = graph_of([{"key": "a"}, {"key": "n", "kind": "noop"}, {"key": "b"}], [["a", "n"], ["n", "b"]])
+    plan = rules.plan_finish(RunContext("t", {}, graph), "a", rules.Outcome("SUCCESS"), {})
+    assert [(s.node, s.status) for s in plan.steps] == [("n", "SUCCESS"), ("b", "QUEUED")]
+    assert plan.steps[1].event["context"]["upstream"] == {"n": {"upstream": ["a"]}}
 
 
 def test_find_cycle_names_the_cycle_in_order():
@@ -54,6 +137,7 @@ def test_validate_fills_defaults_and_collects_every_error():
     assert spec["nodes"][0] == {
         "key": "a",
         "event_type": "q",
+        "kind": "task",
         "max_retries": 0,
         "params": {},
         "retry_delay": 1.0,
@@ -68,13 +152,20 @@ def test_validate_fills_defaults_and_collects_every_error():
                 "nodes": [
                     {"key": "a", "task": "nope", "event_type": "q"},
                     {"key": "b", "task": "t.echo", "event_type": "q", "timeout": 0},
+                    {"key": "c", "kind": "teleport"},
                 ],
                 "edges": [["a", "b"], ["b", "a"]],
             },
             known_tasks=KNOWN,
         )
     messages = " | ".join(caught.value.errors)
-    for needle in ("name must be a slug", "unknown task 'nope'", "timeout must be", "cycle: "):
+    for needle in (
+        "name must be a slug",
+        "unknown task 'nope'",
+        "timeout must be",
+        "cycle: ",
+        "unknown kind 'teleport'",
+    ):
         assert needle in messages
 
 
@@ -85,3 +176,108 @@ def test_the_reconciler_is_installed_as_a_beat_schedule():
     entry = app.conf.beat_schedule["eventflow-reconcile"]
     assert entry["task"] == tasks.reconcile.name == "workflows_app.tasks.reconcile" and entry["schedule"] > 0
     assert app.conf.task_acks_late is True and app.conf.worker_prefetch_multiplier == 1
+
+
+# --------------------------------------------------------------------------- random DAGs, played out
+
+
+@st.composite
+def dags(draw):
+    """A random DAG (edges go from lower to higher index), each node with a random trigger rule and
+    kind, and a random outcome for each attempt it may make."""
+    size = draw(st.integers(1, 9))
+    keys = [f"n{i}" for i in range(size)]
+    edges = [[keys[i], keys[j]] for i in range(size) for j in range(i + 1, size) if draw(st.booleans())]
+    nodes = [
+        {
+            "key": key,
+            "kind": draw(st.sampled_from(["task", "task", "task", "noop"])),
+            "trigger_rule": draw(st.sampled_from(sorted(rules.TRIGGER_RULES))),
+            "max_retries": draw(st.integers(0, 2)),
+            "event_type": draw(st.sampled_from(["q1", "q2"])),
+        }
+        for key in keys
+    ]
+    outcomes = {key: draw(st.lists(st.booleans(), min_size=3, max_size=3)) for key in keys}
+    order = draw(st.randoms(use_true_random=False))
+    return graph_of(nodes, edges), outcomes, order
+
+
+class Simulated:
+    """A run's rows, kept in memory, changed only by applying the plans `rules` makes, as the
+    database does (checking `expect` first)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.run = RunContext("trace", {"in": 1}, graph)
+        self.states: dict[str, NodeState] = dict.fromkeys(graph.nodes, rules.WAITING)
+        self.attempts: dict[str, int] = dict.fromkeys(graph.nodes, 0)
+        self.decided: list[str] = []
+
+    def apply(self, plan) -> None:
+        for node, status in plan.expect.items():
+            assert self.states[node].status == status, f"{node}: expected {status}, is {self.states[node]}"
+        for step in plan.steps:
+            assert self.states[step.node].status == S.WAITING, f"{step.node} decided twice"
+            self.decided.append(step.node)
+            self.states[step.node] = NodeState(step.status, step.result)
+            if step.status == S.QUEUED:
+                self.attempts[step.node] = 1
+
+    def read(self, nodes) -> Mapping[str, NodeState]:
+        return {n: self.states[n] for n in nodes}
+
+
+@settings(max_examples=300, deadline=None)
+@given(dags())
+def test_a_random_dag_with_random_outcomes_ends_with_every_node_final_as_the_rules_say(case):
+    graph, outcomes, order = case
+    sim = Simulated(graph)
+    sim.apply(rules.plan_start(sim.run))
+    while running := [k for k, s in sim.states.items() if s.status == S.QUEUED]:
+        key = order.choice(running)
+        attempt = sim.attempts[key]
+        succeeded = outcomes[key][attempt - 1]
+        outcome = rules.attempt_outcome(graph.nodes[key], attempt=attempt, succeeded=succeeded, result=key)
+        if outcome.status == S.RETRY:
+            sim.attempts[key] += 1
+            continue
+        sim.states[key] = NodeState(outcome.status, outcome.result)
+        read: dict[str, NodeState] = {}
+        while isinstance(plan := rules.plan_finish(sim.run, key, outcome, read), set):
+            read.update(sim.read(plan))  # what the engine reads when the Event alone cannot decide
+        sim.apply(plan)
+
+    assert all(s.status in FINAL for s in sim.states.values())
+    assert sorted(sim.decided) == sorted(graph.nodes)  # every node decided exactly once
+    for key, state in sim.states.items():
+        preds = [sim.states[p].status for p in graph.preds[key]]
+        verdict = rules.trigger(graph.nodes[key].trigger_rule, preds)
+        if verdict == rules.RUN:
+            assert state.status in (S.SUCCESS, S.FAILURE)
+            assert state.status == S.SUCCESS or graph.nodes[key].kind == "task"
+        else:
+            assert state.status == verdict
+    statuses = [s.status for s in sim.states.values()]
+    expected = "FAILED" if any(s in ("FAILURE", "UPSTREAM_FAILED") for s in statuses) else "SUCCESS"
+    assert rules.run_outcome(statuses) == expected
+
+
+def test_deciding_from_the_event_alone_and_from_every_row_read_agree():
+    """The one-call path takes a node's descendants as WAITING; reading every row gives the same plan."""
+    rng = random.Random(7)
+    for _ in range(200):
+        size = rng.randint(2, 8)
+        keys = [f"n{i}" for i in range(size)]
+        edges = [[keys[i], keys[j]] for i in range(size) for j in range(i + 1, size) if rng.random() < 0.4]
+        graph = graph_of([{"key": k, "trigger_rule": rng.choice(sorted(rules.TRIGGER_RULES))} for k in keys], edges)
+        node = keys[0]
+        states = {k: rules.WAITING for k in keys}
+        outcome = rules.Outcome(rng.choice(["SUCCESS", "FAILURE"]), result=1)
+        run = RunContext("t", {}, graph)
+        read = {}
+        while isinstance(alone := rules.plan_finish(run, node, outcome, read), set):
+            read.update({k: states[k] for k in alone})
+        every = rules.plan_finish(run, node, outcome, {k: v for k, v in states.items() if k != node})
+        strip = lambda plan: [(s.node, s.status) for s in plan.steps]  # noqa: E731
+        assert strip(alone) == strip(every)

@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.db.models import F
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -41,7 +42,12 @@ def operator(client, trigger_user):
 
 
 def start(workflow, payload: dict | None = None) -> WorkflowRun:
+    """A run, dated a millisecond after the runs this test started before it: the database dates a run
+    with its transaction's start, and a test is one transaction."""
     run, _ = engine.workflow_run_start(workflow=workflow, payload=payload or {})
+    later = WorkflowRun.objects.count() * timedelta(milliseconds=1)
+    WorkflowRun.objects.filter(pk=run.pk).update(created_at=F("created_at") + later)
+    run.refresh_from_db()
     return run
 
 

@@ -18,6 +18,7 @@ from django.utils.html import format_html
 from . import graph_svg
 from .admin_schedule import schedule_view
 from .definitions import DefinitionError, definition_validate, registered_task_names, workflow_version_sync
+from .engine import kinds
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun
 
 SMALL_JSON = {"widget": forms.Textarea(attrs={"rows": 2, "cols": 30})}
@@ -90,6 +91,7 @@ class DefinitionCheck:
             nodes.append(
                 {
                     "key": data["key"],
+                    "kind": data.get("kind") or "task",
                     "task": data["task"],
                     "event_type": self._pk(data["event_type"]),
                     "params": data.get("params"),
@@ -97,6 +99,7 @@ class DefinitionCheck:
                     "retry_delay": data["retry_delay"],
                     "timeout": data.get("timeout"),
                     "trigger_rule": data["trigger_rule"],
+                    **(data.get("options") or {}),
                 }
             )
 
@@ -188,7 +191,18 @@ class NodeInline(admin.TabularInline):
     form = NodeForm
     formset = NodeFormSet
     extra = 1
-    fields = ("key", "task", "event_type", "params", "max_retries", "retry_delay", "timeout", "trigger_rule")
+    fields = (
+        "key",
+        "kind",
+        "task",
+        "event_type",
+        "params",
+        "max_retries",
+        "retry_delay",
+        "timeout",
+        "trigger_rule",
+        "options",
+    )
     formfield_overrides = {models.JSONField: SMALL_JSON}
 
     def get_formset(self, request: HttpRequest, obj: WorkflowDefinition | None = None, **kwargs: Any) -> type:
@@ -199,6 +213,16 @@ class NodeInline(admin.TabularInline):
     def formfield_for_dbfield(
         self, db_field: models.Field, request: HttpRequest, tasks: list | None = None, **kwargs: Any
     ) -> forms.Field | None:
+        if db_field.name == "kind":
+            return forms.CharField(
+                label=db_field.verbose_name,
+                max_length=db_field.max_length,
+                help_text=db_field.help_text,
+                initial=db_field.default,
+                required=False,
+                empty_value=db_field.default,
+                widget=forms.Select(choices=[(name, name) for name in kinds.names()]),
+            )
         if db_field.name == "task":
             # A free-text field behind a select: a value outside the list reaches definition_validate,
             # which names it, instead of Django's anonymous "Select a valid choice".

@@ -54,7 +54,13 @@ def describe_error(exc: Any) -> str:
 
 
 def record_outcome(
-    event: dict, *, succeeded: bool, result: Any = None, error: str = "", celery_result: dict | None = None
+    event: dict,
+    *,
+    succeeded: bool,
+    result: Any = None,
+    error: str = "",
+    celery_result: dict | None = None,
+    run_payload: dict | None = None,
 ) -> bool:
     """Record the attempt's outcome; True when Celery's result row was written with it."""
     from . import engine
@@ -68,6 +74,7 @@ def record_outcome(
             error=error,
             celery_result=celery_result,
             event=event,
+            run_payload=run_payload,
         ),
         what="recording a task outcome",
     )
@@ -127,14 +134,8 @@ class EventTask(Task):
         event = event_of(args, request.id) if not request.called_directly else None
         if event is None:
             return super().__call__(*args, **kwargs)
-        from . import engine
-
-        attempt = (event.get("context") or {}).get("attempt", 1)
-        allowed = with_database_retry(
-            lambda: engine.task_run_start(event_id=event["event_id"], attempt=attempt, worker=request.hostname or ""),
-            what="recording a task start",
-        )
-        if not allowed:
+        start = self._start(event, request.hostname or "")
+        if not start:
             raise Ignore()
         try:
             retval = super().__call__(*args, **kwargs)
@@ -144,13 +145,32 @@ class EventTask(Task):
         except Ignore:
             raise
         except Exception as exc:
-            _or_log(record_outcome, event, succeeded=False, error=describe_error(exc))
+            _or_log(record_outcome, event, succeeded=False, error=describe_error(exc), run_payload=start.run_payload)
             raise
         row = celery_result_row(self, retval)
-        if _or_log(record_outcome, event, succeeded=True, result=retval, celery_result=row):
+        if _or_log(
+            record_outcome, event, succeeded=True, result=retval, celery_result=row, run_payload=start.run_payload
+        ):
             # Written with the outcome: Celery's tracer skips its own store for an ignored result.
             request.ignore_result = True
         return retval
+
+    @staticmethod
+    def _start(event: dict, worker: str) -> Any:
+        """Ask the engine whether the attempt may run. One that arrived before its due time (this
+        host's clock runs ahead of the database's, by which Celery's ETA was set) waits out the
+        difference, measured on this host's monotonic clock, then asks again."""
+        from . import engine
+
+        attempt = (event.get("context") or {}).get("attempt", 1)
+        while True:
+            start = with_database_retry(
+                lambda: engine.task_run_start(event_id=event["event_id"], attempt=attempt, worker=worker),
+                what="recording a task start",
+            )
+            if start or not start.wait:
+                return start
+            time.sleep(start.wait)
 
 
 def _or_log(record: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:

@@ -9,13 +9,15 @@ from typing import Any
 import networkx as nx
 from django.db import transaction
 
-from events_app.models import EventType
+from events_app.models import EVENT_TYPE_NAME, EventType
 
-from .models import Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
+from .engine import kinds
+from .engine.graph import COMMON_FIELDS, NODE_DEFAULTS
+from .models import NODE_KEY, Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
 
 NAME_RE = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+KEY_RE = re.compile(NODE_KEY)
+EVENT_TYPE_RE = re.compile(EVENT_TYPE_NAME)
 TOP_FIELDS = {
     "name",
     "description",
@@ -25,23 +27,6 @@ TOP_FIELDS = {
     "edges",
     "is_active",
     "version",
-}
-NODE_FIELDS = {
-    "key",
-    "task",
-    "event_type",
-    "params",
-    "max_retries",
-    "retry_delay",
-    "timeout",
-    "trigger_rule",
-}
-NODE_DEFAULTS: dict[str, Any] = {
-    "params": {},
-    "max_retries": 0,
-    "retry_delay": 1.0,
-    "timeout": None,
-    "trigger_rule": TriggerRule.ALL_SUCCESS.value,
 }
 
 
@@ -75,27 +60,27 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_node(index: int, raw: Any, known_tasks: set[str], errors: list[str]) -> dict | None:
+    """A node normalised: every common field with its default, then its kind's own fields."""
     where = f"nodes[{index}]"
     if not isinstance(raw, dict):
         errors.append(f"{where}: must be an object")
         return None
-    unknown = set(raw) - NODE_FIELDS
-    if unknown:
-        errors.append(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    node = {**NODE_DEFAULTS, **{k: v for k, v in raw.items() if k in NODE_FIELDS}}
-    key = node.get("key")
+    key = raw.get("key")
     if not isinstance(key, str) or not KEY_RE.match(key):
         errors.append(f"{where}: key must be a slug of letters, digits, '_' or '-'")
         return None
     where = f"node '{key}'"
-    task = node.get("task")
-    if not isinstance(task, str) or not task:
-        errors.append(f"{where}: task is required")
-    elif task not in known_tasks:
-        errors.append(f"{where}: unknown task '{task}' (not a registered Celery task)")
-    event_type = node.get("event_type")
-    if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
-        errors.append(f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'")
+    kind_name = raw.get("kind", NODE_DEFAULTS["kind"])
+    try:
+        kind = kinds.kind_of(kind_name)
+    except (KeyError, TypeError):
+        errors.append(f"{where}: unknown kind '{kind_name}' (one of {', '.join(kinds.names())})")
+        return None
+    unknown = set(raw) - COMMON_FIELDS - kind.fields
+    if unknown:
+        errors.append(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    node = {**NODE_DEFAULTS, "task": "", "event_type": None, **{k: v for k, v in raw.items() if k not in unknown}}
+    kind.check(node, where, errors, known_tasks)
     if not isinstance(node["params"], dict):
         errors.append(f"{where}: params must be an object")
     if not _is_int(node["max_retries"]) or node["max_retries"] < 0:
@@ -215,7 +200,7 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
         "is_active": is_active,
         "trigger_event_types": list(triggers),
         "event_types": {str(k): dict(v) for k, v in event_types.items()},
-        "nodes": [{"key": n["key"], **{f: n[f] for f in sorted(NODE_FIELDS - {"key"})}} for n in nodes],
+        "nodes": [{"key": n["key"], **{f: n[f] for f in sorted(set(n) - {"key"})}} for n in nodes],
         "edges": edges,
     }
 
@@ -232,12 +217,14 @@ def definition_spec(workflow: WorkflowDefinition) -> dict:
             {
                 "key": n.key,
                 "event_type": n.event_type_id,
+                "kind": n.kind,
                 "max_retries": n.max_retries,
                 "params": n.params or {},
                 "retry_delay": float(n.retry_delay),
                 "task": n.task,
                 "timeout": n.timeout,
                 "trigger_rule": n.trigger_rule,
+                **(n.options or {}),
             }
             for n in nodes
         ],
@@ -248,7 +235,7 @@ def definition_spec(workflow: WorkflowDefinition) -> dict:
 def definition_export(workflow: WorkflowDefinition) -> dict:
     """The export shape: what import_workflows and POST /api/workflows/ take back unchanged."""
     spec = definition_spec(workflow)
-    type_names = sorted({n["event_type"] for n in spec["nodes"]})
+    type_names = sorted({n["event_type"] for n in spec["nodes"] if n["event_type"]})
     concurrency = dict(EventType.objects.filter(name__in=type_names).values_list("name", "concurrency"))
     return {
         "name": spec["name"],
@@ -276,6 +263,13 @@ def workflow_version_sync(*, workflow: WorkflowDefinition) -> WorkflowVersion:
     return WorkflowVersion.objects.create(workflow=workflow, version=number, spec=spec)
 
 
+def _node(workflow: WorkflowDefinition, spec: dict) -> Node:
+    """A node row from its spec: the fields every node has in columns, its kind's own in `options`."""
+    common = {k: v for k, v in spec.items() if k in COMMON_FIELDS and k != "event_type"}
+    options = {k: v for k, v in spec.items() if k not in COMMON_FIELDS}
+    return Node(workflow=workflow, event_type_id=spec["event_type"], options=options, **common)
+
+
 @transaction.atomic
 def workflow_definition_save(*, data: Any, known_tasks: set[str] | None = None) -> WorkflowDefinition:
     """Create or replace a definition from the export shape; all or nothing."""
@@ -285,7 +279,7 @@ def workflow_definition_save(*, data: Any, known_tasks: set[str] | None = None) 
         obj, created = EventType.objects.get_or_create(name=et_name, defaults=defaults)
         if not created and defaults:
             EventType.objects.filter(pk=obj.pk).update(**defaults)
-    for et_name in {n["event_type"] for n in spec["nodes"]} - set(spec["event_types"]):
+    for et_name in {n["event_type"] for n in spec["nodes"] if n["event_type"]} - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)
     workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(name=spec["name"])
     workflow.description = spec["description"]
@@ -294,9 +288,7 @@ def workflow_definition_save(*, data: Any, known_tasks: set[str] | None = None) 
     workflow.save()
     workflow.edges.all().delete()
     workflow.nodes.all().delete()
-    created_nodes = Node.objects.bulk_create(
-        Node(workflow=workflow, event_type_id=n.pop("event_type"), **n) for n in [dict(n) for n in spec["nodes"]]
-    )
+    created_nodes = Node.objects.bulk_create(_node(workflow, n) for n in spec["nodes"])
     by_key = {n.key: n for n in created_nodes}
     Edge.objects.bulk_create(Edge(workflow=workflow, source=by_key[s], target=by_key[t]) for s, t in spec["edges"])
     workflow_version_sync(workflow=workflow)

@@ -6,13 +6,25 @@ from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
-key_validator = RegexValidator(r"^[A-Za-z0-9_-]{1,100}$", "Use letters, digits, '_' or '-'.")
+# A node's key; the definition format checks it too.
+NODE_KEY = r"^[A-Za-z0-9_-]{1,100}$"
+key_validator = RegexValidator(NODE_KEY, "Use letters, digits, '_' or '-'.")
 
 
 class TriggerRule(models.TextChoices):
+    """Airflow's trigger rules; what each means is `engine.rules.TRIGGER_RULES`."""
+
     ALL_SUCCESS = "all_success", "all succeeded"
+    ALL_FAILED = "all_failed", "all failed"
     ALL_DONE = "all_done", "all done"
+    ALL_SKIPPED = "all_skipped", "all skipped"
     ONE_SUCCESS = "one_success", "one succeeded"
+    ONE_FAILED = "one_failed", "one failed"
+    ONE_DONE = "one_done", "one succeeded or failed"
+    NONE_FAILED = "none_failed", "none failed"
+    NONE_FAILED_MIN_ONE_SUCCESS = "none_failed_min_one_success", "none failed, one succeeded"
+    NONE_SKIPPED = "none_skipped", "none skipped"
+    ALWAYS = "always", "always"
 
 
 class WorkflowDefinition(models.Model):
@@ -61,13 +73,24 @@ class Node(models.Model):
         validators=[key_validator],
         help_text="Unique within the workflow.",
     )
-    task = models.CharField("task", max_length=200, help_text="A registered Celery task name.")
+    kind = models.CharField(
+        "kind",
+        max_length=50,
+        default="task",
+        help_text="What the node does: 'task' runs a Celery task; other kinds are registered by apps.",
+    )
+    task = models.CharField("task", max_length=200, blank=True, help_text="A registered Celery task name.")
     event_type = models.ForeignKey(
         "events_app.EventType",
         on_delete=models.PROTECT,
+        null=True,
+        blank=True,
         related_name="nodes",
         verbose_name="event type",
-        help_text="Its queue and parallelism.",
+        help_text="Its queue and parallelism (for kinds that run on a worker).",
+    )
+    options = models.JSONField(
+        "options", default=dict, blank=True, help_text="Settings of its kind beyond those every node has."
     )
     params = models.JSONField("params", default=dict, blank=True, help_text="Merged over the run payload.")
     max_retries = models.PositiveIntegerField("max retries", default=0, help_text="Retries with exponential backoff.")
@@ -85,7 +108,7 @@ class Node(models.Model):
     )
     trigger_rule = models.CharField(
         "trigger rule",
-        max_length=20,
+        max_length=30,
         choices=TriggerRule.choices,
         default=TriggerRule.ALL_SUCCESS,
     )
@@ -265,14 +288,22 @@ class TaskRun(models.Model):
         WorkflowRun, on_delete=models.CASCADE, related_name="tasks", verbose_name="run", db_index=False
     )
     node_key = models.CharField("node", max_length=100)
+    map_index = models.PositiveIntegerField(
+        "map index",
+        null=True,
+        blank=True,
+        help_text="Which instance of its node this is, for a node with many; null for a node's only one.",
+    )
     event_type = models.ForeignKey(
         "events_app.EventType",
         on_delete=models.PROTECT,
+        null=True,
+        blank=True,
         related_name="task_runs",
         verbose_name="event type",
         db_index=False,  # indexed in Meta, without the LIKE index Django adds for a text key
     )
-    task_name = models.CharField("task name", max_length=200)
+    task_name = models.CharField("task name", max_length=200, blank=True)
     status = models.CharField("status", max_length=16, choices=Status.choices, default=Status.WAITING)
     attempts = models.PositiveIntegerField("attempts", default=0, help_text="Attempts started or sent so far.")
     holds_slot = models.BooleanField(
@@ -295,6 +326,12 @@ class TaskRun(models.Model):
     result = models.JSONField("result", null=True, blank=True)
     error = models.TextField("error", blank=True, default="")
     worker = models.CharField("worker", max_length=200, blank=True, default="")
+    due_at = models.DateTimeField(
+        "due at",
+        null=True,
+        blank=True,
+        help_text="When its next attempt may start (a retry's backoff), on the database's clock.",
+    )
     lease_expires_at = models.DateTimeField(
         "lease expires at",
         null=True,
@@ -309,7 +346,11 @@ class TaskRun(models.Model):
         ordering = ["run", "id"]
         verbose_name = "task run"
         verbose_name_plural = "task runs"
-        constraints = [models.UniqueConstraint(fields=["run", "node_key"], name="task_run_unique_node")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "node_key", "map_index"], name="task_run_unique_instance", nulls_distinct=False
+            )
+        ]
         indexes = [
             models.Index(fields=["run", "status"], name="task_run_run_status_idx"),
             models.Index(fields=["event_type"], name="task_run_event_type_idx"),
@@ -340,7 +381,8 @@ class TaskRun(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.run_id}:{self.node_key}"
+        instance = "" if self.map_index is None else f"[{self.map_index}]"
+        return f"{self.run_id}:{self.node_key}{instance}"
 
     @property
     def duration(self) -> float | None:

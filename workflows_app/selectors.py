@@ -29,11 +29,15 @@ def workflow_list() -> QuerySet[WorkflowDefinition]:
     return WorkflowDefinition.objects.order_by("name")
 
 
+WORKFLOW_BY_NAME = (
+    f"SELECT {pgsql.columns(WorkflowDefinition)} FROM {WorkflowDefinition._meta.db_table} WHERE name = %s"
+)
+
+
 def workflow_get(*, name: str) -> WorkflowDefinition | None:
-    if pgsql.available():  # every trigger reads it: a prepared statement, not the ORM's query built anew
-        found = pgsql.fetch_rows(pgsql.WORKFLOW_BY_NAME, [name], WorkflowDefinition)
-        return found[0][0] if found else None
-    return WorkflowDefinition.objects.filter(name=name).first()
+    # Every trigger reads it: a prepared statement, not the ORM's query built anew.
+    found = pgsql.fetch_rows(WORKFLOW_BY_NAME, [name], WorkflowDefinition)
+    return found[0][0] if found else None
 
 
 def run_list(*, workflow: str | None = None, status: str | None = None) -> QuerySet[WorkflowRun]:

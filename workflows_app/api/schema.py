@@ -75,8 +75,15 @@ class EventTypeSettingsSerializer(serializers.Serializer):
 
 class NodeSpecSerializer(serializers.Serializer):
     key = serializers.RegexField(KEY_RE.pattern, help_text="Unique within the workflow.")
-    task = serializers.CharField(help_text="A registered Celery task name.")
-    event_type = serializers.RegexField(EVENT_TYPE_RE.pattern, help_text="Its queue; created if new.")
+    kind = serializers.CharField(
+        required=False, help_text="What the node does; 'task' (the default) runs a Celery task."
+    )
+    task = serializers.CharField(
+        required=False, allow_blank=True, help_text="A registered Celery task name (for a 'task' node)."
+    )
+    event_type = serializers.RegexField(
+        EVENT_TYPE_RE.pattern, required=False, allow_null=True, help_text="Its queue; created if new."
+    )
     params = serializers.DictField(required=False, help_text="Merged over the run payload.")
     max_retries = serializers.IntegerField(min_value=0, required=False)
     retry_delay = serializers.FloatField(min_value=0, required=False, help_text="Seconds before the first retry.")

@@ -1,0 +1,66 @@
+"""An attempt's Event: its payload and context, composed here alone, and the message a task receives."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from events_app.models import Event
+
+from .graph import NodeSpec
+from .rules import RunContext
+
+# The columns of a new Event the engine writes; the database adds its timestamp (its own clock).
+NEW_EVENT_FIELDS = ("event_id", "trace_id", "event_type", "task_name", "payload", "result", "context", "status")
+
+
+def attempt_event(
+    run: RunContext, node: NodeSpec, *, attempt: int, upstream: Mapping[str, Any], extra: Mapping[str, Any] = ()
+) -> dict[str, Any]:
+    """The Event of a node's attempt, not yet stored: the run's payload with the node's params merged
+    over it, and a context naming the workflow, its version, the node, the attempt and the
+    predecessors' results (`extra` adds to it)."""
+    return {
+        "event_id": str(uuid.uuid4()),
+        "trace_id": run.trace_id,
+        "event_type": node.event_type,
+        "task_name": node.task,
+        "payload": {**run.payload, **node.params},
+        "result": {},
+        "context": {
+            "workflow": run.graph.workflow,
+            "workflow_version": run.graph.version,
+            "node": node.key,
+            "attempt": attempt,
+            "upstream": dict(upstream),
+            **dict(extra),
+        },
+        "status": Event.Status.PENDING,
+    }
+
+
+def next_attempt_event(previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The Event of the attempt after `previous` (a failed one): the same payload and upstream."""
+    context = dict(previous["context"])
+    context["attempt"] = context.get("attempt", 1) + 1
+    fresh = {name: previous[name] for name in NEW_EVENT_FIELDS}
+    return {**fresh, "event_id": str(uuid.uuid4()), "result": {}, "context": context, "status": Event.Status.PENDING}
+
+
+def message(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The message a task receives, from an Event row as the database answers it (JSON)."""
+    stamp = row["timestamp"]
+    event = Event(
+        event_id=uuid.UUID(str(row["event_id"])),
+        trace_id=uuid.UUID(str(row["trace_id"])) if row.get("trace_id") else None,
+        event_type=row["event_type"],
+        task_name=row["task_name"],
+        payload=row["payload"],
+        result=row["result"],
+        context=row["context"],
+        status=row["status"],
+        timestamp=datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp,
+    )
+    return event.as_message()

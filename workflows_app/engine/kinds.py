@@ -1,0 +1,81 @@
+"""Kinds of node: what a node does once its trigger rule lets it run, and what its definition holds.
+
+The engine asks a node's kind, never its name: a new kind is a module with a `NodeKind` subclass
+passed to `register`, imported by every process that saves definitions or moves runs (an installed
+app's `ready()`, or a module the workers import).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from events_app.models import EVENT_TYPE_NAME
+
+if TYPE_CHECKING:
+    from .graph import NodeSpec
+    from .rules import RunContext, Step
+
+EVENT_TYPE_RE = re.compile(EVENT_TYPE_NAME)
+
+
+class NodeKind:
+    """A kind of node. `uses_worker`: it runs a Celery task on its event type's queue, holding one
+    of the type's slots from admission to its outcome; otherwise it never reaches a worker."""
+
+    name: ClassVar[str]
+    uses_worker: ClassVar[bool] = False
+    # The definition fields of its own, beyond those every node has (`graph.COMMON_FIELDS`).
+    fields: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        """Add to `errors` what is wrong with a node of this kind in a definition (`where` names it)."""
+
+    def ready(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> Step:
+        """What the node becomes once it may run; `upstream` maps each predecessor to its result."""
+        raise NotImplementedError
+
+
+class TaskKind(NodeKind):
+    """A Celery task: QUEUED with the Event of its first attempt, until admission hands it to Celery."""
+
+    name = "task"
+    uses_worker = True
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        task = node.get("task")
+        if not isinstance(task, str) or not task:
+            errors.append(f"{where}: task is required")
+        elif task not in known_tasks:
+            errors.append(f"{where}: unknown task '{task}' (not a registered Celery task)")
+        event_type = node.get("event_type")
+        if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
+            errors.append(f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'")
+
+    def ready(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> Step:
+        from .events import attempt_event
+        from .rules import S, Step
+
+        event = attempt_event(run, node, attempt=1, upstream=upstream)
+        return Step(node.key, S.QUEUED, event=event, event_type=node.event_type)
+
+
+_KINDS: dict[str, NodeKind] = {}
+
+
+def register(kind: NodeKind) -> NodeKind:
+    """Make `kind` available to definitions and runs under `kind.name`."""
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def kind_of(name: str) -> NodeKind:
+    return _KINDS[name]
+
+
+def names() -> list[str]:
+    return sorted(_KINDS)
+
+
+register(TaskKind())

@@ -1,0 +1,86 @@
+"""Messages to Celery, sent once the transaction that decided them commits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import transaction
+
+from . import events
+from .graph import graph_for_version
+
+logger = logging.getLogger(__name__)
+
+# Seconds between a node's soft time limit and the hard kill.
+HARD_LIMIT_GRACE = 10
+
+
+class Outbox:
+    """Task messages and revokes to publish after commit (at once outside a transaction)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[dict, dict]] = []
+        self.revokes: list[str] = []
+
+    def add(self, message: dict, *, timeout: int | None, eta: datetime | None = None) -> None:
+        options: dict[str, Any] = {"queue": message["event_type"]}
+        if timeout:
+            options["soft_time_limit"] = timeout
+            options["time_limit"] = timeout + HARD_LIMIT_GRACE
+        if eta is not None:
+            options["eta"] = eta
+        self.messages.append((message, options))
+
+    def add_sent(self, sent: Iterable[Mapping[str, Any]], clock: datetime) -> None:
+        """The Events the database answered to send: each with its node and graph version (for the
+        node's time limits), and a retry's `due_in` seconds, counted from the database's `clock`."""
+        for item in sent:
+            node = graph_for_version(item["version_id"]).nodes[item["node"]]
+            due_in = item.get("due_in")
+            eta = clock + timedelta(seconds=due_in) if due_in else None
+            self.add(events.message(item["event"]), timeout=node.timeout, eta=eta)
+
+    def flush_on_commit(self) -> None:
+        if self.messages or self.revokes:
+            messages, revokes = list(self.messages), list(self.revokes)
+            transaction.on_commit(lambda: publish(messages, revokes))
+
+
+def publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
+    """Send after commit. A failure here is logged, not raised: the rows are committed and say what
+    should be in flight, so the caller's request still succeeds and the reconciler sends it again."""
+    from config.celery import app
+
+    if messages:
+        try:
+            with app.producer_or_acquire() as producer:
+                for message, options in messages:
+                    app.send_task(
+                        message["task_name"],
+                        args=[message],
+                        task_id=message["event_id"],
+                        producer=producer,
+                        argsrepr=args_repr(message, app.amqp.argsrepr_maxsize),
+                        kwargsrepr="{}",
+                        **options,
+                    )
+        except Exception:
+            logger.exception("could not publish %d task message(s) to the broker", len(messages))
+    if revokes:
+        try:
+            app.control.revoke(revokes, terminate=True, signal="SIGTERM")
+        except Exception:
+            # Some transports (the embedded file broker) have no broadcast; the durable cancel
+            # check in the worker still refuses these attempts.
+            logger.warning("could not broadcast revoke of %d task(s)", len(revokes), exc_info=True)
+
+
+def args_repr(message: dict, limit: int) -> str:
+    """The arguments as the message headers show them (and the result store keeps), cut at `limit`
+    characters like Celery's own, but not elided past three levels: its `saferepr` walks the Event in
+    Python, a fifth of a publish."""
+    text = repr([message])
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,604 @@
+"""Every WorkflowRun and TaskRun transition, named `<entity>_<action>`.
+
+Each gathers what `rules` decides on (from the Event a worker holds, or read from the database),
+asks `rules`, and has the database carry the decision out in one call (`sql`), which changes nothing
+unless the database still agrees with what the decision read. Messages leave once it commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db.models.functions import Now
+
+from events_app.models import Event
+
+from .. import pgsql
+from ..models import WorkflowDefinition, WorkflowRun, WorkflowVersion
+from . import rules, sql
+from .events import next_attempt_event
+from .graph import Graph, graph_for_version, version_id_named
+from .outbox import Outbox
+from .rules import NodeState, Outcome, Plan, RunContext, S
+
+logger = logging.getLogger(__name__)
+
+# How often a finish decides again after the database found its reads out of date.
+DECIDE_ATTEMPTS = 10
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `status` is the HTTP status the API answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retry_on_conflict(func: F) -> F:
+    """Re-run a transition that PostgreSQL aborted for a deadlock; each attempt is a fresh transaction."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(5):
+            try:
+                return func(*args, **kwargs)
+            except OperationalError as exc:
+                if "deadlock" not in str(exc).lower() or attempt == 4 or transaction.get_connection().in_atomic_block:
+                    raise
+                logger.warning("retrying %s after deadlock", func.__name__)
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(name: str) -> float:
+    return settings.EVENTFLOW[name]
+
+
+def _json_safe(value: Any) -> Any:
+    """The value as stored JSON would give it back, or a TypeError for what JSON cannot hold."""
+    return json.loads(json.dumps(value))
+
+
+def run_payload_check(payload: Any) -> dict:
+    """A run's payload as the engine stores it: a JSON object within `EVENTFLOW["MAX_PAYLOAD_BYTES"]`,
+    however the run starts (API, event, schedule, command)."""
+    if not isinstance(payload, dict):
+        raise EngineError("payload must be a JSON object")
+    try:
+        text = json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"payload is not JSON: {exc}") from None
+    limit = settings.EVENTFLOW["MAX_PAYLOAD_BYTES"]
+    if len(text.encode()) > limit:
+        raise EngineError(f"payload is larger than {limit} bytes", status=413)
+    return json.loads(text)
+
+
+def _plan_params(plan: Plan) -> dict[str, Any]:
+    """A plan as `eventflow_advance` and `eventflow_start_run` take it."""
+    steps = [
+        {
+            "node": step.node,
+            "status": step.status,
+            "result": step.result,
+            "error": step.error,
+            "event_id": step.event["event_id"] if step.event else None,
+        }
+        for step in plan.steps
+    ]
+    return {
+        "steps": pgsql.as_json(steps),
+        "events": pgsql.as_json([step.event for step in plan.steps if step.event]),
+        "types": plan.types,
+        "may_end": plan.may_end,
+        "grace": _config("DISPATCH_GRACE_SECONDS"),
+    }
+
+
+def _send(sent: Any, clock: Any, revokes: Iterable[str] = ()) -> None:
+    outbox = Outbox()
+    outbox.add_sent(pgsql.loads(sent), clock)
+    outbox.revokes.extend(str(e) for e in revokes)
+    outbox.flush_on_commit()
+
+
+# --------------------------------------------------------------------------- starting a run
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_version_id(workflow_id: int, version: int) -> int:
+    """A version never changes once written, so a trigger reads its pk once per process."""
+    return WorkflowVersion.objects.values_list("pk", flat=True).get(workflow_id=workflow_id, version=version)
+
+
+def _current_version_id(workflow: WorkflowDefinition) -> int:
+    """The pk of the workflow's current version, snapshotting it first if it has none yet."""
+    try:
+        return _stored_version_id(workflow.pk, workflow.version)
+    except WorkflowVersion.DoesNotExist:
+        from ..definitions import workflow_version_sync
+
+        with transaction.atomic():
+            return workflow_version_sync(workflow=workflow).pk
+
+
+def _existing_run(workflow: WorkflowDefinition, idempotency_key: str | None) -> WorkflowRun | None:
+    if not idempotency_key:
+        return None
+    return WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
+
+
+@_retry_on_conflict
+def workflow_run_start(
+    *,
+    workflow: WorkflowDefinition,
+    payload: Any,
+    idempotency_key: str | None = None,
+    user: Any = None,
+    source: str = "api",
+    trigger_event: Event | None = None,
+) -> tuple[WorkflowRun, bool]:
+    """Start a run on the workflow's current version; returns (run, created).
+
+    With an idempotency key already used for this workflow, returns that run and starts nothing.
+    `trigger_event` is the published event that started it, listed first among the run's events.
+    The run, its tasks, its first steps and their admission are one call of `eventflow_start_run`.
+    """
+    payload = run_payload_check(payload)
+    if not workflow.is_active:
+        raise EngineError(f"workflow '{workflow.name}' is inactive", status=409)
+    if existing := _existing_run(workflow, idempotency_key):
+        return existing, False
+    version_id = _current_version_id(workflow)
+    graph = graph_for_version(version_id)
+    run = WorkflowRun(
+        workflow=workflow,
+        version_id=version_id,
+        workflow_version=graph.version,
+        payload=payload,
+        idempotency_key=idempotency_key or None,
+        created_by=user if getattr(user, "is_authenticated", False) else None,
+        source=source,
+        trigger_event=trigger_event,
+    )
+    plan = rules.plan_start(RunContext(str(run.trace_id), payload, graph))
+    tasks = [{"node_key": n.key, "event_type": n.event_type, "task_name": n.task} for n in graph.nodes.values()]
+    params = {"run": pgsql.as_json(pgsql.new_row(run)), "tasks": pgsql.as_json(tasks), **_plan_params(plan)}
+    try:
+        # With a key, a savepoint: a concurrent request with the same key may win the run's insert.
+        with transaction.atomic() if idempotency_key else contextlib.nullcontext():
+            clock, sent, ended = pgsql.fetch_one(sql.START_RUN, params)
+    except IntegrityError:
+        if existing := _existing_run(workflow, idempotency_key):
+            return existing, False
+        raise
+    run._state.adding, run._state.db = False, connection.alias
+    run.created_at = clock
+    if ended:
+        run.status, run.finished_at = ended, clock
+    _send(sent, clock)
+    return run, True
+
+
+# --------------------------------------------------------------------------- an attempt
+
+
+@dataclass(frozen=True)
+class Start:
+    """A worker's answer to whether an attempt may run: `allowed`, else maybe `wait` seconds first
+    (it arrived before its due time on the database's clock). `run_payload` is the run's input, from
+    which a finish composes its successors' Events."""
+
+    allowed: bool
+    run_payload: dict | None = None
+    wait: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+def task_run_start(*, event_id: str, attempt: int = 1, worker: str = "") -> Start:
+    """Record that a worker began the event's attempt.
+
+    A task that is final, revoked, or whose event is no longer its current attempt is refused, so a
+    redelivered or stale message never runs finished work again. A redelivered attempt that is
+    still STARTED runs again only once its lease has lapsed (its first holder is gone).
+    """
+    params = {"event_id": event_id, "attempt": attempt, "worker": worker[:200], "lease": _config("LEASE_SECONDS")}
+    started, payload, wait, _ = pgsql.fetch_one(sql.START, params)
+    return Start(allowed=started > 0, run_payload=pgsql.loads(payload), wait=float(wait or 0))
+
+
+def task_runs_renew(*, event_ids: Iterable[str]) -> int:
+    """Extend the leases of the attempts a worker is running; one statement for all of them."""
+    ids = [str(e) for e in event_ids]
+    if not ids:
+        return 0
+    return pgsql.execute(sql.RENEW, {"event_ids": ids, "lease": _config("LEASE_SECONDS")}).rowcount
+
+
+@_retry_on_conflict
+def task_run_retrying(*, event_id: str, error: str = "") -> None:
+    """A task asked Celery to retry itself (`self.retry`): show RETRY until the new attempt starts."""
+    pgsql.execute(sql.RETRYING, {"event_id": event_id, "error": error})
+
+
+@dataclass
+class _Read:
+    version_id: int
+    payload: dict
+    states: dict[str, NodeState]
+    attempt: dict | None  # node, attempts, event of the attempt asked about, if still current
+
+
+def _read(trace_id: str, event_id: str, nodes: Iterable[str]) -> _Read | None:
+    row = pgsql.fetch_one(sql.READ, {"run_id": trace_id, "event_id": event_id, "nodes": sorted(nodes)})
+    if row is None:
+        return None
+    version_id, payload, states, attempt = (pgsql.loads(value) for value in row)
+    return _Read(
+        version_id=version_id,
+        payload=payload,
+        states={s["node"]: NodeState(s["status"], s["result"]) for s in states},
+        attempt=attempt,
+    )
+
+
+def _trusted_version(event: Mapping[str, Any] | None) -> int | None:
+    """The version the Event's context names, which the database confirms under the run's lock."""
+    try:
+        context = event["context"]
+        return version_id_named(context["workflow"], context["workflow_version"])
+    except (KeyError, TypeError, ValueError, WorkflowVersion.DoesNotExist):
+        return None
+
+
+@_retry_on_conflict
+def task_run_finish(
+    *,
+    trace_id: str,
+    event_id: str,
+    succeeded: bool,
+    result: Any = None,
+    error: str = "",
+    lost: bool = False,
+    celery_result: Mapping[str, Any] | None = None,
+    event: Mapping[str, Any] | None = None,
+    run_payload: Mapping[str, Any] | None = None,
+) -> bool:
+    """Record an attempt's outcome: retry or settle its task, settle the successors it makes ready,
+    admit from the lines, and end the run when nothing is left.
+
+    Idempotent: a completion for an attempt that is not current or already final changes nothing,
+    so a duplicate never dispatches a successor twice. `event`, the attempt's Event as the task
+    received it, names the node and the graph's version, and `run_payload` (from `task_run_start`)
+    lets its successors' Events be composed without a read: a success whose successors depend on it
+    alone is then one call. `celery_result`, the Celery result row of a success, is written in the
+    same transaction; True means it was, and Celery need not store it again. `lost`: the reconciler
+    found the attempt's lease lapsed, which the database confirms.
+    """
+    if succeeded:
+        try:
+            result = _json_safe(result)
+        except (TypeError, ValueError) as exc:
+            succeeded, result, error = False, None, f"result is not JSON-serialisable: {exc}"
+    version_id = None if lost else _trusted_version(event)
+    graph: Graph | None = graph_for_version(version_id) if version_id else None
+    node_key = event["context"].get("node") if graph and event else None
+    if graph is None or node_key not in graph.nodes:
+        graph, version_id, event = None, None, None
+    attempt = event["context"].get("attempt", 1) if event else 1
+    payload = run_payload if run_payload is not None and graph is not None else None
+    read: dict[str, NodeState] = {}
+    needs: set[str] = set()
+    for _ in range(DECIDE_ATTEMPTS):
+        if graph is None or payload is None or needs:
+            found = _read(trace_id, event_id, needs)
+            if found is None:
+                return False  # the run is gone
+            if version_id != found.version_id:  # the Event named no version, or another than the run's
+                version_id, graph, event = found.version_id, graph_for_version(found.version_id), None
+            if event is None:
+                if found.attempt is None:
+                    return False  # not its task's current attempt
+
+                event, node_key, attempt = found.attempt["event"], found.attempt["node"], found.attempt["attempts"]
+            payload = found.payload
+            read.update(found.states)
+        node = graph.nodes[node_key]
+        outcome = rules.attempt_outcome(node, attempt=attempt, succeeded=succeeded, result=result, error=error)
+        plan = rules.plan_finish(RunContext(trace_id, payload, graph), node_key, outcome, read)
+        if isinstance(plan, set):
+            needs = plan
+            continue
+        code, clock, sent, _ = _advance(trace_id, version_id, event_id, event, outcome, plan, lost, celery_result)
+        if code == sql.APPLIED:
+            _send(sent, clock)
+            return celery_result is not None and outcome.status == S.SUCCESS
+        if code in (sql.NOT_CURRENT, sql.GONE):
+            return False
+        if code == sql.OTHER_VERSION:
+            version_id_named.cache_clear()  # the workflow was created again under its name
+            graph, version_id, event, read = None, None, None, {}
+        else:  # STALE: what the decision read changed meanwhile; read every node again
+            needs, read = set(graph.nodes) - {node_key}, {}
+    raise RuntimeError(f"could not record the outcome of {event_id}: the run kept changing")
+
+
+def _advance(
+    trace_id: str,
+    version_id: int | None,
+    event_id: str,
+    event: Mapping[str, Any],
+    outcome: Outcome,
+    plan: Plan,
+    lost: bool,
+    celery_result: Mapping[str, Any] | None,
+) -> tuple[int, Any, list[dict], str | None]:
+    params = _plan_params(plan)
+    retry_event = next_attempt_event(event) if outcome.status == S.RETRY else None
+    if retry_event:
+        params["events"] = pgsql.as_json([retry_event])
+    params.update(
+        run_id=trace_id,
+        version_id=version_id,
+        event_id=event_id,
+        lost=lost,
+        outcome=outcome.status,
+        result=_jsonb(outcome.result if outcome.status == S.SUCCESS else None),
+        error=outcome.error,
+        event_result=_jsonb(outcome.event_result),
+        celery_result=pgsql.as_json(celery_result) if celery_result and outcome.status == S.SUCCESS else None,
+        retry_event=retry_event["event_id"] if retry_event else None,
+        retry_in=outcome.retry_in,
+        expect=pgsql.as_json([{"node": k, "status": v} for k, v in plan.expect.items()]),
+    )
+    return pgsql.fetch_one(sql.ADVANCE, params)
+
+
+def _jsonb(value: Any) -> Any:
+    """A JSON column's parameter: SQL NULL for None, as the ORM stores it."""
+    return None if value is None else pgsql.as_json(value)
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def _stored_outcomes(event_ids: list[str]) -> dict[str, tuple[bool, Any, str]]:
+    """Outcomes Celery stored in the result backend for these attempts.
+
+    The backend is written before `task_postrun` fires, so an attempt whose worker died between
+    the two finished in Celery although the engine never heard of it.
+    """
+    from django_celery_results.models import TaskResult
+
+    outcomes = {}
+    rows = TaskResult.objects.filter(task_id__in=event_ids, status__in=["SUCCESS", "FAILURE"])
+    for task_id, status, raw, traceback in rows.values_list("task_id", "status", "result", "traceback"):
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            value = raw
+        succeeded = status == "SUCCESS"
+        outcomes[task_id] = (succeeded, value if succeeded else None, "" if succeeded else (traceback or str(value)))
+    return outcomes
+
+
+def task_runs_reconcile(*, limit: int = 200) -> int:
+    """Bring every slot holder past its deadline (on the database's clock) to a definite state;
+    returns how many it handled.
+
+    Started attempts whose lease lapsed (their worker died) take the outcome Celery stored, if any,
+    else are retried or failed per the node's policy, freeing the slot. Sent tasks that never
+    started (their message was lost) are sent again with the same event id. Safe to run from many
+    processes at once: each transition is checked again under the run's lock.
+    """
+    overdue = pgsql.fetch_all(sql.OVERDUE, {"limit": limit})
+    started = [row for row in overdue if row[3] == S.STARTED]
+    outcomes = _stored_outcomes([str(row[2]) for row in started]) if started else {}
+    for _, trace_id, event_id, _, worker in started:
+        succeeded, result, error = outcomes.get(
+            str(event_id),
+            (False, None, f"worker lost: {worker or 'unknown worker'} stopped renewing the lease of this attempt"),
+        )
+        task_run_finish(
+            trace_id=str(trace_id), event_id=str(event_id), succeeded=succeeded, result=result, error=error, lost=True
+        )
+    unstarted = [row[0] for row in overdue if row[3] in (S.QUEUED, S.RETRY)]
+    if unstarted:
+        task_runs_redispatch(ids=unstarted)
+    event_types_recount()
+    return len(overdue)
+
+
+def task_runs_redispatch(*, ids: list[int]) -> None:
+    """Send again the current attempt of tasks that hold a slot but never started by their deadline.
+
+    The same event id goes out again, so if the first message was only late, whichever copy
+    starts first runs and the other is refused.
+    """
+    rows = pgsql.fetch_all(sql.REDISPATCH, {"ids": ids, "grace": _config("DISPATCH_GRACE_SECONDS")})
+    outbox = Outbox()
+    for node_key, version_id, event in rows:
+        event = pgsql.loads(event)
+        logger.warning("sending %s of run %s again: it did not start in time", node_key, event["trace_id"])
+        outbox.add_sent([{"node": node_key, "version_id": version_id, "event": event}], clock=None)
+    outbox.flush_on_commit()
+
+
+def event_types_recount() -> None:
+    """Set each event type's count of held slots to what its task rows say, under the type's lock.
+
+    The engine keeps the count on every transition; rows deleted outside it (a running run deleted
+    in the admin) would keep their slots counted. Any difference is logged and fixed, and the line
+    is admitted from again. Only a type found drifted in one snapshot is locked.
+    """
+    for (name,) in pgsql.fetch_all(sql.DRIFTED, {}):
+        with transaction.atomic():
+            before = pgsql.fetch_one(sql.LOCK_TYPE, {"name": name})
+            recounted = pgsql.fetch_one(sql.RECOUNT, {"name": name})
+            if before is None or recounted is None:
+                continue
+            logger.warning(
+                "event type %s counted %d slots held, its tasks hold %d: recounted", name, before[0], recounted[0]
+            )
+            _admit([name])
+
+
+# --------------------------------------------------------------------------- runs and types
+
+
+def _admit(names: Iterable[str]) -> None:
+    types = sorted(set(names))
+    params = {"types": types, "released": [0] * len(types), "grace": _config("DISPATCH_GRACE_SECONDS")}
+    (sent,) = pgsql.fetch_one(sql.ADMIT, params)
+    _send(sent, None)
+
+
+@_retry_on_conflict
+def workflow_run_cancel(*, trace_id: str) -> WorkflowRun:
+    """Cancel a run: every unfinished task ends REVOKED, running ones are terminated.
+
+    Durable: a message already in a queue is refused at start by `task_run_start`, whatever the
+    workers remember, since the row is REVOKED.
+    """
+    with transaction.atomic():
+        row = pgsql.fetch_one(sql.CANCEL, {"run_id": trace_id, "grace": _config("DISPATCH_GRACE_SECONDS")})
+        _, revoked, sent = row
+        _send(sent, None, revoked)
+    return WorkflowRun.objects.get(trace_id=trace_id)
+
+
+@_retry_on_conflict
+def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
+    """Re-run the failed, upstream-failed, skipped and revoked tasks of a final run; successes and
+    their results stay."""
+    with transaction.atomic():
+        locked = pgsql.fetch_one(sql.LOCK_RUN, {"run_id": trace_id})
+        if locked is None:
+            raise WorkflowRun.DoesNotExist(trace_id)
+        status, version_id, payload = locked
+        payload = pgsql.loads(payload)
+        if not rules.run_retryable(status):
+            raise EngineError(
+                f"run {trace_id} is {status}: only a failed or canceled run can be retried",
+                status=409,
+            )
+        (rerun,) = pgsql.fetch_one(sql.RERUN, {"run_id": trace_id})
+        states = {k: NodeState(s, pgsql.loads(r)) for k, s, r in pgsql.fetch_all(sql.STATES, {"run_id": trace_id})}
+        graph = graph_for_version(version_id)
+        plan = rules.plan_rerun(RunContext(trace_id, payload, graph), states, rerun or [])
+        params = {
+            **_plan_params(plan),
+            "run_id": trace_id,
+            "version_id": version_id,
+            "event_id": None,
+            "lost": False,
+            "outcome": None,
+            "result": None,
+            "error": None,
+            "event_result": None,
+            "celery_result": None,
+            "retry_event": None,
+            "retry_in": None,
+            "expect": pgsql.as_json([]),
+        }
+        _, clock, sent, _ = pgsql.fetch_one(sql.ADVANCE, params)
+        _send(sent, clock)
+    return WorkflowRun.objects.get(trace_id=trace_id)
+
+
+@_retry_on_conflict
+def event_type_admit(*, name: str) -> None:
+    """Re-check an event type's line, e.g. after its concurrency was raised."""
+    with transaction.atomic():
+        _admit([name])
+
+
+def event_type_set_concurrency(*, name: str, concurrency: int) -> Any:
+    """Change a type's limit live: raising it dispatches waiting tasks at once; lowering lets running
+    ones end."""
+    from events_app.models import EventType
+
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise EngineError("concurrency must be an integer >= 1")
+    with transaction.atomic():
+        EventType.objects.filter(name=name).update(concurrency=concurrency)
+        event_type_admit(name=name)
+    return EventType.objects.get(name=name)
+
+
+# --------------------------------------------------------------------------- events from outside
+
+
+def _published(*, event_type: str, idempotency_key: str) -> tuple[Event, list[WorkflowRun]] | None:
+    event = Event.objects.filter(event_type=event_type, idempotency_key=idempotency_key).first()
+    if event is None:
+        return None
+    runs = WorkflowRun.objects.filter(trigger_event=event).select_related("workflow").order_by("workflow__name")
+    return event, list(runs)
+
+
+def event_publish(
+    *, event_type: str, payload: Any, user: Any = None, idempotency_key: str | None = None
+) -> tuple[Event, list[WorkflowRun], bool]:
+    """Store an outside event and start every active workflow subscribed to its type, all or nothing.
+
+    Returns (event, runs, created). With an idempotency key already used for this event type, returns
+    that event and the runs it started, and writes nothing. Its time is the database's.
+    """
+    payload = run_payload_check(payload)
+    if idempotency_key:
+        existing = _published(event_type=event_type, idempotency_key=idempotency_key)
+        if existing:
+            return (*existing, False)
+    with transaction.atomic():
+        event = Event(
+            event_id=uuid.uuid4(),
+            event_type=event_type,
+            payload=payload,
+            status=Event.Status.SUCCESS,
+            context={"source": "api"},
+            timestamp=Now(),
+            idempotency_key=idempotency_key or None,
+        )
+        try:
+            with transaction.atomic():
+                event.save(force_insert=True)
+        except IntegrityError:
+            # A concurrent request with the same key won the insert; the unique constraint made this
+            # one wait for its commit, so its runs are visible now.
+            existing = idempotency_key and _published(event_type=event_type, idempotency_key=idempotency_key)
+            if existing:
+                return (*existing, False)
+            raise
+        event.refresh_from_db(fields=["timestamp"])
+        subscribed = [
+            w
+            for w in WorkflowDefinition.objects.filter(is_active=True).order_by("name")
+            if event_type in (w.trigger_event_types or [])
+        ]
+        runs = [
+            workflow_run_start(
+                workflow=w, payload=payload, user=user, source=f"event:{event.event_id}", trigger_event=event
+            )[0]
+            for w in subscribed
+        ]
+    return event, runs, True
