@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 from django.db import connection
@@ -277,11 +276,66 @@ def test_user_without_trigger_permission_gets_403(user, pipeline):
     assert counts() == before
 
 
-def test_unknown_run_and_malformed_trace_id_are_json_404(api):
-    assert_json_error(api.get(f"/api/runs/{uuid.uuid4()}/"), 404)
-    assert_json_error(api.get("/api/runs/not-a-uuid/"), 404)
-    assert_json_error(api.post(f"/api/runs/{uuid.uuid4()}/cancel/"), 404)
-    assert_json_error(api.get("/api/no/such/endpoint/"), 404)
+def assert_json(response, status: int) -> dict:
+    """A JSON answer with a `detail` message, as every answer under /api/ is."""
+    assert response["Content-Type"].startswith("application/json"), (response.status_code, response.content[:300])
+    return assert_json_error(response, status)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("get", "/api/nothing-here/", 404),
+        ("get", "/api/no/such/endpoint", 404),
+        ("get", "/api/runs/not-a-uuid/", 404),
+        ("get", "/api/runs/not-a-uuid/events/", 404),
+        ("post", "/api/runs/not-a-uuid/cancel/", 404),
+        ("post", "/api/runs/not-a-uuid/retry/", 404),
+        ("get", "/api/task-results/not-a-uuid/", 404),
+        ("get", "/api/runs/00000000-0000-0000-0000-000000000000/", 404),
+        ("post", "/api/runs/00000000-0000-0000-0000-000000000000/cancel/", 404),
+        ("get", "/api/workflows/nope/", 404),
+        ("delete", "/api/runs/", 405),
+        ("put", "/api/workflows/", 405),
+        ("get", "/api/events/", 405),
+        ("patch", "/api/runs/00000000-0000-0000-0000-000000000000/", 405),
+        ("post", "/api/", 405),
+    ],
+)
+def test_every_answer_under_api_is_json_whatever_debug_says(api, settings, debug, method, path, status):
+    settings.DEBUG = debug
+    before = counts()
+    assert_json(getattr(api, method)(path), status)
+    assert counts() == before
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_an_unknown_path_is_json_404_for_anonymous_callers_too(anon_api, settings, debug):
+    settings.DEBUG = debug
+    assert assert_json(anon_api.get("/api/nothing-here/"), 404)["detail"] == "Not found."
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_a_post_to_an_unknown_path_in_a_session_without_csrf_token_is_json_404(trigger_user, settings, debug):
+    from django.test import Client
+
+    settings.DEBUG = debug
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(trigger_user)
+    assert_json(browser.post("/api/runs/null,null/cancel/"), 404)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_a_route_without_its_trailing_slash_redirects_a_get_and_names_the_path_to_others(api, settings, debug):
+    settings.DEBUG = debug
+    moved = api.get("/api/workflows?page=1")
+    assert moved.status_code == 301 and moved["Location"] == "/api/workflows/?page=1"
+    assert moved["Content-Type"].startswith("application/json") and moved.json()["detail"]
+    before = counts()
+    refused = assert_json(api.post("/api/workflows", {}, format="json"), 404)
+    assert "/api/workflows/" in refused["detail"]
+    assert counts() == before
 
 
 def test_retry_of_a_running_run_is_409(api, pipeline):
