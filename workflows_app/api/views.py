@@ -26,7 +26,7 @@ from rest_framework.views import APIView
 
 from events_app.models import Event, EventType
 from workflows_app import engine, selectors
-from workflows_app.definitions import definition_export, workflow_definition_save
+from workflows_app.definitions import definition_export, workflow_definition_create, workflow_definition_save
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 from .errors import PayloadTooLarge
@@ -192,18 +192,15 @@ class WorkflowListCreateApi(APIView):
 
     @extend_schema(
         summary="Create a workflow definition",
-        description="The import/export shape. An invalid DAG (cycle, unknown task, bad edge) is a 400 naming it.",
+        description=(
+            "The import/export shape. An invalid DAG (cycle, unknown task, bad edge) is a 400 naming it, and so "
+            "is a name already taken (PATCH /api/workflows/{name}/ changes a definition)."
+        ),
         request=DefinitionSerializer,
-        responses={201: DefinitionSerializer, **errors(*WRITE, 409)},
+        responses={201: DefinitionSerializer, **errors(*WRITE)},
     )
     def post(self, request: Request) -> Response:
-        data = request.data
-        if isinstance(data, dict) and WorkflowDefinition.objects.filter(name=data.get("name")).exists():
-            return Response(
-                {"detail": f"workflow '{data['name']}' already exists; PATCH it to change it"},
-                status=status.HTTP_409_CONFLICT,
-            )
-        workflow = workflow_definition_save(data=data)
+        workflow = workflow_definition_create(data=request.data)
         return Response(WorkflowOutputSerializer(workflow).data, status=status.HTTP_201_CREATED)
 
 
