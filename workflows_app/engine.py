@@ -469,6 +469,24 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def run_payload_check(payload: Any) -> dict:
+    """A run's payload as stored JSON gives it back, or an EngineError: 400 unless it is a JSON
+    object, 413 when its JSON is larger than EVENTFLOW["MAX_PAYLOAD_BYTES"]. The one check of a
+    payload, for every way a run starts: API, published event, schedule, command."""
+    if not isinstance(payload, dict):
+        raise EngineError("payload must be a JSON object")
+    try:
+        # ASCII (non-ASCII characters escaped), so its length is its size in bytes; NaN and the
+        # infinities are not JSON, and PostgreSQL would refuse them.
+        text = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"payload is not JSON: {exc}") from None
+    limit = settings.EVENTFLOW["MAX_PAYLOAD_BYTES"]
+    if len(text) > limit:
+        raise EngineError(f"payload is larger than {limit} bytes", status=413)
+    return json.loads(text)
+
+
 # --------------------------------------------------------------------------- transitions
 
 
@@ -626,11 +644,9 @@ def workflow_run_start(
     With an idempotency key already used for this workflow, returns that run and starts nothing.
     `trigger_event` is the published event that started it, listed first among the run's events.
     """
+    payload = run_payload_check(payload)
     if not workflow.is_active:
         raise EngineError(f"workflow '{workflow.name}' is inactive", status=409)
-    if not isinstance(payload, dict):
-        raise EngineError("payload must be a JSON object")
-    payload = _json_safe(payload)
     if idempotency_key:
         existing = WorkflowRun.objects.filter(workflow=workflow, idempotency_key=idempotency_key).first()
         if existing:
@@ -1198,6 +1214,7 @@ def event_publish(
     Returns (event, runs, created). With an idempotency key already used for this event type, returns
     that event and the runs it started, and writes nothing.
     """
+    payload = run_payload_check(payload)
     if idempotency_key:
         existing = _published(event_type=event_type, idempotency_key=idempotency_key)
         if existing:
@@ -1205,7 +1222,7 @@ def event_publish(
     with transaction.atomic():
         event = Event(
             event_type=event_type,
-            payload=_json_safe(payload),
+            payload=payload,
             status=Event.Status.SUCCESS,
             context={"source": "api"},
             timestamp=timezone.now(),
