@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from events_app.models import Event, EventType
 from tests import factories
-from tests.workers import wait_for
+from tests.e2e import wait_for
 from workflows_app.models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 pytestmark = pytest.mark.django_db

@@ -16,7 +16,8 @@ from django_celery_results.models import TaskResult
 
 from events_app.models import Event
 from tests import factories
-from tests.workers import ROOT, wait_for, worker_env
+from tests.e2e import wait_for
+from tests.workers import ROOT, worker_env
 from workflows_app import engine, tasks
 from workflows_app.models import TaskRun, WorkflowRun
 from workflows_app.retention import runs_purge
