@@ -470,7 +470,7 @@ def test_supervisor_restarts_a_dying_child_and_passes_sigterm_on(tmp_path):
         "django.setup()\n"
         "from workflows_app.management.commands.run_workers import Supervisor\n"
         f"commands = {{'dying': [sys.executable, '-c', {dying!r}], 'steady': [sys.executable, '-c', {steady!r}]}}\n"
-        "sys.exit(Supervisor(commands, poll_interval=0.05, backoff=0.05, max_backoff=0.2).run())\n"
+        "Supervisor(commands, poll_interval=0.05, backoff=0.05, max_backoff=0.2).run()\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"}
     supervisor = subprocess.Popen(
