@@ -47,7 +47,8 @@ class ModelOutputSerializer(serializers.ModelSerializer):
     every instance, which cost a trigger's answer as much as the rest of its serializing. Each
     instance still gets its own copies, since binding a field to its serializer sets attributes
     on it: a shallow copy of a plain field (binding only assigns its attributes), a deep one of a
-    nested serializer (binding it binds its child too). DRF's deep copy builds every field anew."""
+    nested serializer (binding it binds its child too). DRF's deep copy builds every field anew.
+    tests/test_library_pins.py fails if DRF's binding or get_fields stop allowing this."""
 
     def get_fields(self) -> dict[str, serializers.Field]:
         cls = type(self)
