@@ -1,8 +1,9 @@
 """Admission cost per task as the waiting line grows: run `python bench/admission.py`.
 
 Fills an event type of concurrency 1 with N QUEUED tasks (one run each), then repeatedly frees
-the slot and times the engine's admission step (lock the type, read its count of held slots, take
-the head of the line, mark it, build its message). Nothing is published: this measures the database side.
+the slot and times the engine's admission step (`eventflow_admit`: lock the type, read its count of
+held slots, take the head of the line, mark it; then build its message). Nothing is published: this
+measures the database side.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def fill(line_length: int) -> None:
 def measure(samples: int) -> list[float]:
     from django.db import transaction
 
-    from workflows_app import engine
+    from workflows_app import pgsql
+    from workflows_app.engine import outbox, sql
     from workflows_app.models import TaskRun
 
     timings = []
@@ -76,11 +78,12 @@ def measure(samples: int) -> list[float]:
             freed = TaskRun.objects.filter(event_type_id="bench", holds_slot=True).update(
                 holds_slot=False, status="SUCCESS"
             )
-            outbox = engine._Outbox()
             start = time.perf_counter()
-            engine._admit(["bench"], outbox, released={"bench": freed})
+            (sent,) = pgsql.fetch_one(sql.ADMIT, {"types": ["bench"], "released": [freed], "grace": 60})
+            box = outbox.Outbox()
+            box.add_sent(pgsql.loads(sent), None)
             timings.append(time.perf_counter() - start)
-            assert len(outbox.messages) == 1
+            assert len(box.messages) == 1
     return timings
 
 

@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from _procs import Worker, bench_env
 from _setup import setup_django
@@ -63,68 +62,40 @@ def _frame_key(frame: str) -> str:
 
 
 def count_queries(flows: dict) -> None:
-    """Statements and round trips per engine transition for one hop of the chain, run in this
-    process (nothing published): a success as a worker records it (with its Event, one call of the
-    engine's database function, which runs 3 to 5 statements) and as the general path records it
-    (failures, retries and joins take that one). One statement alone is its own transaction."""
-    import contextlib
-
+    """Statements per engine transition for one hop of the chain, run in this process (nothing
+    published): a success as a worker records it (with its Event and the run's payload from its
+    start: one call of `eventflow_advance`) and as one reported by its ids alone records it (a read
+    of the run first). Each statement is sent alone, in autocommit: one round trip, its own
+    transaction."""
     from django.db import connection
 
     from workflows_app import engine, pgsql
+    from workflows_app.engine import outbox
     from workflows_app.models import TaskRun
 
-    statements: list[tuple[int | None, str]] = []  # (the block it was sent in, SQL)
-    blocks = iter(range(1_000_000))
-    block: int | None = None
-    original = pgsql.execute, pgsql.together, engine._publish
+    statements: list[str] = []
+    original = pgsql.execute, outbox.publish
 
     def recorded(sql, params):
-        statements.append((block, " ".join(sql.split())))
+        statements.append(" ".join(sql.split()))
         return original[0](sql, params)
 
-    def grouping(send: Any) -> Any:
-        @contextlib.contextmanager
-        def grouped():
-            nonlocal block
-            if block is not None:  # a pipeline within one: psycopg's, not another round trip
-                with send():
-                    yield
-                return
-            block = next(blocks)
-            try:
-                with send():
-                    yield
-            finally:
-                block = None
-
-        return grouped
-
     def orm(execute, sql, params, many, context):
-        statements.append((block, sql))
+        statements.append(sql)
         return execute(sql, params, many, context)
 
-    def round_trips(listed: list[tuple[int | None, str]], *, transaction: bool) -> int:
-        """One per statement sent alone, one per block; in a transaction, COMMIT, and BEGIN unless
-        the first statement went in a block (which then carries it)."""
-        count = len({b for b, _ in listed if b is not None}) + sum(1 for b, _ in listed if b is None)
-        if transaction:
-            count += 1 + (listed[0][0] is None)
-        return count
-
-    engine._publish = lambda messages, revokes: None
+    outbox.publish = lambda messages, revokes: None
     pgsql.execute = recorded
-    pgsql.together = grouping(original[1])
     try:
-        for how, with_event in (("with its Event, as a worker sends it", True), ("by the general path", False)):
+        for how, with_event in (("with its Event, as a worker sends it", True), ("by its ids alone", False)):
             run, _ = engine.workflow_run_start(workflow=flows["chain"], payload={}, source="bench")
             with connection.execute_wrapper(orm):
                 for _ in range(3):
                     row = TaskRun.objects.select_related("current_event").get(run=run, status=TaskRun.Status.QUEUED)
                     event_id, message = str(row.current_event_id), row.current_event.as_message()
                     statements.clear()
-                    engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
-                    started = list(statements)
+                    started = engine.task_run_start(event_id=event_id, attempt=1, worker="profile")
+                    start_statements = len(statements)
                     statements.clear()
                     engine.task_run_finish(
                         trace_id=str(run.pk),
@@ -132,17 +103,16 @@ def count_queries(flows: dict) -> None:
                         succeeded=True,
                         result=None,
                         event=message if with_event else None,
+                        run_payload=started.run_payload if with_event else None,
                     )
             print(
-                f"\ntask_run_start: {len(started)} statement, {round_trips(started, transaction=False)} round trip"
-                f" (autocommit); task_run_finish {how}: {len(statements)} statement(s) in one transaction,"
-                f" {round_trips(statements, transaction=len(statements) > 1)} round trip(s) from BEGIN to COMMIT;"
-                " statements sent together are marked alike:"
+                f"\ntask_run_start: {start_statements} statement (autocommit); task_run_finish {how}:"
+                f" {len(statements)} statement(s), each its own round trip:"
             )
-            for sent_in, sql in statements:
-                print(f"  {'' if sent_in is None else chr(ord('a') + sent_in % 26)!s:>2} {sql[:150]}")
+            for sql in statements:
+                print(f"   {sql[:150]}")
     finally:
-        pgsql.execute, pgsql.together, engine._publish = original
+        pgsql.execute, outbox.publish = original
 
 
 def main() -> None:

@@ -41,10 +41,16 @@ class EventTypeAdmin(admin.ModelAdmin):
         return getattr(obj, "queued", 0)
 
     def save_model(self, request: HttpRequest, obj: EventType, form: forms.ModelForm, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        # Raising the limit hands waiting tasks to Celery now, not at the next completion. This runs
-        # in the admin's transaction, so it sees the new limit and the messages leave on commit.
-        engine.event_type_admit(name=obj.name)
+        if not change:
+            super().save_model(request, obj, form, change)
+            return
+        # Only what the form changed is written: the row's count of held slots is admission's, kept
+        # under the row's lock, and the copy this form was built from may be behind it by now.
+        obj.save(update_fields=[*(name for name in form.changed_data if name != "concurrency"), "updated_at"])
+        if "concurrency" in form.changed_data:
+            # As PATCH /api/event-types/{name}/ does: raising the limit hands waiting tasks to Celery
+            # now, in the admin's transaction, and the messages leave on its commit.
+            engine.event_type_set_concurrency(name=obj.name, concurrency=obj.concurrency)
 
 
 def _run_page(trace_id: Any) -> str:

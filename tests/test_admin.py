@@ -556,6 +556,81 @@ def test_changing_concurrency_in_the_list_admits_waiting_tasks(admin_client):
     assert started.tasks.filter(holds_slot=True).count() == 2
 
 
+@pytest.fixture
+def limit_changes(monkeypatch) -> list[dict]:
+    """The calls of engine.event_type_set_concurrency, which still does its work."""
+    calls: list[dict] = []
+    original = engine.event_type_set_concurrency
+
+    def recorded(**kwargs: Any) -> EventType:
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine, "event_type_set_concurrency", recorded)
+    return calls
+
+
+def test_a_new_limit_from_the_change_form_or_the_list_goes_through_the_engine(admin_client, limit_changes):
+    EventType.objects.create(name="narrow", concurrency=1)
+    change = url("events_app_eventtype_change", "narrow")
+    page = ChangeForm(admin_client.get(change))
+    page.data["concurrency"] = "4"
+    assert admin_client.post(change, page.data).status_code == 302
+    assert limit_changes == [{"name": "narrow", "concurrency": 4}]
+
+    changelist = url("events_app_eventtype_changelist")
+    formset = admin_client.get(changelist).context["cl"].formset
+    data = {**_form_values(formset.management_form), "_save": "Save"}
+    for form in formset.forms:
+        data.update(_form_values(form))
+        data[form["concurrency"].html_name] = "2"
+    assert admin_client.post(changelist, data).status_code == 302
+    assert limit_changes[1:] == [{"name": "narrow", "concurrency": 2}]
+    assert EventType.objects.get(name="narrow").concurrency == 2
+
+
+def test_a_description_edit_keeps_the_limit_and_leaves_the_engine_alone(admin_client, limit_changes):
+    EventType.objects.create(name="narrow", concurrency=3, description="old")
+    before = EventType.objects.get(name="narrow").updated_at
+    change = url("events_app_eventtype_change", "narrow")
+    page = ChangeForm(admin_client.get(change))
+    page.data["description"] = "the narrow queue"
+    assert admin_client.post(change, page.data).status_code == 302
+    saved = EventType.objects.get(name="narrow")
+    assert (saved.description, saved.concurrency) == ("the narrow queue", 3)
+    assert saved.updated_at > before
+    assert limit_changes == []
+
+
+def test_an_edit_never_writes_back_a_count_of_held_slots_taken_meanwhile(admin_client, monkeypatch):
+    """The change form reads the row, then a run takes both slots before the form is saved: the
+    description is saved, and the count stays admission's (writing back the one read would let the
+    next admission hand out a third task)."""
+    from events_app.admin import EventTypeAdmin
+
+    wf = factories.workflow(factories.spec("wide", [("a", ECHO), ("b", ECHO), ("c", ECHO)], event_type="narrow"))
+    EventType.objects.filter(name="narrow").update(concurrency=2)
+    change = url("events_app_eventtype_change", "narrow")
+    page = ChangeForm(admin_client.get(change))
+    read = EventTypeAdmin.get_object
+    started = []
+
+    def read_then_a_run_starts(self, *args: Any, **kwargs: Any) -> EventType | None:
+        obj = read(self, *args, **kwargs)
+        if self.model is EventType and not started:
+            started.append(engine.workflow_run_start(workflow=wf, payload={})[0])
+        return obj
+
+    monkeypatch.setattr(EventTypeAdmin, "get_object", read_then_a_run_starts)
+    page.data["description"] = "edited while busy"
+    assert admin_client.post(change, page.data).status_code == 302
+    assert started, "the run started between the read and the save"
+    saved = EventType.objects.get(name="narrow")
+    assert (saved.description, saved.concurrency, saved.held) == ("edited while busy", 2, 2)
+    assert TaskRun.objects.filter(event_type_id="narrow", holds_slot=True).count() == 2
+    assert started[0].tasks.filter(status=TaskRun.Status.QUEUED, holds_slot=False).count() == 1
+
+
 def test_concurrency_below_one_is_refused(admin_client):
     EventType.objects.create(name="narrow", concurrency=2)
     change = url("events_app_eventtype_change", "narrow")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-import uuid
+import threading
+import urllib.error
+import urllib.request
 
 import pytest
 from django.db import connection
@@ -11,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from events_app.models import Event, EventType
 from tests import factories
+from tests.e2e import wait_for
 from workflows_app.models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 pytestmark = pytest.mark.django_db
@@ -277,11 +280,66 @@ def test_user_without_trigger_permission_gets_403(user, pipeline):
     assert counts() == before
 
 
-def test_unknown_run_and_malformed_trace_id_are_json_404(api):
-    assert_json_error(api.get(f"/api/runs/{uuid.uuid4()}/"), 404)
-    assert_json_error(api.get("/api/runs/not-a-uuid/"), 404)
-    assert_json_error(api.post(f"/api/runs/{uuid.uuid4()}/cancel/"), 404)
-    assert_json_error(api.get("/api/no/such/endpoint/"), 404)
+def assert_json(response, status: int) -> dict:
+    """A JSON answer with a `detail` message, as every answer under /api/ is."""
+    assert response["Content-Type"].startswith("application/json"), (response.status_code, response.content[:300])
+    return assert_json_error(response, status)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("get", "/api/nothing-here/", 404),
+        ("get", "/api/no/such/endpoint", 404),
+        ("get", "/api/runs/not-a-uuid/", 404),
+        ("get", "/api/runs/not-a-uuid/events/", 404),
+        ("post", "/api/runs/not-a-uuid/cancel/", 404),
+        ("post", "/api/runs/not-a-uuid/retry/", 404),
+        ("get", "/api/task-results/not-a-uuid/", 404),
+        ("get", "/api/runs/00000000-0000-0000-0000-000000000000/", 404),
+        ("post", "/api/runs/00000000-0000-0000-0000-000000000000/cancel/", 404),
+        ("get", "/api/workflows/nope/", 404),
+        ("delete", "/api/runs/", 405),
+        ("put", "/api/workflows/", 405),
+        ("get", "/api/events/", 405),
+        ("patch", "/api/runs/00000000-0000-0000-0000-000000000000/", 405),
+        ("post", "/api/", 405),
+    ],
+)
+def test_every_answer_under_api_is_json_whatever_debug_says(api, settings, debug, method, path, status):
+    settings.DEBUG = debug
+    before = counts()
+    assert_json(getattr(api, method)(path), status)
+    assert counts() == before
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_an_unknown_path_is_json_404_for_anonymous_callers_too(anon_api, settings, debug):
+    settings.DEBUG = debug
+    assert assert_json(anon_api.get("/api/nothing-here/"), 404)["detail"] == "Not found."
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_a_post_to_an_unknown_path_in_a_session_without_csrf_token_is_json_404(trigger_user, settings, debug):
+    from django.test import Client
+
+    settings.DEBUG = debug
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(trigger_user)
+    assert_json(browser.post("/api/runs/null,null/cancel/"), 404)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
+def test_a_route_without_its_trailing_slash_redirects_a_get_and_names_the_path_to_others(api, settings, debug):
+    settings.DEBUG = debug
+    moved = api.get("/api/workflows?page=1")
+    assert moved.status_code == 301 and moved["Location"] == "/api/workflows/?page=1"
+    assert moved["Content-Type"].startswith("application/json") and moved.json()["detail"]
+    before = counts()
+    refused = assert_json(api.post("/api/workflows", {}, format="json"), 404)
+    assert "/api/workflows/" in refused["detail"]
+    assert counts() == before
 
 
 def test_retry_of_a_running_run_is_409(api, pipeline):
@@ -323,10 +381,85 @@ def test_cycle_error_names_the_cycle(api):
     assert "cycle: b -> c -> b" in body["detail"] or "cycle: c -> b -> c" in body["detail"]
 
 
-def test_create_existing_name_is_409(api, pipeline):
-    before = counts()
-    assert_json_error(api.post("/api/workflows/", factories.product_pipeline_spec(), format="json"), 409)
+def test_create_with_a_taken_name_is_400_naming_it_and_writes_nothing(api, pipeline):
+    changed = {
+        **factories.product_pipeline_spec(),
+        "description": "another",
+        "event_types": {"product_src": {"concurrency": 9}},
+    }
+    before, definition = counts(), api.get("/api/workflows/product_pipeline/").json()
+    body = assert_json_error(api.post("/api/workflows/", changed, format="json"), 400)
+    assert "product_pipeline" in body["detail"] and "already exists" in body["detail"]
     assert counts() == before
+    assert api.get("/api/workflows/product_pipeline/").json() == definition
+    assert EventType.objects.get(name="product_src").concurrency == 5
+
+
+def test_patch_still_edits_a_definition_by_name(api, pipeline):
+    response = api.patch("/api/workflows/product_pipeline/", {"description": "edited"}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["description"] == "edited" and response.json()["version"] == 2
+    definition = WorkflowDefinition.objects.get(name="product_pipeline")
+    assert definition.description == "edited" and definition.nodes.count() == 7
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_creations_of_one_new_name_at_once_make_one_definition(live_server, trigger_user):
+    """Both requests are held inside their transactions until each is waiting on a lock: the first
+    behind an event type's row this test locks, the second behind the first's new name (or, without
+    the unique index deciding, behind the same row). Then exactly one is created."""
+    from django.db import connections
+    from rest_framework.authtoken.models import Token
+
+    EventType.objects.create(name="q_race", concurrency=1)
+    token = Token.objects.create(user=trigger_user).key
+    body = json.dumps(
+        {**factories.spec("raced", [("a", ECHO)], event_type="q_race"), "event_types": {"q_race": {"concurrency": 3}}}
+    ).encode()
+    answers: list[tuple[int, dict]] = []
+
+    def create() -> None:
+        request = urllib.request.Request(
+            f"{live_server.url}/api/workflows/",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Token {token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answers.append((response.status, json.loads(response.read())))
+        except urllib.error.HTTPError as error:
+            answers.append((error.code, json.loads(error.read())))
+
+    def waiting_on_locks() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+            return cursor.fetchone()[0] >= 2
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    # The event type's row lock, in a connection of its own, holds the first request mid-transaction.
+    holder = connections.create_connection("default")
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute("SELECT 1 FROM events_app_eventtype WHERE name = 'q_race' FOR UPDATE")
+            for thread in threads:
+                thread.start()
+            wait_for(waiting_on_locks, timeout=30, what="both requests to wait inside their transactions")
+            cursor.execute("COMMIT")
+    finally:
+        holder.close()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(status for status, _ in answers) == [201, 400], answers
+    refused = next(answer for status, answer in answers if status == 400)
+    assert "raced" in refused["detail"] and "already exists" in refused["detail"]
+    assert WorkflowDefinition.objects.filter(name="raced").count() == 1
+    assert WorkflowVersion.objects.filter(workflow__name="raced").count() == 1
+    assert Node.objects.filter(workflow__name="raced").count() == 1
 
 
 def test_patch_with_a_cycle_changes_nothing(api, pipeline):

@@ -14,6 +14,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests import factories
+from tests.e2e import trigger
 from workflows_app.graph_svg import STATUS_COLOURS
 from workflows_app.models import TaskRun
 
@@ -85,9 +86,7 @@ def test_run_page_turns_each_node_green_live_and_opens_its_detail(
     chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
     wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
 
-    response = api.post("/api/workflows/browser_watch/runs/", {"payload": {"product": "lamp"}}, format="json")
-    assert response.status_code == 201, response.content
-    trace_id = response.json()["trace_id"]
+    trace_id = trigger(api, "browser_watch", {"product": "lamp"})
     run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[trace_id])}"
     chrome.get(run_url)
     # Survives only if the page is never reloaded: updates must come from the live fragment.

@@ -21,6 +21,7 @@ from django.core.management import CommandError, call_command, get_commands
 
 from events_app.models import EventType
 from tests import factories
+from tests.e2e import wait_for
 from workflows_app import engine
 from workflows_app.management.commands import trigger_workflow
 from workflows_app.models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
@@ -448,16 +449,7 @@ def test_run_workers_refuses_bad_queue_names(args, expected):
         run_command("run_workers", "--dry-run", *args)
 
 
-def wait_for(condition, *, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.django_db(transaction=True)  # wait_for refreshes the database connections between polls
 def test_supervisor_restarts_a_dying_child_and_passes_sigterm_on(tmp_path):
     starts, stopped, ready = tmp_path / "starts", tmp_path / "stopped", tmp_path / "ready"
     dying = f"import os; open({str(starts)!r}, 'a').write(str(os.getpid()) + '\\n')"
@@ -472,15 +464,20 @@ def test_supervisor_restarts_a_dying_child_and_passes_sigterm_on(tmp_path):
         "django.setup()\n"
         "from workflows_app.management.commands.run_workers import Supervisor\n"
         f"commands = {{'dying': [sys.executable, '-c', {dying!r}], 'steady': [sys.executable, '-c', {steady!r}]}}\n"
-        "sys.exit(Supervisor(commands, poll_interval=0.05, backoff=0.05, max_backoff=0.2).run())\n"
+        "Supervisor(commands, poll_interval=0.05, backoff=0.05, max_backoff=0.2).run()\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"}
     supervisor = subprocess.Popen(
         [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        wait_for(lambda: ready.exists(), what="the steady child")
-        wait_for(lambda: starts.exists() and len(starts.read_text().split()) >= 3, what="restarts of the dying child")
+        wait_for(lambda: ready.exists(), timeout=20, interval=0.05, what="the steady child")
+        wait_for(
+            lambda: starts.exists() and len(starts.read_text().split()) >= 3,
+            timeout=20,
+            interval=0.05,
+            what="restarts of the dying child",
+        )
 
         supervisor.send_signal(signal.SIGTERM)
         output, _ = supervisor.communicate(timeout=20)

@@ -8,8 +8,8 @@ import pytest
 
 from events_app.models import Event, EventType
 from tests import factories
-from tests.workers import wait_for
-from workflows_app.models import TaskRun, WorkflowRun
+from tests.e2e import trigger, wait_final, wait_for
+from workflows_app.models import TaskRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -37,16 +37,6 @@ def fan_out(name: str, count: int, *, task: str, event_type: str, concurrency: i
     EventType.objects.filter(name=event_type).update(concurrency=concurrency)
 
 
-def trigger(api, name: str) -> str:
-    response = api.post(f"/api/workflows/{name}/runs/", {}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["trace_id"]
-
-
-def finished(trace_id: str) -> bool:
-    return WorkflowRun.objects.get(trace_id=trace_id).status != WorkflowRun.Status.RUNNING
-
-
 def intervals_of(trace_id: str) -> list[tuple[datetime, datetime]]:
     tasks = TaskRun.objects.filter(run_id=trace_id)
     assert {t.status for t in tasks} == {"SUCCESS"}
@@ -58,7 +48,7 @@ def test_limit_holds_across_two_worker_processes(workers, api):
     workers(["narrow"], concurrency=4, name="host-a")
     workers(["narrow"], concurrency=4, name="host-b")
     trace_id = trigger(api, "twelve")
-    wait_for(lambda: finished(trace_id), timeout=60, what="twelve sleeps")
+    wait_final([trace_id], timeout=60)
 
     assert max_overlap(intervals_of(trace_id)) == 2
     workers_used = set(TaskRun.objects.filter(run_id=trace_id).values_list("worker", flat=True))
@@ -84,7 +74,7 @@ def test_raising_the_limit_mid_run_applies_at_once_and_lowering_stops_nothing(wo
     )
     assert api.patch("/api/event-types/narrow/", {"concurrency": 2}, format="json").status_code == 200
     lowered_at = datetime.now(tz=raised_at.tzinfo)
-    wait_for(lambda: finished(trace_id), timeout=60, what="twenty sleeps")
+    wait_final([trace_id], timeout=60)
 
     intervals = intervals_of(trace_id)  # every task SUCCESS: lowering stopped none
     assert max_overlap(intervals) == 4
@@ -102,7 +92,7 @@ def test_two_hundred_racing_completions_never_admit_an_eleventh(workers, api):
     for host in ("a", "b", "c"):
         workers(["race"], concurrency=4, name=f"race-{host}")
     trace_id = trigger(api, "two_hundred")
-    wait_for(lambda: finished(trace_id), timeout=120, what="two hundred echoes")
+    wait_final([trace_id], timeout=120)
 
     intervals = intervals_of(trace_id)
     assert len(intervals) == 200
@@ -143,7 +133,7 @@ def test_killed_worker_gives_its_slot_back_within_the_lease_bound(workers, api):
     freed_after = (datetime.now(tz=killed_at.tzinfo) - killed_at).total_seconds()
     assert freed_after <= LEASE + RECONCILE + 2, f"slot came back after {freed_after:.1f}s"
 
-    wait_for(lambda: finished(trace_id), timeout=60, what="the run to finish")
+    wait_final([trace_id], timeout=60)
     tasks = {t.node_key: t for t in TaskRun.objects.filter(run_id=trace_id)}
     assert {t.status for t in tasks.values()} == {"SUCCESS"}
     for key in lost:

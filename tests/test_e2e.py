@@ -15,7 +15,8 @@ from django_celery_results.models import TaskResult
 import tests.e2e_tasks  # noqa: F401 - registers the capture task here as the workers' --include does there
 from events_app.models import Event
 from tests import factories
-from tests.workers import ROOT, wait_for, worker_env
+from tests.e2e import trigger, wait_final, wait_for
+from tests.workers import ROOT, worker_env
 from workflows_app.engine import graph_for_version
 from workflows_app.models import TaskRun, WorkflowRun
 from workflows_app.tasks import echo
@@ -48,20 +49,6 @@ EVENT_FIELDS = {
     "status",
     "timestamp",
 }
-
-
-def trigger(api, workflow: str, payload: dict | None = None) -> str:
-    response = api.post(f"/api/workflows/{workflow}/runs/", {"payload": payload or {}}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["trace_id"]
-
-
-def wait_final(trace_ids: list[str], timeout: float = 90) -> dict[str, str]:
-    def finished() -> dict[str, str] | None:
-        statuses = dict(WorkflowRun.objects.filter(trace_id__in=trace_ids).values_list("trace_id", "status"))
-        return statuses if all(s != WorkflowRun.Status.RUNNING for s in statuses.values()) else None
-
-    return {str(k): v for k, v in wait_for(finished, timeout=timeout, what=f"{len(trace_ids)} runs to finish").items()}
 
 
 def tasks_of(trace_id: str) -> dict[str, TaskRun]:

@@ -10,7 +10,7 @@ from django_celery_results.models import TaskResult
 
 from events_app.models import Event
 from tests import factories
-from tests.workers import wait_for
+from tests.e2e import wait_final
 from workflows_app import engine, selectors
 from workflows_app.models import TaskRun, WorkflowRun
 
@@ -41,15 +41,6 @@ def subscribed_workflows() -> None:
     )
 
 
-def wait_final(trace_ids: list[str]) -> dict[str, str]:
-    def finished() -> dict[str, str] | None:
-        statuses = dict(WorkflowRun.objects.filter(trace_id__in=trace_ids).values_list("trace_id", "status"))
-        done = len(statuses) == len(trace_ids) and all(s != WorkflowRun.Status.RUNNING for s in statuses.values())
-        return statuses if done else None
-
-    return {str(k): v for k, v in wait_for(finished, timeout=60, what="the event's runs to finish").items()}
-
-
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_published_event_starts_exactly_its_subscribers_and_leads_their_events(workers, api):
@@ -68,7 +59,7 @@ def test_published_event_starts_exactly_its_subscribers_and_leads_their_events(w
     assert set(runs) == {"fulfil", "invoice"}
     assert not WorkflowRun.objects.filter(workflow__name="refund").exists()
 
-    assert set(wait_final(trace_ids).values()) == {"SUCCESS"}
+    assert set(wait_final(trace_ids, timeout=60).values()) == {"SUCCESS"}
 
     for name, run in runs.items():
         assert run.source == f"event:{event_id}"

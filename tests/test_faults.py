@@ -21,8 +21,8 @@ from django.db import OperationalError, close_old_connections
 import tests.e2e_tasks  # noqa: F401 - registers the test tasks here as the workers' --include does there
 from events_app.models import Event, EventType
 from tests import factories
+from tests.e2e import trigger, wait_final, wait_for
 from tests.e2e_tasks import _redis
-from tests.workers import wait_for
 from workflows_app.engine import graph_for_version
 from workflows_app.models import TaskRun, WorkflowRun
 
@@ -48,20 +48,6 @@ def diamond(name: str, *, task: str = SLEEP, seconds: float = 0.3, retries: int 
         )
     )
     EventType.objects.filter(name=queue).update(concurrency=4)
-
-
-def trigger(api, name: str, payload: dict | None = None) -> str:
-    response = api.post(f"/api/workflows/{name}/runs/", {"payload": payload or {}}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["trace_id"]
-
-
-def wait_final(trace_ids: list[str], timeout: float) -> dict[str, str]:
-    def done() -> dict | None:
-        rows = dict(WorkflowRun.objects.filter(trace_id__in=trace_ids).values_list("trace_id", "status"))
-        return rows if all(s != "RUNNING" for s in rows.values()) else None
-
-    return {str(k): v for k, v in wait_for(done, timeout=timeout, what=f"{len(trace_ids)} runs final").items()}
 
 
 def assert_sound(trace_ids: list[str]) -> None:

@@ -16,7 +16,8 @@ from django_celery_results.models import TaskResult
 
 from events_app.models import Event
 from tests import factories
-from tests.workers import ROOT, wait_for, worker_env
+from tests.e2e import trigger, wait_for
+from tests.workers import ROOT, worker_env
 from workflows_app import engine, tasks
 from workflows_app.models import TaskRun, WorkflowRun
 from workflows_app.retention import runs_purge
@@ -156,9 +157,7 @@ def test_purging_100k_runs_goes_in_batches_while_a_new_run_completes(workers, ap
         )
         try:
             wait_for(lambda: "batch 2:" in log_path.read_text(), timeout=60, what="the purge's second batch")
-            response = api.post("/api/workflows/live/runs/", {"payload": {"n": 1}}, format="json")
-            assert response.status_code == 201, response.content
-            trace_id = response.json()["trace_id"]
+            trace_id = trigger(api, "live", {"n": 1})
             final = wait_for(
                 lambda: WorkflowRun.objects.filter(trace_id=trace_id).exclude(status="RUNNING").first(),
                 timeout=30,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ from django_celery_beat.models import PeriodicTask
 from django_celery_results.models import TaskResult
 
 from tests import factories
+from tests.e2e import wait_for
 from tests.processes import Process
-from tests.workers import wait_for, worker_env
+from tests.workers import worker_env
 from workflows_app import tasks
 from workflows_app.models import WorkflowRun
 from workflows_app.schedules import SCHEDULE_TASK
@@ -21,6 +21,11 @@ from workflows_app.schedules import SCHEDULE_TASK
 QUEUE = "e2e_sched"
 NAME = "stock-sync-every-second"
 SOURCE = f"schedule:{NAME}"
+# django-celery-beat's scheduler, when it reads the schedule again after a change (then, at DEBUG,
+# it lists the schedule it read), and beat at the end of each pass of its loop, before it sleeps.
+REREAD = "DatabaseScheduler: Schedule changed."
+LISTED = "Current schedule:"
+WOKE = "beat: Waking up"
 
 
 class Beat(Process):
@@ -28,7 +33,8 @@ class Beat(Process):
 
     def __init__(self, log_dir: Path):
         cmd = [
-            *(sys.executable, "-m", "celery", "-A", "config", "beat", "-l", "INFO"),
+            # DEBUG: beat logs each pass of its loop and the schedule it read.
+            *(sys.executable, "-m", "celery", "-A", "config", "beat", "-l", "DEBUG"),
             *("-S", "django_celery_beat.schedulers:DatabaseScheduler"),
             # Beat sleeps at most this long between looks at the schedule and its change marker,
             # so a schedule disabled in the admin stops within about a second.
@@ -58,23 +64,6 @@ def beat(transactional_db, tmp_path):
 
 def schedule_runs() -> dict[str, str]:
     return {str(k): v for k, v in WorkflowRun.objects.filter(source=SOURCE).values_list("trace_id", "status")}
-
-
-def quiet_for(seconds: float, *, timeout: float, beat: Beat) -> int:
-    """Wait until every scheduled run is final and none started (nor was sent) for `seconds`; the run count."""
-    last = (-1, -1)
-    since = time.monotonic()
-
-    def quiet() -> int | None:
-        nonlocal last, since
-        runs = schedule_runs()
-        now = (len(runs), beat.sent())
-        if now != last:
-            last, since = now, time.monotonic()
-        settled = all(s != WorkflowRun.Status.RUNNING for s in runs.values())
-        return len(runs) if settled and time.monotonic() - since >= seconds else None
-
-    return wait_for(quiet, timeout=timeout, interval=0.2, what=f"no scheduled run for {seconds}s")
 
 
 @pytest.mark.e2e
@@ -115,23 +104,37 @@ def test_admin_schedule_starts_runs_with_beat_and_disabling_it_stops_them(worker
     ticks = TaskResult.objects.filter(task_name=SCHEDULE_TASK, status="SUCCESS")
     assert str(run.trace_id) in {json.loads(t.result)["trace_id"] for t in ticks}
 
+    rereads = process.log().count(REREAD)
     disabled = admin_client.post(
         "/admin/django_celery_beat/periodictask/", {"action": "disable_tasks", "_selected_action": [task.pk]}
     )
     assert disabled.status_code == 302
     assert not PeriodicTask.objects.get(name=NAME).enabled
 
-    # Ticks already sent may still land; then beat must go quiet and stay quiet.
-    settled = quiet_for(3, timeout=30, beat=process)
+    def looped_since_reread() -> str | None:
+        """Beat's log from its reading of the changed schedule on, once it has passed its loop three
+        more times (each pass sleeps up to --max-interval, one second: the schedule's own period)."""
+        log = process.log()
+        if log.count(REREAD) <= rereads:
+            return None
+        since = log[log.rindex(REREAD) :]
+        return since if since.count(WOKE) >= 3 else None
+
+    since = wait_for(looped_since_reread, timeout=30, what="beat to read the changed schedule and pass its loop")
+    # From there on beat neither holds the disabled schedule nor sends it, though it kept looping
+    # while ticks of it came due.
+    assert LISTED in since and NAME not in since, since[-3000:]
     sent = process.sent()
-    assert settled == sent, "every tick beat sent started exactly one run"
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        assert len(schedule_runs()) == settled and process.sent() == sent, (
-            "a run started after the schedule was disabled"
-        )
-        time.sleep(0.2)
-    assert set(schedule_runs().values()) == {"SUCCESS"}
+
+    def settled() -> dict[str, str] | None:
+        """The scheduled runs, once the ticks sent before the change have each started one and all ended."""
+        runs = schedule_runs()
+        done = len(runs) == sent and all(s != WorkflowRun.Status.RUNNING for s in runs.values())
+        return runs if done else None
+
+    runs = wait_for(settled, timeout=30, what=f"the {sent} ticks sent to start one run each and all to end")
+    assert set(runs.values()) == {"SUCCESS"}
+    assert process.sent() == sent and NAME not in process.log()[process.log().rindex(REREAD) :]
 
 
 # --------------------------------------------------------------------------- the form and the tick, in process

@@ -15,8 +15,9 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.e2e import wait_for
 from tests.processes import Process, free_port
-from tests.workers import wait_for, worker_env
+from tests.workers import worker_env
 from workflows_app.api.throttling import ScopedWindowThrottle
 from workflows_app.models import WorkflowRun
 

@@ -5,31 +5,17 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import kombu.exceptions
 import redis
 from django.conf import settings
-from django.db import close_old_connections
 
+from tests.e2e import wait_for
 from tests.processes import ROOT, Process
 
-__all__ = ["ROOT", "Worker", "purge_broker", "reset_broker_connections", "wait_for", "worker_env"]
-
-
-def wait_for(condition: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll until `condition()` is truthy and return its value; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        close_old_connections()
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["ROOT", "Worker", "purge_broker", "reset_broker_connections", "worker_env"]
 
 
 def database_url() -> str:

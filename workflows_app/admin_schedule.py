@@ -13,6 +13,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from . import engine
 from .models import WorkflowDefinition
 from .schedules import NAME_MAX_LENGTH, ScheduleError, crontab_parse, workflow_schedule_create, workflow_schedule_list
 
@@ -43,9 +44,10 @@ class ScheduleForm(forms.Form):
             payload = json.loads(self.cleaned_data["payload"] or "{}")
         except ValueError as exc:
             raise forms.ValidationError(f"not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise forms.ValidationError("must be a JSON object")
-        return payload
+        try:
+            return engine.run_payload_check(payload)
+        except engine.EngineError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
     def clean_crontab(self) -> str:
         expression = self.cleaned_data["crontab"].strip()

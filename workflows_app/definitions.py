@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import networkx as nx
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from events_app.models import EVENT_TYPE_NAME, EventType
 
-from .engine import kinds
+from .engine import event_type_set_concurrency, kinds
 from .engine.graph import COMMON_FIELDS, NODE_DEFAULTS
 from .models import NODE_KEY, Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
 
@@ -273,15 +273,43 @@ def _node(workflow: WorkflowDefinition, spec: dict) -> Node:
 @transaction.atomic
 def workflow_definition_save(*, data: Any, known_tasks: set[str] | None = None) -> WorkflowDefinition:
     """Create or replace a definition from the export shape; all or nothing."""
+    return _definition_store(definition_validate(data, known_tasks=known_tasks))
+
+
+@transaction.atomic
+def workflow_definition_create(*, data: Any, known_tasks: set[str] | None = None) -> WorkflowDefinition:
+    """Create a definition from the export shape; a name already taken is a DefinitionError, and
+    nothing is written.
+
+    The row is inserted before anything else, in a savepoint: of two creations of one new name at
+    once, the second waits on the name's unique index until the first commits, and is then refused
+    (a check before the insert would let both pass, and the second replace the first).
+    """
     spec = definition_validate(data, known_tasks=known_tasks)
+    try:
+        with transaction.atomic():
+            workflow = WorkflowDefinition.objects.create(name=spec["name"])
+    except IntegrityError:
+        raise DefinitionError([f"name: workflow '{spec['name']}' already exists; change it instead"]) from None
+    return _definition_store(spec, workflow)
+
+
+def _definition_store(spec: dict, workflow: WorkflowDefinition | None = None) -> WorkflowDefinition:
+    """Write a validated spec over `workflow`, or over the workflow of its name, created if new."""
     for et_name, et in spec["event_types"].items():
         defaults = {k: v for k, v in et.items() if k in ("concurrency", "description")}
         obj, created = EventType.objects.get_or_create(name=et_name, defaults=defaults)
-        if not created and defaults:
-            EventType.objects.filter(pk=obj.pk).update(**defaults)
+        if created:
+            continue
+        if "description" in defaults:
+            EventType.objects.filter(pk=obj.pk).update(description=defaults["description"])
+        if defaults.get("concurrency", obj.concurrency) != obj.concurrency:
+            # As the API and the admin change it: a raised limit admits waiting tasks at once.
+            event_type_set_concurrency(name=et_name, concurrency=defaults["concurrency"])
     for et_name in {n["event_type"] for n in spec["nodes"] if n["event_type"]} - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)
-    workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(name=spec["name"])
+    if workflow is None:
+        workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(name=spec["name"])
     workflow.description = spec["description"]
     workflow.trigger_event_types = spec["trigger_event_types"]
     workflow.is_active = spec["is_active"]

@@ -360,7 +360,7 @@ class TaskRun(models.Model):
                 condition=models.Q(status="QUEUED", holds_slot=False),
                 name="task_run_line_idx",
             ),
-            # Occupied slots of an event type: counted on every admission.
+            # Occupied slots of an event type: what the reconciler recounts `EventType.held` from.
             models.Index(
                 fields=["event_type"],
                 condition=models.Q(holds_slot=True),

@@ -60,8 +60,10 @@ def workflow_schedule_create(
         raise ScheduleError("give either an interval in seconds or a crontab expression")
     if not name or len(name) > NAME_MAX_LENGTH:
         raise ScheduleError(f"the schedule name needs 1 to {NAME_MAX_LENGTH} characters")
-    if not isinstance(payload, dict):
-        raise ScheduleError("the payload must be a JSON object")
+    try:
+        payload = engine.run_payload_check(payload)
+    except engine.EngineError as exc:
+        raise ScheduleError(str(exc)) from None
     with transaction.atomic():
         if PeriodicTask.objects.filter(name=name).exists():
             raise ScheduleError(f"a periodic task named '{name}' already exists")
@@ -110,10 +112,15 @@ def scheduled_run_start(*, workflow: str, payload: dict, schedule: str, tick_id:
     if not definition.is_active:
         logger.warning("schedule '%s': workflow '%s' is inactive, no run started", schedule, workflow)
         return None
-    run, _ = engine.workflow_run_start(
-        workflow=definition,
-        payload=payload,
-        idempotency_key=f"{SOURCE_PREFIX}{tick_id}" if tick_id else None,
-        source=schedule_source(schedule)[:100],
-    )
+    try:
+        run, _ = engine.workflow_run_start(
+            workflow=definition,
+            payload=payload,
+            idempotency_key=f"{SOURCE_PREFIX}{tick_id}" if tick_id else None,
+            source=schedule_source(schedule)[:100],
+        )
+    except engine.EngineError as exc:
+        # E.g. a payload edited in beat's admin, or kept from before the limit was lowered: the
+        # tick fails, naming its schedule, and starts nothing.
+        raise ScheduleError(f"schedule '{schedule}': {exc}") from None
     return run

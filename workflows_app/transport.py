@@ -4,7 +4,8 @@ kombu builds a new `redis.Redis` for every message it publishes (`Channel.conn_o
 redis-py copies its table of response callbacks into a fresh dict for each: a quarter of the CPU
 of a publish, paid by every trigger and every hop of a run. The client only wraps the channel's
 connection pool, so one per pool does the same. Set by `config.settings.base` for `redis://`
-broker URLs (`CELERY_BROKER_TRANSPORT`).
+broker URLs (`CELERY_BROKER_TRANSPORT`). tests/test_library_pins.py pins the kombu behaviour this
+relies on (`conn_or_acquire`'s contract, `_create_client`).
 """
 
 from __future__ import annotations

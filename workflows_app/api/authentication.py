@@ -69,6 +69,7 @@ class TokenAuthentication(authentication.TokenAuthentication):
         if not user.is_active:
             raise exceptions.AuthenticationFailed(_("User inactive or deleted."))
         if list(settings.AUTHENTICATION_BACKENDS) == MODEL_BACKEND_ONLY and not user.is_superuser:
-            user._perm_cache = set(permissions)  # where ModelBackend keeps them once it has read them
+            # Where ModelBackend keeps them once it has read them (tests/test_library_pins.py).
+            user._perm_cache = set(permissions)
         token.user = user
         return user, token

@@ -1,9 +1,9 @@
 """API routes (every path of the REST API in one place)."""
 
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from . import views
+from . import errors, views
 
 urlpatterns = [
     path("", views.api_root, name="api-root"),
@@ -22,4 +22,6 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),
+    # Last: every other path under /api/ answers a JSON 404 (errors.not_found).
+    re_path(r"^.*$", errors.not_found, name=errors.NOT_FOUND_ROUTE),
 ]

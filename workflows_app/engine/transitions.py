@@ -77,16 +77,22 @@ def _json_safe(value: Any) -> Any:
 
 
 def run_payload_check(payload: Any) -> dict:
-    """A run's payload as the engine stores it: a JSON object within `EVENTFLOW["MAX_PAYLOAD_BYTES"]`,
-    however the run starts (API, event, schedule, command)."""
+    """A run's payload as stored JSON gives it back, or an EngineError: 400 unless it is a JSON object
+    PostgreSQL can store, 413 when its JSON is larger than EVENTFLOW["MAX_PAYLOAD_BYTES"]. The one
+    check of a payload, for every way a run starts: API, published event, schedule, command."""
     if not isinstance(payload, dict):
         raise EngineError("payload must be a JSON object")
     try:
-        text = json.dumps(payload)
+        # ASCII (non-ASCII characters escaped), so its length is its size in bytes; NaN and the
+        # infinities are not JSON, and PostgreSQL would refuse them.
+        text = json.dumps(payload, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise EngineError(f"payload is not JSON: {exc}") from None
+    if "\\u0000" in text or "\\ud" in text:  # a NUL, or a UTF-16 surrogate, perhaps one alone
+        if any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in json.dumps(payload, ensure_ascii=False)):
+            raise EngineError("payload holds a NUL character or a lone surrogate, which PostgreSQL cannot store")
     limit = settings.EVENTFLOW["MAX_PAYLOAD_BYTES"]
-    if len(text.encode()) > limit:
+    if len(text) > limit:
         raise EngineError(f"payload is larger than {limit} bytes", status=413)
     return json.loads(text)
 

@@ -8,7 +8,10 @@ from workflows_app import engine
 
 
 class Command(BaseCommand):
-    help = "Retry or fail started tasks whose lease lapsed (their worker died), freeing their slots."
+    help = (
+        "Retry or fail started tasks whose lease lapsed (their worker died), freeing their slots; send again "
+        "tasks whose message was lost; and recount each event type's held slots from its task rows."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
         total = 0

@@ -110,8 +110,8 @@ class Supervisor:
         self.stopping = False
         self._pending: list[int] = []
 
-    def run(self) -> int:
-        """Supervise until a stop signal arrives and every child has exited; returns the exit status."""
+    def run(self) -> None:
+        """Supervise until a stop signal arrives and every child has exited."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED_SIGNALS}
         try:
             for child in self.children:
@@ -130,7 +130,6 @@ class Supervisor:
         for child in self.children:
             if child.process is not None:
                 logger.info("worker %s stopped (exit code %s)", child.name, child.process.returncode)
-        return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only record it: forwarding happens in the loop, so a child being started at this very
@@ -247,6 +246,4 @@ class Command(BaseCommand):
             return
         # The children inherit this environment (DJANGO_SETTINGS_MODULE included) and run from the
         # project directory so that `-A config` imports this project's Celery app.
-        code = Supervisor(commands, cwd=settings.BASE_DIR).run()
-        if code:
-            raise CommandError("workers stopped with errors", returncode=code)
+        Supervisor(commands, cwd=settings.BASE_DIR).run()

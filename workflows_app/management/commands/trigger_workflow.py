@@ -52,8 +52,6 @@ class Command(BaseCommand):
             payload = json.loads(options["payload"])
         except json.JSONDecodeError as exc:
             raise CommandError(f"--payload is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise CommandError('--payload must be a JSON object, e.g. \'{"product": "p-1"}\'')
         workflow = selectors.workflow_get(name=options["name"])
         if workflow is None:
             raise CommandError(f"unknown workflow '{options['name']}'")
