@@ -40,6 +40,21 @@ def flaky(event: dict) -> dict:
     return {"ok": True}
 
 
+@shared_task(name="tests.e2e_tasks.fail_first_attempt")
+def fail_first_attempt(event: dict) -> dict:
+    """Fail the first attempt once the test sets the run's `gate` key in Redis; succeed on any later one.
+
+    The gate lets a test act while the first attempt is known to be running (at most 30 s).
+    """
+    attempt = event["context"]["attempt"]
+    if attempt == 1:
+        deadline = time.monotonic() + 30
+        while not _redis().exists(f"gate:{event['trace_id']}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise RuntimeError("the first attempt fails")
+    return {"attempt": attempt}
+
+
 @shared_task(name="tests.e2e_tasks.clock", ignore_result=True)
 def clock(key: str) -> None:
     """Store under `clock:<key>` in Redis what this process's clocks read, and the database's and Redis's."""
