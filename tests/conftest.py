@@ -60,14 +60,31 @@ def pipeline(db):
 
 @pytest.fixture
 def workers(transactional_db, tmp_path):
-    """Start real worker processes: `workers(queues, concurrency=2)`; all are stopped after the test."""
+    """Start real worker processes: `workers(queues, concurrency=2)`; all are stopped after the test.
+
+    `clock_offset=seconds` runs a worker with its wall clock that far from the true time (libfaketime).
+    """
     from tests.workers import Worker, purge_broker
 
     purge_broker()
     started: list[Worker] = []
 
-    def start(queues, *, concurrency: int = 2, name: str | None = None, env: dict | None = None) -> Worker:
-        worker = Worker(name or f"w{len(started)}", queues, concurrency=concurrency, log_dir=tmp_path, env=env)
+    def start(
+        queues,
+        *,
+        concurrency: int = 2,
+        name: str | None = None,
+        env: dict | None = None,
+        clock_offset: float | None = None,
+    ) -> Worker:
+        worker = Worker(
+            name or f"w{len(started)}",
+            queues,
+            concurrency=concurrency,
+            log_dir=tmp_path,
+            env=env,
+            clock_offset=clock_offset,
+        )
         started.append(worker)
         worker.wait_ready()
         return worker

@@ -1,9 +1,11 @@
 """Tasks only end-to-end tests load into their workers (with `celery worker --include`)."""
 
+import json
 import os
 import signal
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -38,6 +40,45 @@ def flaky(event: dict) -> dict:
     if _redis().exists(f"broken:{event['trace_id']}"):
         raise RuntimeError("dependency unavailable")
     return {"ok": True}
+
+
+@shared_task(name="tests.e2e_tasks.fail_first_attempt")
+def fail_first_attempt(event: dict) -> dict:
+    """Fail the first attempt once the test sets the run's `gate` key in Redis; succeed on any later one.
+
+    The gate lets a test act while the first attempt is known to be running (at most 30 s).
+    """
+    attempt = event["context"]["attempt"]
+    if attempt == 1:
+        deadline = time.monotonic() + 30
+        while not _redis().exists(f"gate:{event['trace_id']}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise RuntimeError("the first attempt fails")
+    return {"attempt": attempt}
+
+
+@shared_task(name="tests.e2e_tasks.clock", ignore_result=True)
+def clock(key: str) -> None:
+    """Store under `clock:<key>` in Redis what this process's clocks read, and the database's and Redis's."""
+    from django.db import connection
+    from django.utils import timezone
+
+    wall, monotonic = time.time(), time.monotonic()
+    time.sleep(0.2)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT extract(epoch FROM clock_timestamp())")
+        database = float(cursor.fetchone()[0])
+    seconds, micros = _redis().time()
+    readings = {
+        "time": time.time(),
+        "datetime": datetime.now(UTC).timestamp(),
+        "django": timezone.now().timestamp(),
+        "database": database,
+        "redis": seconds + micros / 1e6,
+        "wall_elapsed": time.time() - wall,
+        "monotonic_elapsed": time.monotonic() - monotonic,
+    }
+    _redis().set(f"clock:{key}", json.dumps(readings), ex=600)
 
 
 @shared_task(name="tests.e2e_tasks.die_after_return")

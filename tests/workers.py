@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +18,14 @@ from django.conf import settings
 from tests.e2e import wait_for
 from tests.processes import ROOT, Process
 
-__all__ = ["ROOT", "Worker", "purge_broker", "reset_broker_connections", "worker_env"]
+__all__ = ["ROOT", "Worker", "clock_env", "purge_broker", "reset_broker_connections", "worker_env"]
+
+# Where Debian's package `faketime` (through its dependency `libfaketime`) puts the preload library.
+LIBFAKETIME = (
+    "/usr/lib/*/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+)
 
 
 def database_url() -> str:
@@ -37,23 +47,59 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def libfaketime() -> str:
+    """The path of libfaketime's preload library; fails saying how to install it when it is missing."""
+    for pattern in LIBFAKETIME:
+        if found := sorted(glob.glob(pattern)):
+            return found[0]
+    raise AssertionError(
+        "a worker with a clock offset runs under libfaketime, which is not installed: "
+        "`apt-get install faketime` (Debian's package, as .ci/run installs it), looked for " + ", ".join(LIBFAKETIME)
+    )
+
+
+def clock_env(offset: float) -> dict[str, str]:
+    """The environment of a process whose wall clock reads `offset` seconds from the true time.
+
+    libfaketime (0.9.10) moves the monotonic clock by a constant too, so timers and time limits
+    still measure true intervals. Its DONT_FAKE_MONOTONIC=1 would leave that clock alone, but then
+    Python's `time.sleep` fails with EINVAL (it sleeps to an absolute monotonic deadline), so it is
+    not set. A forked pool process inherits the preloaded library and its offset.
+    """
+    preload = " ".join(filter(None, [libfaketime(), os.environ.get("LD_PRELOAD", "")]))
+    return {"LD_PRELOAD": preload, "FAKETIME": f"{offset:+.3f}"}
+
+
 class Worker(Process):
-    """One `celery worker` process consuming some queues."""
+    """One `celery worker` process consuming some queues, its clock `clock_offset` seconds off when given."""
 
     def __init__(
-        self, name: str, queues: Iterable[str], *, concurrency: int, log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        queues: Iterable[str],
+        *,
+        concurrency: int,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        clock_offset: float | None = None,
     ):
         self.name = f"{name}@{socket.gethostname()}"
         self.queues = list(queues)
+        self.clock_offset = clock_offset
+        env = {**(env or {}), **(clock_env(clock_offset) if clock_offset is not None else {})}
         cmd = [
             *(sys.executable, "-m", "celery", "-A", "config", "worker"),
             *("-Q", ",".join(self.queues), "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),
             *("--include", "tests.e2e_tasks", "--without-gossip", "--without-mingle", "-l", "INFO"),
         ]
-        super().__init__(cmd, log_path=log_dir / f"{name}.log", env=worker_env(**(env or {})))
+        super().__init__(cmd, log_path=log_dir / f"{name}.log", env=worker_env(**env))
 
     def wait_ready(self, timeout: float = 60) -> None:
         from config.celery import app
+
+        if self.clock_offset is not None:
+            self.check_clock(timeout)
+            return
 
         def ready() -> bool:
             if why := self.exited():
@@ -66,6 +112,35 @@ class Worker(Process):
                 return False
 
         wait_for(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
+
+    def check_clock(self, timeout: float = 60) -> dict[str, float]:
+        """Wait for a pool process to answer a clock probe sent through the first queue; check that
+        its wall clock (`time.time`, `datetime.now`, Django's `timezone.now`) reads `clock_offset`
+        seconds from the database's, that its monotonic clock runs at the true rate, and that it
+        reached PostgreSQL and Redis. Returns the readings.
+
+        It is also how such a worker is known to be ready: one whose clock is ahead drops Celery's
+        control messages, `ping` among them, which expire at the sender's time plus the reply
+        timeout. A task message carries no expiry.
+        """
+        from config.celery import app
+        from tests.e2e_tasks import _redis
+
+        key = uuid.uuid4().hex
+        app.send_task("tests.e2e_tasks.clock", args=[key], queue=self.queues[0])
+
+        def answered() -> bytes | None:
+            if why := self.exited():
+                raise AssertionError(why)
+            return _redis().get(f"clock:{key}")
+
+        readings = json.loads(wait_for(answered, timeout=timeout, interval=0.2, what=f"{self.name}'s clock probe"))
+        offset = self.clock_offset or 0.0
+        off = {name: round(readings[name] - readings["database"], 3) for name in ("time", "datetime", "django")}
+        assert all(abs(value - offset) < 1 for value in off.values()), f"{self.name} is to run {offset:+g} s off: {off}"
+        drift = readings["monotonic_elapsed"] - readings["wall_elapsed"]
+        assert abs(drift) < 0.05, f"{self.name}'s monotonic clock does not keep time: {readings}"
+        return readings
 
 
 def reset_broker_connections() -> None:
