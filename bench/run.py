@@ -306,6 +306,10 @@ def scenario_chain(systems: list[System], sizes: Sizes) -> list[Row]:
     rows.append(
         Row("1 chain of 20", "hop / canvas hop, same round", EVENTFLOW, per_round, one, "<= 1.5, drift taken out")
     )
+    # Against canvas whose results go to Redis instead: the same hop, over that reference's hop.
+    redis = next((row for row in rows if row.system == CANVAS_REDIS), None)
+    if redis is not None:
+        rows.append(Row("1 chain of 20", "ms per hop, ratio to canvas (Redis results)", EVENTFLOW, eventflow, redis))
     return rows
 
 

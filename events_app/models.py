@@ -2,6 +2,8 @@
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
@@ -115,14 +117,24 @@ class Event(models.Model):
 
     def as_message(self) -> dict:
         """The JSON object a task receives as its only argument."""
-        return {
-            "event_id": str(self.event_id),
-            "trace_id": str(self.trace_id) if self.trace_id else None,
-            "event_type": self.event_type,
-            "task_name": self.task_name,
-            "payload": self.payload,
-            "result": self.result,
-            "context": self.context,
-            "status": self.status,
-            "timestamp": self.timestamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        }
+        return event_message(self.__dict__)
+
+
+def event_message(fields: Mapping[str, Any]) -> dict:
+    """The JSON object a task receives as its only argument, from an Event's fields (ids as UUIDs or
+    their text, the timestamp as a datetime or its ISO text)."""
+    stamp = fields["timestamp"]
+    if isinstance(stamp, str):
+        stamp = dt.datetime.fromisoformat(stamp)
+    trace_id = fields["trace_id"]
+    return {
+        "event_id": str(fields["event_id"]),
+        "trace_id": str(trace_id) if trace_id else None,
+        "event_type": fields["event_type"],
+        "task_name": fields["task_name"],
+        "payload": fields["payload"],
+        "result": fields["result"],
+        "context": fields["context"],
+        "status": fields["status"],
+        "timestamp": stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }

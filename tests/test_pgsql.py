@@ -29,14 +29,17 @@ def test_migrations_install_the_functions_the_engine_defines():
     a change there without its migration (`manage.py engine_functions --migration NAME`) fails here."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT p.proname, pg_get_function_arguments(p.oid), p.prosrc FROM pg_proc p"
+            "SELECT p.proname, p.proconfig, p.prosrc FROM pg_proc p"
             " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = current_schema()"
             " AND p.proname LIKE 'eventflow%%'"
         )
-        installed = {name: (arguments, body) for name, arguments, body in cursor.fetchall()}
+        installed = {name: (config, body) for name, config, body in cursor.fetchall()}
     assert set(installed) == {name for name, *_ in sql.FUNCTIONS}
     for name, arguments, _returns, body in sql.FUNCTIONS:
         assert installed[name][1] == body, f"{name} differs from engine.sql: write its migration"
+        assert installed[name][0] == [
+            setting.replace(" = ", "=") for setting in sql.FUNCTION_SETTINGS.removeprefix("SET ").split(" SET ")
+        ]
         with connection.cursor() as cursor:  # its signature is the one defined, or this raises
             cursor.execute("SELECT %s::regprocedure::text", [sql.signature(name, arguments)])
 
@@ -108,10 +111,16 @@ def test_admission_in_the_database_takes_whom_rules_admit_takes():
                 line=[rules.Waiting(t.queued_at, t.pk) for t in line] + [rules.Waiting(now, pk) for pk in events],
             )
             (sent,) = pgsql.fetch_one(
-                "SELECT eventflow_admit(%(types)s, %(released)s, %(ready)s, %(events)s, 60)",
-                {"types": ["diff"], "released": [released], "ready": list(events), "events": list(events.values())},
+                "SELECT eventflow_admit(%(types)s, %(released)s, %(ready)s, %(events)s, %(ready_types)s, 60)",
+                {
+                    "types": ["diff"],
+                    "released": [released],
+                    "ready": list(events),
+                    "events": list(events.values()),
+                    "ready_types": ["diff"] * len(events),
+                },
             )
-            admitted = [e["event"]["event_id"] for e in pgsql.loads(sent)]
+            admitted = [str(e["event"]["event_id"] if "event" in e else e["event_id"]) for e in pgsql.loads(sent)]
             by_id = {t.pk: str(t.current_event_id) for t in line} | {pk: str(e) for pk, e in events.items()}
             assert admitted == [by_id[w.id] for w in expected]
             fresh_now = TaskRun.objects.filter(pk__in=events)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
-from events_app.models import Event
+from events_app.models import Event, event_message
 
 from .graph import NodeSpec
 from .rules import RunContext
@@ -50,17 +49,6 @@ def next_attempt_event(previous: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def message(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The message a task receives, from an Event row as the database answers it (JSON)."""
-    stamp = row["timestamp"]
-    event = Event(
-        event_id=uuid.UUID(str(row["event_id"])),
-        trace_id=uuid.UUID(str(row["trace_id"])) if row.get("trace_id") else None,
-        event_type=row["event_type"],
-        task_name=row["task_name"],
-        payload=row["payload"],
-        result=row["result"],
-        context=row["context"],
-        status=row["status"],
-        timestamp=datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp,
-    )
-    return event.as_message()
+    """The message a task receives, from an Event's fields as stored (a row the database answered as
+    JSON, or one composed here with the database's timestamp)."""
+    return event_message(row)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -34,14 +34,26 @@ class Outbox:
             options["eta"] = eta
         self.messages.append((message, options))
 
-    def add_sent(self, sent: Iterable[Mapping[str, Any]], clock: datetime) -> None:
-        """The Events the database answered to send: each with its node and graph version (for the
-        node's time limits), and a retry's `due_in` seconds, counted from the database's `clock`."""
+    def add_sent(
+        self,
+        sent: Iterable[Mapping[str, Any]],
+        clock: datetime | None,
+        *,
+        known: Mapping[str, Mapping[str, Any]] = {},  # noqa: B006 - read only
+        version_id: int | None = None,
+    ) -> None:
+        """The tasks admission answered to send: each with its stored Event, node and graph version (for
+        the node's time limits), or the id of an Event the transition composed itself (`known`, of the
+        graph `version_id`), stored at the database's `clock`."""
         for item in sent:
-            node = graph_for_version(item["version_id"]).nodes[item["node"]]
-            due_in = item.get("due_in")
-            eta = clock + timedelta(seconds=due_in) if due_in else None
-            self.add(events.message(item["event"]), timeout=node.timeout, eta=eta)
+            if "event" in item:
+                self.add_event(item["event"], version_id=item["version_id"], node=item["node"])
+            else:
+                event = known[str(item["event_id"])]
+                self.add_event({**event, "timestamp": clock}, version_id=version_id, node=event["context"]["node"])
+
+    def add_event(self, event: Mapping[str, Any], *, version_id: int, node: str, eta: datetime | None = None) -> None:
+        self.add(events.message(event), timeout=graph_for_version(version_id).nodes[node].timeout, eta=eta)
 
     def flush_on_commit(self) -> None:
         if self.messages or self.revokes:

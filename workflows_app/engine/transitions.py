@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -109,18 +110,26 @@ def _plan_params(plan: Plan) -> dict[str, Any]:
         }
         for step in plan.steps
     ]
+    queued = plan.queued
     return {
         "steps": pgsql.as_json(steps),
         "events": pgsql.as_json([step.event for step in plan.steps if step.event]),
+        "ready_nodes": [step.node for step in queued],
+        "ready_events": [step.event["event_id"] for step in queued],
+        "ready_types": [step.event_type for step in queued],
         "types": plan.types,
         "may_end": plan.may_end,
         "grace": _config("DISPATCH_GRACE_SECONDS"),
     }
 
 
-def _send(sent: Any, clock: Any, revokes: Iterable[str] = ()) -> None:
+def _send(
+    sent: Any, clock: Any, *, plan: Plan | None = None, version_id: int | None = None, revokes: Iterable[str] = ()
+) -> None:
+    """Send after commit what admission answered; the Events the `plan` composed are not read back."""
+    known = {step.event["event_id"]: step.event for step in plan.steps if step.event} if plan else {}
     outbox = Outbox()
-    outbox.add_sent(pgsql.loads(sent), clock)
+    outbox.add_sent(pgsql.loads(sent), clock, known=known, version_id=version_id)
     outbox.revokes.extend(str(e) for e in revokes)
     outbox.flush_on_commit()
 
@@ -199,7 +208,7 @@ def workflow_run_start(
     run.created_at = clock
     if ended:
         run.status, run.finished_at = ended, clock
-    _send(sent, clock)
+    _send(sent, clock, plan=plan, version_id=version_id)
     return run, True
 
 
@@ -334,9 +343,13 @@ def task_run_finish(
         if isinstance(plan, set):
             needs = plan
             continue
-        code, clock, sent, _ = _advance(trace_id, version_id, event_id, event, outcome, plan, lost, celery_result)
+        retry = next_attempt_event(event) if outcome.status == S.RETRY else None
+        code, clock, sent, _ = _advance(trace_id, version_id, event_id, outcome, plan, retry, lost, celery_result)
         if code == sql.APPLIED:
-            _send(sent, clock)
+            _send(sent, clock, plan=plan, version_id=version_id)
+            if retry:
+                due = clock + timedelta(seconds=outcome.retry_in)
+                _send_retry({**retry, "timestamp": clock}, due, version_id=version_id, node=node_key)
             return celery_result is not None and outcome.status == S.SUCCESS
         if code in (sql.NOT_CURRENT, sql.GONE):
             return False
@@ -348,18 +361,25 @@ def task_run_finish(
     raise RuntimeError(f"could not record the outcome of {event_id}: the run kept changing")
 
 
+def _send_retry(event: dict, eta: datetime, *, version_id: int, node: str) -> None:
+    """A retry's message, due at `eta` on the database's clock: Celery's ETA is an instant, so the host
+    that records the failure lends its clock to none of it."""
+    outbox = Outbox()
+    outbox.add_event(event, version_id=version_id, node=node, eta=eta)
+    outbox.flush_on_commit()
+
+
 def _advance(
     trace_id: str,
     version_id: int | None,
     event_id: str,
-    event: Mapping[str, Any],
     outcome: Outcome,
     plan: Plan,
+    retry_event: dict | None,
     lost: bool,
     celery_result: Mapping[str, Any] | None,
 ) -> tuple[int, Any, list[dict], str | None]:
     params = _plan_params(plan)
-    retry_event = next_attempt_event(event) if outcome.status == S.RETRY else None
     if retry_event:
         params["events"] = pgsql.as_json([retry_event])
     params.update(
@@ -370,7 +390,7 @@ def _advance(
         outcome=outcome.status,
         result=_jsonb(outcome.result if outcome.status == S.SUCCESS else None),
         error=outcome.error,
-        event_result=_jsonb(outcome.event_result),
+        event_result=None if outcome.status == S.SUCCESS else _jsonb(outcome.event_result),
         celery_result=pgsql.as_json(celery_result) if celery_result and outcome.status == S.SUCCESS else None,
         retry_event=retry_event["event_id"] if retry_event else None,
         retry_in=outcome.retry_in,
@@ -488,7 +508,7 @@ def workflow_run_cancel(*, trace_id: str) -> WorkflowRun:
     with transaction.atomic():
         row = pgsql.fetch_one(sql.CANCEL, {"run_id": trace_id, "grace": _config("DISPATCH_GRACE_SECONDS")})
         _, revoked, sent = row
-        _send(sent, None, revoked)
+        _send(sent, None, revokes=revoked)
     return WorkflowRun.objects.get(trace_id=trace_id)
 
 
@@ -527,7 +547,7 @@ def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
             "expect": pgsql.as_json([]),
         }
         _, clock, sent, _ = pgsql.fetch_one(sql.ADVANCE, params)
-        _send(sent, clock)
+        _send(sent, clock, plan=plan, version_id=version_id)
     return WorkflowRun.objects.get(trace_id=trace_id)
 
 

@@ -4,72 +4,90 @@
 from django.db import migrations
 
 FUNCTIONS = r"""
-CREATE OR REPLACE FUNCTION eventflow_admit(p_types varchar[], p_released integer[], p_ready bigint[], p_ready_events uuid[], p_grace double precision) RETURNS jsonb LANGUAGE plpgsql AS $function$
+CREATE OR REPLACE FUNCTION eventflow_admit(p_types varchar[], p_released integer[], p_ready bigint[], p_ready_events uuid[], p_ready_types varchar[], p_grace double precision) RETURNS jsonb LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $function$
 DECLARE
+    v_names varchar[];
+    v_frees integer[];
     v_i integer;
+    v_name varchar;
     v_free integer;
+    v_released integer;
     v_head bigint[];
+    v_fresh bigint[];
     v_ids bigint[];
-    v_events uuid[];
-    v_admitted boolean[];
     v_taken integer;
     v_batch jsonb;
     v_sent jsonb := '[]';
 BEGIN
-    PERFORM 1 FROM events_app_eventtype WHERE name = ANY(p_types) ORDER BY name FOR UPDATE;
-    FOR v_i IN 1 .. coalesce(cardinality(p_types), 0) LOOP
-        SELECT concurrency - held + p_released[v_i] INTO v_free FROM events_app_eventtype WHERE name = p_types[v_i];
-        CONTINUE WHEN v_free IS NULL;
-        SELECT array_agg(head.id) INTO v_head FROM (
+    -- A row locked FOR UPDATE is read as the lock's previous holder left it.
+    SELECT array_agg(t.name ORDER BY t.name), array_agg(t.concurrency - t.held ORDER BY t.name)
+    INTO v_names, v_frees
+    FROM (SELECT name, concurrency, held FROM events_app_eventtype WHERE name = ANY(p_types) ORDER BY name FOR UPDATE) AS t;
+    FOR v_i IN 1 .. coalesce(cardinality(v_names), 0) LOOP
+        v_name := v_names[v_i];
+        v_released := coalesce(p_released[array_position(p_types, v_name)], 0);
+        v_free := v_frees[v_i] + v_released;
+        v_head := ARRAY(
             SELECT id FROM workflows_app_taskrun
-            WHERE event_type_id = p_types[v_i] AND status = 'QUEUED' AND NOT holds_slot
-            ORDER BY workflows_app_taskrun.queued_at, workflows_app_taskrun.id LIMIT GREATEST(v_free, 0) FOR UPDATE SKIP LOCKED
-        ) AS head;
-        SELECT array_agg(c.id ORDER BY c.n), array_agg(c.event_id ORDER BY c.n), array_agg(c.n <= v_free ORDER BY c.n)
-        INTO v_ids, v_events, v_admitted
-        FROM (
-            SELECT u.id, u.event_id, row_number() OVER (ORDER BY u.queued_at, u.id) AS n FROM (
-                SELECT task.id, ready.event_id, now() AS queued_at
-                FROM unnest(p_ready, p_ready_events) AS ready(id, event_id)
-                JOIN workflows_app_taskrun AS task ON task.id = ready.id
-                WHERE task.event_type_id = p_types[v_i] AND task.status = 'WAITING'
-                UNION ALL
-                SELECT task.id, NULL, task.queued_at FROM workflows_app_taskrun AS task WHERE task.id = ANY(v_head)
-            ) AS u
-        ) AS c
-        WHERE c.event_id IS NOT NULL OR c.n <= v_free;
-        v_taken := 0;
-        IF v_ids IS NOT NULL THEN
-            WITH written AS (
-                UPDATE workflows_app_taskrun AS task
-                SET status = 'QUEUED',
-                    queued_at = CASE WHEN c.event_id IS NULL THEN task.queued_at ELSE now() END,
-                    current_event_id = coalesce(c.event_id, task.current_event_id),
-                    holds_slot = c.admitted,
-                    lease_expires_at = CASE WHEN c.admitted THEN now() + make_interval(secs => p_grace) END
-                FROM unnest(v_ids, v_events, v_admitted) AS c(id, event_id, admitted)
-                WHERE task.id = c.id AND task.id = ANY(v_ids)
-                RETURNING task.id, task.run_id, task.node_key, task.current_event_id, task.queued_at, c.admitted
-            )
-            SELECT count(*),
-                coalesce(jsonb_agg(jsonb_build_object(
-                    'node', w.node_key, 'version_id', run.version_id, 'event', to_jsonb(event)
-                ) ORDER BY w.queued_at, w.id), '[]')
-            INTO v_taken, v_batch
-            FROM written AS w
-            JOIN workflows_app_workflowrun AS run ON run.trace_id = w.run_id
-            JOIN events_app_event AS event ON event.event_id = w.current_event_id
-            WHERE w.admitted;
-            v_sent := v_sent || v_batch;
+            WHERE event_type_id = v_name AND status = 'QUEUED' AND holds_slot = false
+            ORDER BY workflows_app_taskrun.queued_at, workflows_app_taskrun.id LIMIT GREATEST(v_free, 0) FOR UPDATE SKIP LOCKED);
+        v_fresh := ARRAY(
+            SELECT r.id FROM unnest(p_ready, p_ready_types) AS r(id, t) WHERE r.t = v_name ORDER BY r.id);
+        -- Tasks becoming ready now share their `queued_at`: they come after the line's head, in id
+        -- order, unless the head holds a task that joined it in this very transaction: then the
+        -- line's order decides.
+        IF cardinality(v_head) = 0 OR cardinality(v_fresh) = 0 OR NOT EXISTS (
+            SELECT 1 FROM workflows_app_taskrun WHERE id = ANY(v_head) AND queued_at >= now()
+        ) THEN
+            v_ids := v_head || v_fresh;
+        ELSE
+            v_ids := ARRAY(
+                SELECT u.id FROM (
+                    SELECT id, queued_at FROM workflows_app_taskrun WHERE id = ANY(v_head)
+                    UNION ALL
+                    SELECT id, now() FROM unnest(v_fresh) AS id
+                ) AS u ORDER BY u.queued_at, u.id);
         END IF;
-        IF p_released[v_i] > 0 OR v_taken > 0 THEN
-            UPDATE events_app_eventtype SET held = GREATEST(held - p_released[v_i] + v_taken, 0) WHERE name = p_types[v_i];
+        IF cardinality(v_ids) = 0 THEN
+            IF v_released > 0 THEN
+                UPDATE events_app_eventtype SET held = GREATEST(held - v_released, 0) WHERE name = v_name;
+            END IF;
+            CONTINUE;
         END IF;
+        -- Rows are found by id (`= ANY` of an array: index lookups whatever the plan guesses).
+        WITH written AS (
+            UPDATE workflows_app_taskrun AS task
+            SET status = 'QUEUED',
+                queued_at = CASE WHEN c.id = ANY(v_fresh) THEN now() ELSE task.queued_at END,
+                current_event_id = CASE
+                    WHEN c.id = ANY(v_fresh) THEN p_ready_events[array_position(p_ready, c.id)]
+                    ELSE task.current_event_id
+                END,
+                holds_slot = c.n <= v_free,
+                lease_expires_at = CASE WHEN c.n <= v_free THEN now() + make_interval(secs => p_grace) END
+            FROM unnest(v_ids) WITH ORDINALITY AS c(id, n)
+            WHERE task.id = c.id AND task.id = ANY(v_ids) AND (c.id = ANY(v_fresh) OR c.n <= v_free)
+            RETURNING task.id, task.run_id, task.node_key, task.current_event_id, task.holds_slot, c.n
+        ), counted AS (
+            UPDATE events_app_eventtype
+            SET held = GREATEST(held - v_released + (SELECT count(*) FROM written WHERE holds_slot), 0)
+            WHERE name = v_name AND (SELECT count(*) FROM written WHERE holds_slot) <> v_released
+        )
+        SELECT count(*), coalesce(jsonb_agg(CASE WHEN w.id = ANY(v_fresh)
+            THEN jsonb_build_object('event_id', w.current_event_id)
+            ELSE jsonb_build_object(
+                'node', w.node_key,
+                'version_id', (SELECT version_id FROM workflows_app_workflowrun WHERE trace_id = w.run_id),
+                'event', (SELECT to_jsonb(event) FROM events_app_event AS event WHERE event.event_id = w.current_event_id))
+            END ORDER BY w.n), '[]')
+        INTO v_taken, v_batch
+        FROM written AS w WHERE w.holds_slot;
+        v_sent := v_sent || v_batch;
     END LOOP;
     RETURN v_sent;
 END
 $function$;
-CREATE OR REPLACE FUNCTION eventflow_end_run(p_run uuid) RETURNS varchar LANGUAGE plpgsql AS $function$
+CREATE OR REPLACE FUNCTION eventflow_end_run(p_run uuid) RETURNS varchar LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $function$
 DECLARE
     v_status varchar;
 BEGIN
@@ -84,15 +102,16 @@ BEGIN
     RETURN v_status;
 END
 $function$;
-CREATE OR REPLACE FUNCTION eventflow_advance(p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_outcome varchar, p_result jsonb, p_error text, p_event_result jsonb, p_celery_result jsonb, p_retry_event uuid, p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_types varchar[], p_may_end boolean, p_grace double precision, OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar) RETURNS record LANGUAGE plpgsql AS $function$
+CREATE OR REPLACE FUNCTION eventflow_advance(p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_outcome varchar, p_result jsonb, p_error text, p_event_result jsonb, p_celery_result jsonb, p_retry_event uuid, p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, p_grace double precision, OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar) RETURNS record LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $function$
 DECLARE
     v_version bigint;
-    v_task record;
-    v_types varchar[] := coalesce(p_types, '{}');
-    v_freed varchar;
-    v_released integer[];
+    v_task bigint;
+    v_holds boolean;
+    v_type varchar;
+    v_agrees boolean;
     v_ready bigint[];
-    v_ready_events uuid[];
+    v_released integer[];
+    v_retry boolean := p_outcome = 'RETRY';
 BEGIN
     clock := now();
     sent := '[]';
@@ -105,77 +124,73 @@ BEGIN
         code := 3;
         RETURN;
     END IF;
-    IF p_event IS NOT NULL THEN
-        SELECT id, node_key, holds_slot, event_type_id INTO v_task FROM workflows_app_taskrun
-        WHERE run_id = p_run AND current_event_id = p_event AND status IN ('QUEUED', 'RETRY', 'STARTED')
-          AND (NOT p_lost OR (status = 'STARTED' AND lease_expires_at < now()));
-        IF NOT FOUND THEN
-            code := 1;
-            RETURN;
-        END IF;
+    SELECT attempt.id, attempt.holds_slot, attempt.event_type_id,
+        (SELECT count(*) FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
+         JOIN workflows_app_taskrun AS task ON task.run_id = p_run AND task.node_key = e.node AND task.status = e.status
+        ) = jsonb_array_length(p_expect),
+        ARRAY(SELECT task.id FROM unnest(p_ready_nodes) WITH ORDINALITY AS r(node, n)
+              JOIN workflows_app_taskrun AS task ON task.run_id = p_run AND task.node_key = r.node ORDER BY r.n)
+    INTO v_task, v_holds, v_type, v_agrees, v_ready
+    FROM (SELECT 1) AS one LEFT JOIN workflows_app_taskrun AS attempt
+        ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ('QUEUED', 'RETRY', 'STARTED')
+        AND (NOT p_lost OR (attempt.status = 'STARTED' AND attempt.lease_expires_at < now()));
+    IF p_event IS NOT NULL AND v_task IS NULL THEN
+        code := 1;
+        RETURN;
     END IF;
-    IF (SELECT count(*) FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
-        JOIN workflows_app_taskrun AS task ON task.run_id = p_run AND task.node_key = e.node AND task.status = e.status
-       ) <> jsonb_array_length(p_expect) THEN
+    IF NOT v_agrees THEN
         code := 2;
         RETURN;
     END IF;
     code := 0;
-    INSERT INTO events_app_event (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
-    SELECT e.event_id, e.trace_id, e.event_type, e.task_name, e.payload, e.result, e.context, e.status, now(), now()
-    FROM jsonb_to_recordset(p_events) AS e(event_id uuid, trace_id uuid, event_type varchar, task_name varchar, payload jsonb, result jsonb, context jsonb, status varchar);
-    IF p_event IS NOT NULL THEN
+    -- Every write in one statement: the new Events, the attempt's Event and task, Celery's result
+    -- row, and the nodes that end at once. The task row's key to its new Event is checked at commit.
+    WITH new_events AS (
+        INSERT INTO events_app_event
+            (event_id, trace_id, event_type, task_name, payload, result, context, status, timestamp, updated_at)
+        SELECT e.event_id, e.trace_id, e.event_type, e.task_name, e.payload, e.result, e.context, e.status,
+            now(), now()
+        FROM jsonb_to_recordset(p_events) AS e(event_id uuid, trace_id uuid, event_type varchar, task_name varchar, payload jsonb, result jsonb, context jsonb, status varchar)
+    ), attempt_event AS (
         UPDATE events_app_event
-        SET status = CASE WHEN p_outcome = 'RETRY' THEN 'FAILURE' ELSE p_outcome END,
-            result = p_event_result
-        WHERE event_id = p_event;
-        IF p_outcome = 'RETRY' THEN
-            UPDATE workflows_app_taskrun
-            SET status = 'RETRY', error = p_error, current_event_id = p_retry_event,
-                due_at = now() + make_interval(secs => p_retry_in),
-                lease_expires_at = now() + make_interval(secs => p_retry_in + p_grace)
-            WHERE id = v_task.id;
-            SELECT jsonb_build_array(jsonb_build_object(
-                'node', v_task.node_key, 'version_id', v_version, 'event', to_jsonb(event),
-                'due_in', p_retry_in))
-            INTO sent FROM events_app_event AS event WHERE event.event_id = p_retry_event;
-            RETURN;
-        END IF;
+        SET status = CASE WHEN v_retry THEN 'FAILURE' ELSE p_outcome END,
+            result = CASE WHEN p_outcome = 'SUCCESS' THEN p_result ELSE p_event_result END
+        WHERE event_id = p_event
+    ), outcome AS (
         UPDATE workflows_app_taskrun
-        SET status = p_outcome, result = p_result, error = p_error, finished_at = now(),
-            holds_slot = false, lease_expires_at = NULL, due_at = NULL
-        WHERE id = v_task.id;
+        SET status = p_outcome, error = p_error,
+            result = CASE WHEN v_retry THEN result ELSE p_result END,
+            finished_at = CASE WHEN v_retry THEN NULL ELSE now() END,
+            holds_slot = v_retry AND holds_slot,
+            current_event_id = CASE WHEN v_retry THEN p_retry_event ELSE current_event_id END,
+            due_at = CASE WHEN v_retry THEN now() + make_interval(secs => p_retry_in) END,
+            lease_expires_at = CASE WHEN v_retry THEN now() + make_interval(secs => p_retry_in + p_grace) END
+        WHERE id = v_task
+    ), celery_result AS (
         INSERT INTO django_celery_results_taskresult (task_id, status, result, content_type, content_encoding, meta, traceback, periodic_task_name, task_name, task_args, task_kwargs, worker, date_created, date_done)
         SELECT task_id, status, result, content_type, content_encoding, meta, traceback, periodic_task_name, task_name, task_args, task_kwargs, worker, date_created, date_done FROM jsonb_populate_record(
             NULL::django_celery_results_taskresult, p_celery_result || jsonb_build_object('date_created', now(), 'date_done', now()))
-        WHERE p_celery_result IS NOT NULL
-        ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status, result = EXCLUDED.result, content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding, meta = EXCLUDED.meta, traceback = EXCLUDED.traceback, periodic_task_name = EXCLUDED.periodic_task_name, task_name = EXCLUDED.task_name, task_args = EXCLUDED.task_args, task_kwargs = EXCLUDED.task_kwargs, worker = EXCLUDED.worker, date_done = EXCLUDED.date_done;
-        IF v_task.holds_slot AND v_task.event_type_id IS NOT NULL THEN
-            v_freed := v_task.event_type_id;
-            SELECT array_agg(DISTINCT t ORDER BY t) INTO v_types FROM unnest(v_types || v_freed) AS t;
-        END IF;
-    END IF;
+        WHERE p_celery_result IS NOT NULL AND NOT v_retry
+        ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status, result = EXCLUDED.result, content_type = EXCLUDED.content_type, content_encoding = EXCLUDED.content_encoding, meta = EXCLUDED.meta, traceback = EXCLUDED.traceback, periodic_task_name = EXCLUDED.periodic_task_name, task_name = EXCLUDED.task_name, task_args = EXCLUDED.task_args, task_kwargs = EXCLUDED.task_kwargs, worker = EXCLUDED.worker, date_done = EXCLUDED.date_done
+    )
     UPDATE workflows_app_taskrun AS task
     SET status = s.status, result = s.result, error = coalesce(s.error, ''),
         finished_at = CASE WHEN s.status IN ('FAILURE', 'REVOKED', 'SKIPPED', 'SUCCESS', 'UPSTREAM_FAILED') THEN now() END
     FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, result jsonb, error text)
     WHERE task.run_id = p_run AND task.node_key = s.node AND s.status <> 'QUEUED';
-    SELECT array_agg(task.id), array_agg(s.event_id) INTO v_ready, v_ready_events
-    FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, event_id uuid)
-    JOIN workflows_app_taskrun AS task ON task.run_id = p_run AND task.node_key = s.node
-    WHERE s.status = 'QUEUED';
-    IF cardinality(v_types) > 0 THEN
-        SELECT array_agg(CASE WHEN t = v_freed THEN 1 ELSE 0 END ORDER BY i)
-        INTO v_released FROM unnest(v_types) WITH ORDINALITY AS u(t, i);
-        sent := eventflow_admit(
-            v_types, v_released, coalesce(v_ready, '{}'), coalesce(v_ready_events, '{}'), p_grace);
+    IF cardinality(p_types) > 0 THEN
+        v_released := array_fill(0, ARRAY[cardinality(p_types)]);
+        IF v_holds AND NOT v_retry AND v_type = ANY(p_types) THEN
+            v_released[array_position(p_types, v_type)] := 1;
+        END IF;
+        sent := eventflow_admit(p_types, v_released, v_ready, p_ready_events, p_ready_types, p_grace);
     END IF;
     IF p_may_end THEN
         run_status := eventflow_end_run(p_run);
     END IF;
 END
 $function$;
-CREATE OR REPLACE FUNCTION eventflow_start_run(p_run jsonb, p_tasks jsonb, p_steps jsonb, p_events jsonb, p_types varchar[], p_may_end boolean, p_grace double precision, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar) RETURNS record LANGUAGE plpgsql AS $function$
+CREATE OR REPLACE FUNCTION eventflow_start_run(p_run jsonb, p_tasks jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, p_grace double precision, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar) RETURNS record LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $function$
 DECLARE
     v_run uuid := (p_run ->> 'trace_id')::uuid;
     v_code integer;
@@ -189,11 +204,11 @@ BEGIN
     FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar);
     SELECT a.code, a.clock, a.sent, a.run_status INTO v_code, clock, sent, run_status
     FROM eventflow_advance(
-        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '[]', p_steps, p_events, p_types,
-        p_may_end, p_grace) AS a;
+        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '[]', p_steps, p_events, p_ready_nodes,
+        p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
 END
 $function$;
-CREATE OR REPLACE FUNCTION eventflow_cancel_run(p_run uuid, p_grace double precision, OUT run_status varchar, OUT revoked uuid[], OUT sent jsonb) RETURNS record LANGUAGE plpgsql AS $function$
+CREATE OR REPLACE FUNCTION eventflow_cancel_run(p_run uuid, p_grace double precision, OUT run_status varchar, OUT revoked uuid[], OUT sent jsonb) RETURNS record LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $function$
 DECLARE
     v_types varchar[];
     v_released integer[];
@@ -226,17 +241,17 @@ BEGIN
     UPDATE workflows_app_workflowrun SET status = 'CANCELED', finished_at = now() WHERE trace_id = p_run;
     run_status := 'CANCELED';
     IF v_types IS NOT NULL THEN
-        sent := eventflow_admit(v_types, v_released, '{}', '{}', p_grace);
+        sent := eventflow_admit(v_types, v_released, '{}', '{}', '{}', p_grace);
     END IF;
 END
 $function$;
 """
 
 DROP = r"""
-DROP FUNCTION IF EXISTS eventflow_admit(varchar[], integer[], bigint[], uuid[], double precision);
+DROP FUNCTION IF EXISTS eventflow_admit(varchar[], integer[], bigint[], uuid[], varchar[], double precision);
 DROP FUNCTION IF EXISTS eventflow_end_run(uuid);
-DROP FUNCTION IF EXISTS eventflow_advance(uuid, bigint, uuid, boolean, varchar, jsonb, text, jsonb, jsonb, uuid, double precision, jsonb, jsonb, jsonb, varchar[], boolean, double precision);
-DROP FUNCTION IF EXISTS eventflow_start_run(jsonb, jsonb, jsonb, jsonb, varchar[], boolean, double precision);
+DROP FUNCTION IF EXISTS eventflow_advance(uuid, bigint, uuid, boolean, varchar, jsonb, text, jsonb, jsonb, uuid, double precision, jsonb, jsonb, jsonb, varchar[], uuid[], varchar[], varchar[], boolean, double precision);
+DROP FUNCTION IF EXISTS eventflow_start_run(jsonb, jsonb, jsonb, jsonb, varchar[], uuid[], varchar[], varchar[], boolean, double precision);
 DROP FUNCTION IF EXISTS eventflow_cancel_run(uuid, double precision);
 """
 
