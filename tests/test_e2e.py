@@ -266,3 +266,25 @@ def test_node_timeout_fails_the_attempt_and_retries(workers, api):
     first = Event.objects.get(trace_id=trace_id, context__attempt=1)
     assert first.status == "FAILURE" and "SoftTimeLimitExceeded" in first.result["error"]
     assert not TaskRun.objects.filter(holds_slot=True).exists()
+
+
+def test_a_kind_registered_by_a_test_module_runs_between_tasks_on_real_workers(workers, api):
+    """`noop` (tests/kinds.py, loaded by the workers through tests.e2e_tasks) is settled by the worker
+    that finishes its predecessor: no message, no worker, and the next task gets its result."""
+    factories.workflow(
+        factories.spec(
+            "with_noop",
+            [("first", CAPTURE), {"key": "gate", "kind": "noop", "event_type": None}, ("last", CAPTURE)],
+            [["first", "gate"], ["gate", "last"]],
+            event_type="e2e",
+        )
+    )
+    workers(["e2e"], concurrency=1)
+    trace_id = trigger(api, "with_noop", {"sku": "A-1"})
+
+    assert wait_final([trace_id]) == {trace_id: "SUCCESS"}
+    tasks = tasks_of(trace_id)
+    assert {k: t.status for k, t in tasks.items()} == dict.fromkeys(["first", "gate", "last"], "SUCCESS")
+    assert tasks["gate"].current_event_id is None and tasks["gate"].event_type_id is None
+    assert tasks["last"].result["event"]["context"]["upstream"] == {"gate": {"upstream": ["first"]}}
+    assert sorted(Event.objects.filter(trace_id=trace_id).values_list("context__node", flat=True)) == ["first", "last"]
