@@ -6,28 +6,13 @@ import http.client
 import os
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import _setup  # noqa: F401 - puts the project on the path
 
+from tests.e2e import wait_for
 from tests.processes import Process, free_port
-
-T = TypeVar("T")
-
-
-def poll(condition: Callable[[], T], *, timeout: float, interval: float, what: str) -> T:
-    """Call `condition` until it returns something truthy and return that; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def bench_env(**extra: str) -> dict[str, str]:
@@ -65,7 +50,7 @@ class Worker(Process):
                 raise RuntimeError(why)
             return bool(app.control.ping(destination=[self.name], timeout=0.5))
 
-        poll(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
+        wait_for(ready, timeout=timeout, interval=0.2, what=f"worker {self.name} to answer a ping")
 
     def pool_pids(self) -> list[int]:
         """The prefork pool processes: the children of the worker's main process."""
@@ -96,7 +81,7 @@ class Gunicorn(Process):
                 return False
             return status in (200, 401, 403)
 
-        poll(ready, timeout=timeout, interval=0.2, what="gunicorn to answer")
+        wait_for(ready, timeout=timeout, interval=0.2, what="gunicorn to answer")
 
 
 def process_stats() -> Iterator[tuple[int, str, list[str]]]:

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _procs import Gunicorn, Worker, bench_env, children_of, cpu_seconds, memory_kib, poll
+from _procs import Gunicorn, Worker, bench_env, children_of, cpu_seconds, memory_kib, wait_for
 from _setup import print_table, setup_django, summary
 
 DB_NAME = os.environ.get("BENCH_DB_NAME", "eventflow_bench_main")
@@ -152,7 +152,7 @@ class System:
 
         started = time.time()
         run, _ = engine.workflow_run_start(workflow=self.flows["chain"], payload={}, source="bench")
-        status, finished = poll(
+        status, finished = wait_for(
             lambda: (
                 WorkflowRun.objects.filter(pk=run.pk, finished_at__isnull=False)
                 .values_list("status", "finished_at")
@@ -173,7 +173,7 @@ class System:
 
         started = time.time()
         result = chain(*(noop.s().set(queue=self.queue) for _ in range(HOPS))).apply_async()
-        finished = poll(
+        finished = wait_for(
             lambda: self._done([result.id]).get(result.id), timeout=120, interval=0.005, what="a canvas chain"
         )
         return (finished - started) / HOPS * 1000
@@ -189,7 +189,7 @@ class System:
         workflow = self.flows["diamond"]
         ids = [engine.workflow_run_start(workflow=workflow, payload={}, source="bench")[0].pk for _ in range(count)]
         runs = WorkflowRun.objects.filter(pk__in=ids)
-        poll(
+        wait_for(
             lambda: runs.filter(finished_at__isnull=False).count() == count,
             timeout=120 + count,
             interval=0.1,
@@ -210,7 +210,7 @@ class System:
         started = time.time()
         # A chain's result is its last task's: here the chord's body, d.
         ids = [chain(sig(), chord([sig(), sig()], sig())).apply_async().id for _ in range(count)]
-        done = poll(
+        done = wait_for(
             lambda: (found := self._done(ids)) and len(found) == count and found,
             timeout=120 + count,
             interval=0.1,
@@ -611,12 +611,12 @@ def scenario_memory(systems: list[System], sizes: Sizes, log_dir: Path) -> list[
             workflow = system.flows["chain"]
             ids = [engine.workflow_run_start(workflow=workflow, payload={}, source="bench")[0].pk for _ in range(runs)]
             done = WorkflowRun.objects.filter(pk__in=ids, finished_at__isnull=False)
-            poll(lambda: done.count() == runs, timeout=300, interval=0.05, what="a wave of Eventflow chains")
+            wait_for(lambda: done.count() == runs, timeout=300, interval=0.05, what="a wave of Eventflow chains")
         else:
             ids = [
                 chain(*(noop.s().set(queue=system.queue) for _ in range(HOPS))).apply_async().id for _ in range(runs)
             ]
-            poll(lambda: len(system._done(ids)) == runs, timeout=300, interval=0.05, what="a wave of canvas chains")
+            wait_for(lambda: len(system._done(ids)) == runs, timeout=300, interval=0.05, what="a wave of canvas chains")
 
     rows: list[Row] = []
     for system in systems:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 from django.db import close_old_connections
 
-from workflows_app.models import WorkflowRun
-
 
 def wait_for(condition: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll until `condition()` is truthy and return its value; fail with `what` after `timeout` seconds."""
@@ -33,6 +31,7 @@ def trigger(api, workflow: str, payload: dict | None = None) -> str:
 
 def wait_final(trace_ids: list[str], timeout: float = 90) -> dict[str, str]:
     """Wait until every one of these runs has ended; trace id -> final status."""
+    from workflows_app.models import WorkflowRun  # here: the bench imports this module before Django is set up
 
     def finished() -> dict[str, str] | None:
         statuses = dict(WorkflowRun.objects.filter(trace_id__in=trace_ids).values_list("trace_id", "status"))
