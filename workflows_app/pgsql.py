@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -104,7 +104,3 @@ def new_row(instance: models.Model) -> dict[str, Any]:
     """A new instance's row, column by column, as the ORM's insert prepares it (`pre_save` fills
     `auto_now` dates), for `as_json`."""
     return {f.column: f.pre_save(instance, True) for f in instance._meta.concrete_fields}
-
-
-def rows_json(instances: Iterable[models.Model]) -> Jsonb:
-    return as_json([new_row(instance) for instance in instances])

@@ -39,7 +39,7 @@ class Outbox:
         sent: Iterable[Mapping[str, Any]],
         clock: datetime | None,
         *,
-        known: Mapping[str, Mapping[str, Any]] = {},  # noqa: B006 - read only
+        known: Mapping[str, Mapping[str, Any]] | None = None,
         version_id: int | None = None,
     ) -> None:
         """The tasks admission answered to send: each with its stored Event, node and graph version (for
@@ -49,7 +49,7 @@ class Outbox:
             if "event" in item:
                 self.add_event(item["event"], version_id=item["version_id"], node=item["node"])
             else:
-                event = known[str(item["event_id"])]
+                event = (known or {})[str(item["event_id"])]
                 self.add_event({**event, "timestamp": clock}, version_id=version_id, node=event["context"]["node"])
 
     def add_event(self, event: Mapping[str, Any], *, version_id: int, node: str, eta: datetime | None = None) -> None:

@@ -344,7 +344,16 @@ def task_run_finish(
             needs = plan
             continue
         retry = next_attempt_event(event) if outcome.status == S.RETRY else None
-        code, clock, sent, _ = _advance(trace_id, version_id, event_id, outcome, plan, retry, lost, celery_result)
+        code, clock, sent, _ = _advance(
+            trace_id,
+            version_id,
+            plan,
+            event_id=event_id,
+            outcome=outcome,
+            retry_event=retry,
+            lost=lost,
+            celery_result=celery_result,
+        )
         if code == sql.APPLIED:
             _send(sent, clock, plan=plan, version_id=version_id)
             if retry:
@@ -372,28 +381,32 @@ def _send_retry(event: dict, eta: datetime, *, version_id: int, node: str) -> No
 def _advance(
     trace_id: str,
     version_id: int | None,
-    event_id: str,
-    outcome: Outcome,
     plan: Plan,
-    retry_event: dict | None,
-    lost: bool,
-    celery_result: Mapping[str, Any] | None,
+    *,
+    event_id: str | None = None,
+    outcome: Outcome | None = None,
+    retry_event: dict | None = None,
+    lost: bool = False,
+    celery_result: Mapping[str, Any] | None = None,
 ) -> tuple[int, Any, list[dict], str | None]:
+    """Have `eventflow_advance` carry `plan` out, ending the attempt `event_id` with `outcome` if given;
+    answers its code, the database's clock, what admission sent, and the run's status if it ended."""
     params = _plan_params(plan)
     if retry_event:
         params["events"] = pgsql.as_json([retry_event])
+    succeeded = outcome is not None and outcome.status == S.SUCCESS
     params.update(
         run_id=trace_id,
         version_id=version_id,
         event_id=event_id,
         lost=lost,
-        outcome=outcome.status,
-        result=_jsonb(outcome.result if outcome.status == S.SUCCESS else None),
-        error=outcome.error,
-        event_result=None if outcome.status == S.SUCCESS else _jsonb(outcome.event_result),
-        celery_result=pgsql.as_json(celery_result) if celery_result and outcome.status == S.SUCCESS else None,
+        outcome=outcome.status if outcome else None,
+        result=_jsonb(outcome.result) if succeeded else None,
+        error=outcome.error if outcome else None,
+        event_result=None if succeeded or outcome is None else _jsonb(outcome.event_result),
+        celery_result=pgsql.as_json(celery_result) if celery_result and succeeded else None,
         retry_event=retry_event["event_id"] if retry_event else None,
-        retry_in=outcome.retry_in,
+        retry_in=outcome.retry_in if outcome else None,
         expect=pgsql.as_json([{"node": k, "status": v} for k, v in plan.expect.items()]),
     )
     return pgsql.fetch_one(sql.ADVANCE, params)
@@ -531,22 +544,7 @@ def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
         states = {k: NodeState(s, pgsql.loads(r)) for k, s, r in pgsql.fetch_all(sql.STATES, {"run_id": trace_id})}
         graph = graph_for_version(version_id)
         plan = rules.plan_rerun(RunContext(trace_id, payload, graph), states, rerun or [])
-        params = {
-            **_plan_params(plan),
-            "run_id": trace_id,
-            "version_id": version_id,
-            "event_id": None,
-            "lost": False,
-            "outcome": None,
-            "result": None,
-            "error": None,
-            "event_result": None,
-            "celery_result": None,
-            "retry_event": None,
-            "retry_in": None,
-            "expect": pgsql.as_json([]),
-        }
-        _, clock, sent, _ = pgsql.fetch_one(sql.ADVANCE, params)
+        _, clock, sent, _ = _advance(trace_id, version_id, plan)
         _send(sent, clock, plan=plan, version_id=version_id)
     return WorkflowRun.objects.get(trace_id=trace_id)
 
