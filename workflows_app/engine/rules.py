@@ -247,7 +247,6 @@ def plan_start(run: RunContext) -> Plan:
     graph = run.graph
     settled = settle(run, dict.fromkeys(graph.nodes, WAITING), graph.roots)
     plan = _plan(graph, settled, {}, ())
-    plan.expect = {}  # the rows are written in the same call
     plan.may_end = len(settled.steps) == len(graph.nodes) and plan.may_end
     return plan
 

@@ -158,7 +158,7 @@ SELECT * FROM eventflow_advance(
 """
 START_RUN = """
 SELECT * FROM eventflow_start_run(
-    %(run)s, %(tasks)s, %(steps)s, %(events)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[],
+    %(run)s, %(tasks)s, %(expect)s, %(steps)s, %(events)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[],
     %(ready_types)s::varchar[], %(types)s::varchar[], %(may_end)s, %(grace)s)
 """
 
@@ -232,8 +232,12 @@ BEGIN
             SELECT id FROM {TASK}
             WHERE event_type_id = v_name AND status = '{S.QUEUED}' AND holds_slot = false
             ORDER BY {_line_order(TASK)} LIMIT GREATEST(v_free, 0) FOR UPDATE SKIP LOCKED);
-        v_fresh := ARRAY(
-            SELECT r.id FROM unnest(p_ready, p_ready_types) AS r(id, t) WHERE r.t = v_name ORDER BY r.id);
+        IF cardinality(p_ready) < 2 THEN  -- the common case, without a query
+            v_fresh := CASE WHEN p_ready_types[1] = v_name THEN p_ready ELSE '{{}}' END;
+        ELSE
+            v_fresh := ARRAY(
+                SELECT r.id FROM unnest(p_ready, p_ready_types) AS r(id, t) WHERE r.t = v_name ORDER BY r.id);
+        END IF;
         -- Tasks becoming ready now share their `queued_at`: they come after the line's head, in id
         -- order, unless the head holds a task that joined it in this very transaction: then the
         -- line's order decides.
@@ -355,14 +359,18 @@ BEGIN
         code := {OTHER_VERSION};
         RETURN;
     END IF;
+    -- The nodes the plan read or writes (its ready nodes among them, expected WAITING), each in one
+    -- lookup: whether each still has the status read, and the ready ones' rows.
     SELECT attempt.id, attempt.holds_slot, attempt.event_type_id,
-        (SELECT count(*) FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
-         JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = e.node AND task.status = e.status
-        ) = jsonb_array_length(p_expect),
-        ARRAY(SELECT task.id FROM unnest(p_ready_nodes) WITH ORDINALITY AS r(node, n)
-              JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = r.node ORDER BY r.n)
+        expected.agreeing = jsonb_array_length(p_expect), coalesce(expected.ready, '{{}}')
     INTO v_task, v_holds, v_type, v_agrees, v_ready
-    FROM (SELECT 1) AS one LEFT JOIN {TASK} AS attempt
+    FROM (
+        SELECT count(*) FILTER (WHERE task.status = e.status) AS agreeing,
+            array_agg(task.id ORDER BY array_position(p_ready_nodes, e.node))
+                FILTER (WHERE e.node = ANY(p_ready_nodes)) AS ready
+        FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
+        JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = e.node
+    ) AS expected LEFT JOIN {TASK} AS attempt
         ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ({_in(LIVE)})
         AND (NOT p_lost OR (attempt.status = '{S.STARTED}' AND attempt.lease_expires_at < now()));
     IF p_event IS NOT NULL AND v_task IS NULL THEN
@@ -428,7 +436,8 @@ END
 # statements each costing the web process more to send than PostgreSQL spends on them.
 START_RUN_FUNCTION = (
     "eventflow_start_run",
-    "p_run jsonb, p_tasks jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], p_ready_events uuid[], "
+    "p_run jsonb, p_tasks jsonb, p_expect jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], "
+    "p_ready_events uuid[], "
     "p_ready_types varchar[], p_types varchar[], p_may_end boolean, p_grace double precision, "
     "OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
     "record",
@@ -446,7 +455,7 @@ BEGIN
     FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar);
     SELECT a.code, a.clock, a.sent, a.run_status INTO v_code, clock, sent, run_status
     FROM eventflow_advance(
-        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, '[]', p_steps, p_events, p_ready_nodes,
+        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events, p_ready_nodes,
         p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
 END
 """,

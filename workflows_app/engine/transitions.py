@@ -112,6 +112,7 @@ def _plan_params(plan: Plan) -> dict[str, Any]:
     ]
     queued = plan.queued
     return {
+        "expect": pgsql.as_json([{"node": k, "status": v} for k, v in plan.expect.items()]),
         "steps": pgsql.as_json(steps),
         "events": pgsql.as_json([step.event for step in plan.steps if step.event]),
         "ready_nodes": [step.node for step in queued],
@@ -407,7 +408,6 @@ def _advance(
         celery_result=pgsql.as_json(celery_result) if celery_result and succeeded else None,
         retry_event=retry_event["event_id"] if retry_event else None,
         retry_in=outcome.retry_in if outcome else None,
-        expect=pgsql.as_json([{"node": k, "status": v} for k, v in plan.expect.items()]),
     )
     return pgsql.fetch_one(sql.ADVANCE, params)
 
