@@ -27,7 +27,7 @@ COPY examples/ examples/
 # the image; nothing connects to the database or the broker while collecting.
 RUN SECRET_KEY=collectstatic-only \
     ALLOWED_HOSTS=localhost \
-    DATABASE_URL=sqlite:////tmp/collectstatic.sqlite3 \
+    DATABASE_URL=postgres://collectstatic@localhost/collectstatic \
     CELERY_BROKER_URL=memory:// \
     python manage.py collectstatic --noinput
 
