@@ -5,20 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 from django.db.migrations.loader import MigrationLoader
 
 from workflows_app.engine import sql
 
-MIGRATION = '''"""Installs the engine's database functions as `workflows_app.engine.sql` defines them (written by
-`manage.py engine_functions --migration`)."""
+MIGRATION = '''"""Installs the engine's database functions as `workflows_app.engine.sql` defined them when this
+migration was written (`manage.py engine_functions --migration`): the statements are in {sql_name}
+beside it, kept as they were, as a migration is."""
+
+from pathlib import Path
 
 from django.db import migrations
 
-FUNCTIONS = r"""
-{functions}"""
+FUNCTIONS = (Path(__file__).parent / "sql" / {sql_name!r}).read_text()
 
-DROP = r"""
+DROP = """
 {drop}"""
 
 
@@ -46,12 +48,13 @@ class Command(BaseCommand):
         previous = max(name for app, name in loader.disk_migrations if app == "workflows_app")
         number = int(previous.split("_", 1)[0]) + 1
         folder = Path(__file__).resolve().parents[2] / "migrations"
-        path = folder / f"{number:04d}_{options['migration']}.py"
-        functions = sql.functions_sql()
-        if '"""' in functions:
-            raise CommandError("the functions' text holds three double quotes, which the migration cannot")
+        name = f"{number:04d}_{options['migration']}"
+        sql_path = folder / "sql" / f"{name}.sql"
+        sql_path.parent.mkdir(exist_ok=True)
+        sql_path.write_text(sql.functions_sql())
         drop = "".join(
             f"DROP FUNCTION IF EXISTS {sql.signature(name, arguments)};\n" for name, arguments, *_ in sql.FUNCTIONS
         )
-        path.write_text(MIGRATION.format(functions=functions, drop=drop, previous=previous))
-        self.stdout.write(f"wrote {path}")
+        path = folder / f"{name}.py"
+        path.write_text(MIGRATION.format(sql_name=sql_path.name, drop=drop, previous=previous))
+        self.stdout.write(f"wrote {path} and {sql_path}")
