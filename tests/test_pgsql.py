@@ -44,6 +44,25 @@ def test_migrations_install_the_functions_the_engine_defines():
             cursor.execute("SELECT %s::regprocedure::text", [sql.signature(name, arguments)])
 
 
+def test_the_latest_migration_of_the_functions_installs_the_definitions_of_engine_sql():
+    """A change to `engine.sql` goes with a migration that installs it (the digest it names)."""
+    import sys
+
+    from django.db.migrations.loader import MigrationLoader
+
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    named = sorted(
+        (name, getattr(sys.modules[migration.__module__], "DIGEST", None))
+        for (app, name), migration in loader.disk_migrations.items()
+        if app == "workflows_app"
+    )
+    latest = [(name, digest) for name, digest in named if digest][-1]
+    assert latest[1] == sql.functions_digest(), (
+        f"{latest[0]} installs other definitions than engine/sql.py's: "
+        "write the next one with `manage.py engine_functions --migration NAME`"
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_start_that_fails_part_way_writes_nothing_and_leaves_the_connection_usable():
     """The run's insert goes through and its root's Event collides: the call writes none of it."""

@@ -3,13 +3,16 @@ round trips as it takes, on the database's clock.
 
 Every time another process compares (a lease, a dispatch deadline, a retry's due time) and every time
 stored with a transition is the database's `now()`, never a host's. The functions are installed by
-migrations (`manage.py engine_functions` writes the migration of a changed definition); the test
-suite checks that the database holds the functions defined here.
+migrations (`install_functions`; after a change here, `manage.py engine_functions --migration NAME`
+writes the next one); the suite checks that the latest of them names these definitions' digest and
+that the migrated database holds them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 from django_celery_results.models import TaskResult
 
@@ -532,3 +535,20 @@ def signature(name: str, arguments: str) -> str:
 def functions_sql() -> str:
     """The statements that install the engine's functions, in an order where each one's callees exist."""
     return ";\n".join(create_function(*function) for function in FUNCTIONS) + ";\n"
+
+
+def functions_digest() -> str:
+    """What a migration that installs the functions names (`DIGEST`), so the suite can tell that the
+    latest such migration installs the functions defined here."""
+    return hashlib.sha256(functions_sql().encode()).hexdigest()[:16]
+
+
+def install_functions(apps: Any, schema_editor: Any) -> None:
+    """A migration's operation: create (or replace) the engine's functions as this code defines them."""
+    schema_editor.execute(functions_sql())
+
+
+def drop_functions(apps: Any, schema_editor: Any) -> None:
+    """The reverse of `install_functions`."""
+    for name, arguments, *_ in FUNCTIONS:
+        schema_editor.execute(f"DROP FUNCTION IF EXISTS {signature(name, arguments)}")

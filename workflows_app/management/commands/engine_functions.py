@@ -10,24 +10,21 @@ from django.db.migrations.loader import MigrationLoader
 
 from workflows_app.engine import sql
 
-MIGRATION = '''"""Installs the engine's database functions as `workflows_app.engine.sql` defined them when this
-migration was written (`manage.py engine_functions --migration`): the statements are in {sql_name}
-beside it, kept as they were, as a migration is."""
-
-from pathlib import Path
+MIGRATION = '''"""Installs the engine's database functions (written by `manage.py engine_functions --migration`)."""
 
 from django.db import migrations
 
-FUNCTIONS = (Path(__file__).parent / "sql" / {sql_name!r}).read_text()
+from workflows_app.engine import sql
 
-DROP = """
-{drop}"""
+# The digest of the definitions in workflows_app/engine/sql.py when this migration was written: the
+# suite fails when the code's differ from the latest migration's, until one installs them.
+DIGEST = {digest!r}
 
 
 class Migration(migrations.Migration):
     dependencies = [("workflows_app", {previous!r})]
 
-    operations = [migrations.RunSQL(FUNCTIONS, DROP)]
+    operations = [migrations.RunPython(sql.install_functions, sql.drop_functions)]
 '''
 
 
@@ -48,13 +45,6 @@ class Command(BaseCommand):
         previous = max(name for app, name in loader.disk_migrations if app == "workflows_app")
         number = int(previous.split("_", 1)[0]) + 1
         folder = Path(__file__).resolve().parents[2] / "migrations"
-        name = f"{number:04d}_{options['migration']}"
-        sql_path = folder / "sql" / f"{name}.sql"
-        sql_path.parent.mkdir(exist_ok=True)
-        sql_path.write_text(sql.functions_sql())
-        drop = "".join(
-            f"DROP FUNCTION IF EXISTS {sql.signature(name, arguments)};\n" for name, arguments, *_ in sql.FUNCTIONS
-        )
-        path = folder / f"{name}.py"
-        path.write_text(MIGRATION.format(sql_name=sql_path.name, drop=drop, previous=previous))
-        self.stdout.write(f"wrote {path} and {sql_path}")
+        path = folder / f"{number:04d}_{options['migration']}.py"
+        path.write_text(MIGRATION.format(digest=sql.functions_digest(), previous=previous))
+        self.stdout.write(f"wrote {path}")
