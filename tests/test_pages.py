@@ -939,3 +939,29 @@ def test_svg_escapes_labels():
     assert "<b>&" not in svg
     assert "&lt;b&gt;&amp;" in svg
     assert 'data-node="a" data-status="SUCCESS"' in svg
+
+
+def test_pages_draw_a_node_of_a_kind_that_needs_no_worker(browser, api):
+    """`noop` (tests/kinds.py) has no event type and no task: the pages show its kind instead."""
+    import tests.kinds  # noqa: F401 - registers the `noop` kind
+
+    workflow = factories.workflow(
+        factories.spec(
+            "kinded",
+            [{"key": "gate", "kind": "noop", "event_type": None}, ("a", "workflows_app.tasks.echo")],
+            [["gate", "a"]],
+        )
+    )
+    run = start(workflow)
+    pages = [
+        reverse("workflows_app:run-detail", args=[run.trace_id]),
+        reverse("workflows_app:run-node", args=[run.trace_id, "gate"]),
+        reverse("workflows_app:workflow-detail", args=[workflow.name]),
+        reverse("workflows_app:queue-list"),
+    ]
+    for url in pages:
+        assert browser.get(url).status_code == 200, url
+    html = browser.get(pages[2]).content.decode()
+    assert 'data-node="gate" data-kind="noop"' in html and "noop" in section(html, '<svg class="dag"', "</svg>")
+    tasks = {t["node"]: t for t in api.get(f"/api/runs/{run.trace_id}/").json()["tasks"]}
+    assert (tasks["gate"]["status"], tasks["gate"]["event_type"], tasks["a"]["status"]) == ("SUCCESS", None, "QUEUED")

@@ -238,9 +238,12 @@ def workflow_svg(
     svg_nodes = [
         SvgNode(
             key=node.key,
-            lines=(f"{node.event_type_id} ({node.event_type.concurrency})", node.task.rsplit(".", 1)[-1]),
+            lines=(
+                f"{node.event_type_id} ({node.event_type.concurrency})" if node.event_type_id else node.kind,
+                node.task.rsplit(".", 1)[-1],
+            ),
             href=href(node.key) if href else None,
-            tooltip=f"{node.key} \u00b7 {node.task} \u00b7 {node.event_type_id}",
+            tooltip=" \u00b7 ".join(filter(None, (node.key, node.task or node.kind, node.event_type_id))),
         )
         for node in nodes
     ]

@@ -119,7 +119,7 @@ def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
         parts.append(
             f'<tr id="task-{key}" data-node="{key}" data-status="{status}">'
             f'<td><a href="{escape(row["detail_url"])}" data-node-link="{key}"><strong>{key}</strong></a></td>'
-            f"<td>{escape(task.event_type_id)}</td>"
+            f"<td>{escape(task.event_type_id or '')}</td>"
             f'<td class="mono">{escape(task.task_name)}</td>'
             f'<td><span class="badge st-{status}">{status}</span>{place}</td>'
             f'<td class="num">{task.attempts}</td>'
@@ -165,16 +165,22 @@ def node_rows_html(nodes: list[Any], *, queues_url: str) -> SafeString:
     """The <tr> of each node of the workflow page's node table (`after` and `params_json` set on each)."""
     parts = []
     for node in nodes:
-        key, event_type = escape(node.key), escape(node.event_type_id)
-        timeout = f"{node.timeout} s" if node.timeout else '<span class="muted">\u2014</span>'
+        key, event_type = escape(node.key), escape(node.event_type_id or "")
+        none = '<span class="muted">\u2014</span>'
+        timeout = f"{node.timeout} s" if node.timeout else none
         after = ", ".join(f'<a href="#node-{escape(source)}">{escape(source)}</a>' for source in node.after)
+        # A node of a kind that needs no worker has no queue, hence no concurrency: its kind is shown.
+        concurrency = (
+            f'<a href="{escape(queues_url)}#queue-{event_type}" title="its queue">{node.event_type.concurrency}</a>'
+            if node.event_type_id
+            else none
+        )
         parts.append(
-            f'<tr id="node-{key}" data-node="{key}">'
+            f'<tr id="node-{key}" data-node="{key}" data-kind="{escape(node.kind)}">'
             f"<td><strong>{key}</strong></td>"
-            f'<td class="mono">{escape(node.task)}</td>'
+            f'<td class="mono">{escape(node.task or node.kind)}</td>'
             f"<td>{event_type}</td>"
-            f'<td class="num"><a href="{escape(queues_url)}#queue-{event_type}" title="its queue">'
-            f"{node.event_type.concurrency}</a></td>"
+            f'<td class="num">{concurrency}</td>'
             f'<td class="num">{node.max_retries}</td>'
             f'<td class="num">{escape(node.retry_delay)} s</td>'
             f'<td class="num">{timeout}</td>'
@@ -390,7 +396,7 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
         nodes.append(
             graph_svg.SvgNode(
                 key=key,
-                lines=(spec.event_type, detail or task.get_status_display()),
+                lines=(spec.event_type or spec.kind, detail or task.get_status_display()),
                 status=task.status,
                 href=detail_url,
                 tooltip=f"{key} \u00b7 {spec.task} \u00b7 {task.status}",
