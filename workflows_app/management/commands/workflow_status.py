@@ -38,7 +38,7 @@ class Command(BaseCommand):
             rows.append(
                 [
                     task.node_key,
-                    task.event_type_id,
+                    task.event_type_id or "",
                     task.status,
                     str(task.attempts),
                     time_format(task.queued_at, short=True),
