@@ -231,7 +231,7 @@ class Plan:
         return [step for step in self.steps if step.status == S.QUEUED]
 
 
-def _plan(graph: Graph, settled: Settled, read: Mapping[str, NodeState], freed: Iterable[str | None]) -> Plan:
+def _plan(settled: Settled, read: Mapping[str, NodeState], freed: Iterable[str | None]) -> Plan:
     steps = settled.steps
     types = {t for t in freed if t} | {step.event_type for step in steps if step.status == S.QUEUED}
     return Plan(
@@ -246,13 +246,14 @@ def plan_start(run: RunContext) -> Plan:
     """A new run: every node WAITING, its roots settled."""
     graph = run.graph
     settled = settle(run, dict.fromkeys(graph.nodes, WAITING), graph.roots)
-    plan = _plan(graph, settled, {}, ())
+    plan = _plan(settled, {}, ())
     plan.may_end = len(settled.steps) == len(graph.nodes) and plan.may_end
     return plan
 
 
 def plan_finish(run: RunContext, node_key: str, outcome: Outcome, read: Mapping[str, NodeState]) -> Plan | set[str]:
-    """What a final outcome of `node_key` settles, or the nodes whose states it needs first.
+    """What an outcome of `node_key` settles (a retry settles nothing), or the nodes whose states it
+    needs first.
 
     `read` holds states read from the database; the node's descendants not among them are taken as
     WAITING (`Graph.descendants`), which the database confirms for every node it writes.
@@ -270,13 +271,13 @@ def plan_finish(run: RunContext, node_key: str, outcome: Outcome, read: Mapping[
     settled = settle(run, view, graph.succs[node_key])
     if settled.needs:
         return settled.needs
-    return _plan(graph, settled, {k: v for k, v in read.items() if k != node_key}, [freed])
+    return _plan(settled, {k: v for k, v in read.items() if k != node_key}, [freed])
 
 
 def plan_rerun(run: RunContext, states: Mapping[str, NodeState], rerun: Iterable[str]) -> Plan:
     """A retried run, its `rerun` nodes WAITING again and `states` holding every node: settle them."""
     settled = settle(run, states, rerun)
-    plan = _plan(run.graph, settled, {}, ())
+    plan = _plan(settled, {}, ())
     plan.may_end = True  # every node is known: the database checks whether all are final
     return plan
 
