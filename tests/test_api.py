@@ -286,26 +286,37 @@ def assert_json(response, status: int) -> dict:
     return assert_json_error(response, status)
 
 
+# Paths no route takes (404) and methods a route does not answer (405), per method.
+UNROUTED = {
+    "get": [
+        "/api/nothing-here/",
+        "/api/no/such/endpoint",
+        "/api/runs/not-a-uuid/",
+        "/api/runs/not-a-uuid/events/",
+        "/api/task-results/not-a-uuid/",
+        "/api/runs/00000000-0000-0000-0000-000000000000/",
+        "/api/workflows/nope/",
+    ],
+    "post": [
+        "/api/runs/not-a-uuid/cancel/",
+        "/api/runs/not-a-uuid/retry/",
+        "/api/runs/00000000-0000-0000-0000-000000000000/cancel/",
+    ],
+}
+UNANSWERED = {
+    "delete": "/api/runs/",
+    "put": "/api/workflows/",
+    "get": "/api/events/",
+    "patch": "/api/runs/00000000-0000-0000-0000-000000000000/",
+    "post": "/api/",
+}
+
+
 @pytest.mark.parametrize("debug", [False, True], ids=["debug-off", "debug-on"])
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [
-        ("get", "/api/nothing-here/", 404),
-        ("get", "/api/no/such/endpoint", 404),
-        ("get", "/api/runs/not-a-uuid/", 404),
-        ("get", "/api/runs/not-a-uuid/events/", 404),
-        ("post", "/api/runs/not-a-uuid/cancel/", 404),
-        ("post", "/api/runs/not-a-uuid/retry/", 404),
-        ("get", "/api/task-results/not-a-uuid/", 404),
-        ("get", "/api/runs/00000000-0000-0000-0000-000000000000/", 404),
-        ("post", "/api/runs/00000000-0000-0000-0000-000000000000/cancel/", 404),
-        ("get", "/api/workflows/nope/", 404),
-        ("delete", "/api/runs/", 405),
-        ("put", "/api/workflows/", 405),
-        ("get", "/api/events/", 405),
-        ("patch", "/api/runs/00000000-0000-0000-0000-000000000000/", 405),
-        ("post", "/api/", 405),
-    ],
+    [(method, path, 404) for method, paths in UNROUTED.items() for path in paths]
+    + [(method, path, 405) for method, path in UNANSWERED.items()],
 )
 def test_every_answer_under_api_is_json_whatever_debug_says(api, settings, debug, method, path, status):
     settings.DEBUG = debug

@@ -20,36 +20,37 @@ from workflows_app.models import TriggerRule
 KNOWN = {"t.echo"}
 
 
+# Per rule, predecessors' statuses (letters: Success, Failure, Upstream failed, sKipped, Revoked) and
+# what the rule makes of the node once they are final.
+TRIGGER_CASES = {
+    "all_success": {
+        "": "run",
+        "SS": "run",
+        "SF": "UPSTREAM_FAILED",
+        "SU": "UPSTREAM_FAILED",
+        "SK": "SKIPPED",
+        "KF": "UPSTREAM_FAILED",
+    },
+    "one_success": {"FS": "run", "FF": "UPSTREAM_FAILED", "KK": "SKIPPED"},
+    "all_done": {"FK": "run", "R": "run"},
+    "all_failed": {"FU": "run", "FS": "SKIPPED", "KF": "SKIPPED"},
+    "all_skipped": {"KK": "run", "KF": "SKIPPED"},
+    "one_failed": {"SU": "run", "SK": "SKIPPED", "R": "run", "SS": "SKIPPED"},
+    "one_done": {"KF": "run", "KK": "SKIPPED"},
+    "none_failed": {"SK": "run", "SF": "UPSTREAM_FAILED", "KU": "UPSTREAM_FAILED"},
+    "none_failed_min_one_success": {"KK": "SKIPPED", "KS": "run", "SU": "UPSTREAM_FAILED"},
+    "none_skipped": {"SF": "run", "SK": "SKIPPED"},
+    "always": {"U": "run", "KKK": "run", "F": "run"},
+}
+LETTERS = {"S": "SUCCESS", "F": "FAILURE", "U": "UPSTREAM_FAILED", "K": "SKIPPED", "R": "REVOKED"}
+
+
 @pytest.mark.parametrize(
     ("rule", "upstream", "expected"),
     [
-        ("all_success", [], "run"),
-        ("all_success", ["SUCCESS", "SUCCESS"], "run"),
-        ("all_success", ["SUCCESS", "FAILURE"], "UPSTREAM_FAILED"),
-        ("all_success", ["SUCCESS", "UPSTREAM_FAILED"], "UPSTREAM_FAILED"),
-        ("all_success", ["SUCCESS", "SKIPPED"], "SKIPPED"),
-        ("all_success", ["SKIPPED", "FAILURE"], "UPSTREAM_FAILED"),
-        ("one_success", ["FAILURE", "SUCCESS"], "run"),
-        ("one_success", ["FAILURE", "FAILURE"], "UPSTREAM_FAILED"),
-        ("one_success", ["SKIPPED", "SKIPPED"], "SKIPPED"),
-        ("all_done", ["FAILURE", "SKIPPED"], "run"),
-        ("all_done", ["REVOKED"], "run"),
-        ("all_failed", ["FAILURE", "UPSTREAM_FAILED"], "run"),
-        ("all_failed", ["FAILURE", "SUCCESS"], "SKIPPED"),
-        ("all_skipped", ["SKIPPED", "SKIPPED"], "run"),
-        ("all_skipped", ["SKIPPED", "FAILURE"], "SKIPPED"),
-        ("one_failed", ["SUCCESS", "UPSTREAM_FAILED"], "run"),
-        ("one_failed", ["SUCCESS", "SKIPPED"], "SKIPPED"),
-        ("one_done", ["SKIPPED", "FAILURE"], "run"),
-        ("one_done", ["SKIPPED", "SKIPPED"], "SKIPPED"),
-        ("none_failed", ["SUCCESS", "SKIPPED"], "run"),
-        ("none_failed", ["SUCCESS", "FAILURE"], "UPSTREAM_FAILED"),
-        ("none_failed_min_one_success", ["SKIPPED", "SKIPPED"], "SKIPPED"),
-        ("none_failed_min_one_success", ["SKIPPED", "SUCCESS"], "run"),
-        ("none_failed_min_one_success", ["SUCCESS", "UPSTREAM_FAILED"], "UPSTREAM_FAILED"),
-        ("none_skipped", ["SUCCESS", "FAILURE"], "run"),
-        ("none_skipped", ["SUCCESS", "SKIPPED"], "SKIPPED"),
-        ("always", ["UPSTREAM_FAILED"], "run"),
+        (rule, [LETTERS[c] for c in statuses], expected)
+        for rule, cases in TRIGGER_CASES.items()
+        for statuses, expected in cases.items()
     ],
 )
 def test_trigger(rule, upstream, expected):

@@ -29,13 +29,14 @@ class Migration(migrations.Migration):
 
 
 class Command(BaseCommand):
-    help = (
-        "Print the statements that install the engine's database functions; with --migration NAME, "
-        "write them as the app's next migration instead (after changing workflows_app/engine/sql.py)."
-    )
+    help = "Print the statements that install the engine's database functions, or write their migration."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--migration", metavar="NAME", help="Write a migration named NNNN_NAME.")
+        parser.add_argument(
+            "--migration",
+            metavar="NAME",
+            help="Write the app's next migration, NNNN_NAME, installing them (after a change to engine/sql.py).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["migration"]:
