@@ -58,7 +58,7 @@ class TaskKind(NodeKind):
         from .rules import S, Step
 
         event = attempt_event(run, node, attempt=1, upstream=upstream)
-        return Step(node.key, S.QUEUED, event=event, event_type=node.event_type)
+        return Step(node.key, S.QUEUED, event=event)
 
 
 _KINDS: dict[str, NodeKind] = {}

@@ -128,7 +128,11 @@ class Step:
     result: Any = None
     error: str = ""
     event: dict | None = None
-    event_type: str | None = None
+
+    @property
+    def event_type(self) -> str | None:
+        """The event type whose slot a QUEUED step waits for: its Event's."""
+        return self.event["event_type"] if self.event else None
 
 
 @dataclass

@@ -101,14 +101,7 @@ def run_payload_check(payload: Any) -> dict:
 def _plan_params(plan: Plan) -> dict[str, Any]:
     """A plan as `eventflow_advance` and `eventflow_start_run` take it."""
     steps = [
-        {
-            "node": step.node,
-            "status": step.status,
-            "result": step.result,
-            "error": step.error,
-            "event_id": step.event["event_id"] if step.event else None,
-        }
-        for step in plan.steps
+        {"node": step.node, "status": step.status, "result": step.result, "error": step.error} for step in plan.steps
     ]
     queued = plan.queued
     return {
