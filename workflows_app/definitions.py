@@ -11,8 +11,8 @@ from django.db import IntegrityError, transaction
 
 from events_app.models import EVENT_TYPE_NAME, EventType
 
-from .engine import event_type_set_concurrency, kinds
-from .engine.graph import COMMON_FIELDS, NODE_DEFAULTS
+from .engine import event_type_set_concurrency, expressions, kinds
+from .engine.graph import COMMON_FIELDS, NODE_DEFAULTS, edge_parts, edge_spec
 from .models import NODE_KEY, Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
 
 NAME_RE = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
@@ -77,6 +77,9 @@ def _check_node(index: int, raw: Any, known_tasks: set[str], errors: list[str]) 
         errors.append(f"{where}: unknown kind '{kind_name}' (one of {', '.join(kinds.names())})")
         return None
     unknown = set(raw) - COMMON_FIELDS - kind.fields
+    if "map_over" in unknown:
+        errors.append(f"{where}: map_over is only for nodes of kind 'task' (this one is '{kind_name}')")
+        unknown.discard("map_over")
     if unknown:
         errors.append(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     node = {**NODE_DEFAULTS, "task": "", "event_type": None, **{k: v for k, v in raw.items() if k not in unknown}}
@@ -98,19 +101,27 @@ def _check_node(index: int, raw: Any, known_tasks: set[str], errors: list[str]) 
     return node
 
 
-def _check_edges(raw_edges: Any, keys: set[str], errors: list[str]) -> list[list[str]]:
+def _check_edges(raw_edges: Any, keys: set[str], errors: list[str]) -> list[tuple[str, str, str]]:
+    """Edges as (source, target, when), from `[source, target]` or `{from, to, when}`."""
     if not isinstance(raw_edges, list):
-        errors.append("edges must be a list of [source, target] pairs")
+        errors.append("edges must be a list of [source, target] pairs or {from, to, when} objects")
         return []
-    edges: list[list[str]] = []
+    edges: list[tuple[str, str, str]] = []
     seen: set[tuple[str, str]] = set()
     for index, raw in enumerate(raw_edges):
         if isinstance(raw, dict) and set(raw) == {"source", "target"}:
             raw = [raw["source"], raw["target"]]
-        if not (isinstance(raw, list | tuple) and len(raw) == 2 and all(isinstance(k, str) for k in raw)):
-            errors.append(f"edges[{index}]: must be a [source, target] pair of node keys")
+        if isinstance(raw, dict) and {"from", "to"} <= set(raw) <= {"from", "to", "when"}:
+            if "when" in raw and not isinstance(raw["when"], str):
+                errors.append(f"edges[{index}]: when must be a CEL expression in a string")
+                continue
+            raw = [raw["from"], raw["to"], raw.get("when") or ""]
+        elif isinstance(raw, list | tuple) and len(raw) == 2:
+            raw = [*raw, ""]
+        if not (isinstance(raw, list | tuple) and len(raw) == 3 and all(isinstance(k, str) for k in raw)):
+            errors.append(f"edges[{index}]: must be a [source, target] pair or a {{from, to, when}} object")
             continue
-        source, target = raw
+        source, target, when = raw
         bad = [k for k in (source, target) if k not in keys]
         if bad:
             errors.append(f"edge {source} -> {target}: unknown node {', '.join(repr(k) for k in bad)}")
@@ -122,8 +133,26 @@ def _check_edges(raw_edges: Any, keys: set[str], errors: list[str]) -> list[list
             errors.append(f"edge {source} -> {target}: duplicate edge")
             continue
         seen.add((source, target))
-        edges.append([source, target])
+        edges.append((source, target, when.strip()))
     return edges
+
+
+def _check_expressions(nodes: list[dict], edges: list[tuple[str, str, str]], errors: list[str]) -> None:
+    """Each edge's `when` and node's `map_over` compiles, reads only the names its place offers, and
+    reads only the results of its node's predecessors."""
+    preds: dict[str, set[str]] = {n["key"]: set() for n in nodes}
+    for source, target, _ in edges:
+        preds[target].add(source)
+    for source, target, when in edges:
+        if when:
+            for problem in expressions.check(when, names=expressions.WHEN_NAMES, upstream=preds[target], expect=bool):
+                errors.append(f"edge {source} -> {target}: when {problem}")
+    for node in nodes:
+        if "map_over" in node:
+            found = expressions.check(
+                node["map_over"], names=expressions.MAP_OVER_NAMES, upstream=preds[node["key"]], expect=list
+            )
+            errors.extend(f"node '{node['key']}': map_over {problem}" for problem in found)
 
 
 def find_cycle(keys: Iterable[str], edges: Iterable[Iterable[str]]) -> list[str] | None:
@@ -189,9 +218,10 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
         keys.add(node["key"])
         nodes.append(node)
     edges = _check_edges(data.get("edges", []), keys, errors)
-    cycle = find_cycle(keys, edges)
+    cycle = find_cycle(keys, [e[:2] for e in edges])
     if cycle:
         errors.append(f"cycle: {' -> '.join(cycle)}")
+    _check_expressions(nodes, edges, errors)
     if errors:
         raise DefinitionError(errors)
     return {
@@ -201,7 +231,7 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
         "trigger_event_types": list(triggers),
         "event_types": {str(k): dict(v) for k, v in event_types.items()},
         "nodes": [{"key": n["key"], **{f: n[f] for f in sorted(set(n) - {"key"})}} for n in nodes],
-        "edges": edges,
+        "edges": [edge_spec(*e) for e in edges],
     }
 
 
@@ -228,7 +258,7 @@ def definition_spec(workflow: WorkflowDefinition) -> dict:
             }
             for n in nodes
         ],
-        "edges": [[by_id[e.source_id], by_id[e.target_id]] for e in workflow.edges.order_by("id")],
+        "edges": [edge_spec(by_id[e.source_id], by_id[e.target_id], e.when) for e in workflow.edges.order_by("id")],
     }
 
 
@@ -318,6 +348,7 @@ def _definition_store(spec: dict, workflow: WorkflowDefinition | None = None) ->
     workflow.nodes.all().delete()
     created_nodes = Node.objects.bulk_create(_node(workflow, n) for n in spec["nodes"])
     by_key = {n.key: n for n in created_nodes}
-    Edge.objects.bulk_create(Edge(workflow=workflow, source=by_key[s], target=by_key[t]) for s, t in spec["edges"])
+    edges = map(edge_parts, spec["edges"])
+    Edge.objects.bulk_create(Edge(workflow=workflow, source=by_key[s], target=by_key[t], when=w) for s, t, w in edges)
     workflow_version_sync(workflow=workflow)
     return workflow

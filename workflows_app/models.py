@@ -139,6 +139,15 @@ class Edge(models.Model):
     )
     source = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="out_edges", verbose_name="source")
     target = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="in_edges", verbose_name="target")
+    when = models.TextField(
+        "when",
+        blank=True,
+        default="",
+        help_text=(
+            "Optional CEL condition on the source's `result` (and `payload`, `upstream`): when the source "
+            "succeeds and this is false, the edge is not taken and counts as skipped for its target."
+        ),
+    )
 
     class Meta:
         ordering = ["workflow", "id"]

@@ -45,6 +45,8 @@ class Graph:
     nodes: dict[str, NodeSpec]
     preds: dict[str, tuple[str, ...]]
     succs: dict[str, tuple[str, ...]]
+    # (source, target) -> the edge's `when`, for the edges that have one.
+    conditions: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def roots(self) -> list[str]:
@@ -92,16 +94,35 @@ def graph_from_spec(spec: Mapping[str, Any], *, version: int = 0) -> Graph:
     nodes = {n["key"]: node_from_spec(n) for n in spec["nodes"]}
     preds: dict[str, list[str]] = {key: [] for key in nodes}
     succs: dict[str, list[str]] = {key: [] for key in nodes}
-    for source, target in spec["edges"]:
+    conditions: dict[tuple[str, str], str] = {}
+    for edge in spec["edges"]:
+        source, target, when = edge_parts(edge)
         preds[target].append(source)
         succs[source].append(target)
+        if when:
+            conditions[source, target] = when
     return Graph(
         workflow=spec["name"],
         version=version,
         nodes=nodes,
         preds={k: tuple(v) for k, v in preds.items()},
         succs={k: tuple(v) for k, v in succs.items()},
+        conditions=conditions,
     )
+
+
+def edge_parts(edge: Any) -> tuple[str, str, str]:
+    """(source, target, when) of an edge in the definition format: `[source, target]`, or
+    `{from, to, when}` (`when` optional)."""
+    if isinstance(edge, Mapping):
+        return edge["from"], edge["to"], edge.get("when") or ""
+    source, target = edge
+    return source, target, ""
+
+
+def edge_spec(source: str, target: str, when: str = "") -> list[str] | dict[str, str]:
+    """An edge in the definition format: the short form unless it has a condition."""
+    return {"from": source, "to": target, "when": when} if when else [source, target]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -42,6 +42,8 @@ class TaskKind(NodeKind):
 
     name = "task"
     uses_worker = True
+    # `map_over`: a CEL expression giving a list; one instance of the task per element.
+    fields = frozenset({"map_over"})
 
     def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
         task = node.get("task")
@@ -52,6 +54,8 @@ class TaskKind(NodeKind):
         event_type = node.get("event_type")
         if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
             errors.append(f"{where}: event_type must be a queue name of letters, digits, '.', '_' or '-'")
+        if "map_over" in node and not isinstance(node["map_over"], str):
+            errors.append(f"{where}: map_over must be a CEL expression in a string")
 
     def ready(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> Step:
         from .events import attempt_event
