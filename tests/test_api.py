@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from events_app.models import Event, EventType
@@ -104,6 +105,7 @@ def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
     intake = body["tasks"][0]
     assert set(intake) == {
         "node",
+        "map_index",
         "event_type",
         "task_name",
         "status",
@@ -117,6 +119,7 @@ def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
         "result_url",
     }
     assert intake["queued_at"].endswith("Z") and intake["started_at"] is None
+    assert {t["map_index"] for t in body["tasks"]} == {None}
     # The latest attempt's event id is its Celery task id; result_url is where its stored result is read.
     assert intake["event_id"] == str(
         WorkflowRun.objects.get(trace_id=trace_id).tasks.get(node_key="intake").current_event_id
@@ -491,4 +494,121 @@ def test_publish_event_bad_type_is_400(api):
     before = counts()
     assert_json_error(api.post("/api/events/", {"event_type": "has spaces"}, format="json"), 400)
     assert_json_error(api.post("/api/events/", {"payload": {}}, format="json"), 400)
+    assert counts() == before
+
+
+# --------------------------------------------------------------------------- branches and maps
+
+
+def mapped_spec(name: str = "fan", **upload: object) -> dict:
+    """list -> upload (mapped over the list's images) -> publish (only when the list says so)."""
+    return factories.spec(
+        name,
+        [
+            ("list", ECHO),
+            {"key": "upload", "task": ECHO, "map_over": "upstream.list.images", **upload},
+            ("publish", ECHO),
+        ],
+        [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}],
+    )
+
+
+def test_run_detail_lists_each_instance_after_its_node_by_map_index(api):
+    workflow = factories.workflow(mapped_spec())
+    run = WorkflowRun.objects.get(
+        trace_id=api.post(f"/api/workflows/{workflow.name}/runs/", {}, format="json").json()["trace_id"]
+    )
+    # Inserted out of order: the API orders them, not the insertion.
+    factories.map_instances(run, "upload", ["SUCCESS", "STARTED", "QUEUED"])
+    TaskRun.objects.filter(run=run, node_key="upload", map_index=0).update(id=F("id") + 1000)
+
+    tasks = api.get(f"/api/runs/{run.trace_id}/").json()["tasks"]
+
+    assert [(t["node"], t["map_index"]) for t in tasks] == [
+        ("list", None),
+        ("upload", None),
+        ("upload", 0),
+        ("upload", 1),
+        ("upload", 2),
+        ("publish", None),
+    ]
+    upload = {t["map_index"]: t for t in tasks if t["node"] == "upload"}
+    assert upload[None]["status"] == "STARTED"
+    assert [upload[i]["status"] for i in range(3)] == ["SUCCESS", "STARTED", "QUEUED"]
+    assert upload[0]["result"] == {"index": 0} and upload[0]["attempts"] == 1
+    assert upload[2]["started_at"] is None and upload[2]["queued_at"].endswith("Z")
+
+
+def test_run_detail_query_count_does_not_grow_with_instances(api):
+    workflow = factories.workflow(mapped_spec())
+
+    def queries_for(n: int) -> int:
+        trace_id = api.post(f"/api/workflows/{workflow.name}/runs/", {}, format="json").json()["trace_id"]
+        run = WorkflowRun.objects.get(trace_id=trace_id)
+        factories.map_instances(run, "upload", ["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * (n // 4), events=True)
+        with CaptureQueriesContext(connection) as ctx:
+            response = api.get(f"/api/runs/{trace_id}/")
+        assert response.status_code == 200
+        assert len(response.json()["tasks"]) == 3 + n
+        return len(ctx.captured_queries)
+
+    assert queries_for(12) == queries_for(1_000)
+
+
+def test_definitions_carry_conditions_and_map_over_both_ways(api):
+    response = api.post("/api/workflows/", mapped_spec(), format="json")
+    assert response.status_code == 201, response.content
+
+    body = api.get("/api/workflows/fan/").json()
+    listed = api.get("/api/workflows/").json()["results"][0]
+
+    assert body["edges"] == [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}]
+    assert body["nodes"][1]["map_over"] == "upstream.list.images"
+    assert "map_over" not in body["nodes"][0]
+    assert listed["edges"] == body["edges"]
+    assert Node.objects.get(workflow__name="fan", key="upload").options == {"map_over": "upstream.list.images"}
+    assert Edge.objects.get(workflow__name="fan", when__gt="").when == "size(result) > 0"
+
+
+@pytest.mark.parametrize(
+    ("definition", "needles"),
+    [
+        (
+            factories.spec("w1", [("a", ECHO), ("b", ECHO)], [{"from": "a", "to": "b", "when": "result.ok &&"}]),
+            ["edge a -> b", "when"],
+        ),
+        (
+            factories.spec("w2", [("a", ECHO), ("b", ECHO)], [{"from": "a", "to": "b", "when": "1 + 1"}]),
+            ["edge a -> b", "not a bool"],
+        ),
+        (mapped_spec("m1", map_over="upstream.nowhere.items"), ["node 'upload'", "map_over", "nowhere"]),
+        (mapped_spec("m2", map_over="[1, 2"), ["node 'upload'", "map_over"]),
+        (mapped_spec("m3", map_over="true"), ["node 'upload'", "map_over", "not a list"]),
+        (mapped_spec("r1", trigger_rule="most_success"), ["node 'upload'", "unknown trigger_rule 'most_success'"]),
+        (
+            factories.spec(
+                "k1",
+                [{"key": "gate", "kind": "noop", "event_type": None, "map_over": "[1]"}, ("a", ECHO)],
+                [["gate", "a"]],
+            ),
+            ["node 'gate'", "map_over is only for nodes of kind 'task'"],
+        ),
+    ],
+    ids=[
+        "when-syntax",
+        "when-not-bool",
+        "map-over-not-upstream",
+        "map-over-syntax",
+        "map-over-not-list",
+        "rule",
+        "kind",
+    ],
+)
+def test_a_bad_condition_map_over_or_rule_is_400_naming_it_and_saves_nothing(api, definition, needles):
+    import tests.kinds  # noqa: F401 - registers the `noop` kind
+
+    before = counts()
+    body = assert_json_error(api.post("/api/workflows/", definition, format="json"), 400)
+    for needle in needles:
+        assert needle in body["detail"], (needle, body["detail"])
     assert counts() == before

@@ -15,9 +15,12 @@ from rest_framework.authtoken.models import Token
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from tests import factories
 from workflows_app import engine
 
 pytestmark = pytest.mark.django_db
+
+ECHO = "workflows_app.tasks.echo"
 
 CONFIG = SchemathesisConfig.from_dict(
     {
@@ -57,7 +60,15 @@ def app():
 
 @pytest.fixture
 def known(admin_user, pipeline) -> dict[str, str]:
-    """Real objects for path parameters: a run with a published trigger event, its workflow and event type."""
+    """Real objects for path parameters: a run with a published trigger event, its workflow and event type;
+    and a workflow with a condition on an edge and a mapped node, so the definitions listed hold both forms."""
+    factories.workflow(
+        factories.spec(
+            "fan",
+            [("list", ECHO), {"key": "upload", "task": ECHO, "map_over": "upstream.list.images"}],
+            [{"from": "list", "to": "upload", "when": "has(result.images)"}],
+        )
+    )
     pipeline.trigger_event_types = ["product.created"]
     pipeline.save(update_fields=["trigger_event_types"])
     _, runs, _ = engine.event_publish(event_type="product.created", payload={"product": "mug"})
@@ -160,3 +171,13 @@ def test_strings_postgresql_cannot_store_are_a_400(api, pipeline, raw):
     response = api.post("/api/workflows/product_pipeline/runs/", raw, content_type="application/json")
     assert response.status_code == 400, response.content
     assert "JSON strings" in response.json()["detail"]
+
+
+def test_definitions_with_conditions_and_maps_match_the_schema(api, app, known):
+    """Both forms of an edge and `map_over` are in the documented definition shape."""
+    listed = schema["/api/workflows/"]["GET"].Case(headers={"Authorization": f"Token {known['token']}"})
+    response = listed.call(app=app)
+    listed.validate_response(response)
+    fan = next(w for w in response.json()["results"] if w["name"] == "fan")
+    assert fan["edges"] == [{"from": "list", "to": "upload", "when": "has(result.images)"}]
+    assert fan["nodes"][1]["map_over"] == "upstream.list.images"

@@ -11,12 +11,14 @@ from django.db.models import (
     F,
     Func,
     IntegerField,
+    Min,
     OuterRef,
     Prefetch,
     Q,
     QuerySet,
     Subquery,
     When,
+    Window,
 )
 
 from events_app.models import Event, EventType
@@ -49,11 +51,19 @@ def run_list(*, workflow: str | None = None, status: str | None = None) -> Query
     return runs
 
 
+def _tasks_by_node() -> QuerySet[TaskRun]:
+    """A run's task rows node by node, as the definition lists its nodes, each node's row before its
+    instances (by map index). A node's row is created with the run, before any instance, so the lowest
+    id among a node's rows places the node: one sort in the query, however many instances there are."""
+    node_order = Window(Min("id"), partition_by=[F("run_id"), F("node_key")])
+    return TaskRun.objects.annotate(node_order=node_order).order_by("node_order", F("map_index").asc(nulls_first=True))
+
+
 def run_get(*, trace_id: str) -> WorkflowRun | None:
-    """The run with its tasks (ordered as the definition lists its nodes) prefetched."""
+    """The run with its tasks prefetched: node rows and instance rows, node by node."""
     return (
         WorkflowRun.objects.select_related("workflow", "version")
-        .prefetch_related("tasks")
+        .prefetch_related(Prefetch("tasks", queryset=_tasks_by_node()))
         .filter(trace_id=trace_id)
         .first()
     )

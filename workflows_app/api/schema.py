@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse
+from typing import Any
+
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 
 from workflows_app.definitions import EVENT_TYPE_RE, KEY_RE, NAME_RE
@@ -89,9 +91,50 @@ class NodeSpecSerializer(serializers.Serializer):
     retry_delay = serializers.FloatField(min_value=0, required=False, help_text="Seconds before the first retry.")
     timeout = serializers.IntegerField(min_value=1, required=False, allow_null=True, help_text="Seconds.")
     trigger_rule = serializers.ChoiceField(TriggerRule.choices, required=False)
+    map_over = serializers.CharField(
+        required=False,
+        help_text="For a 'task' node: a CEL expression giving a list; one instance of the task runs per element.",
+    )
 
     class Meta:
         ref_name = "DefinitionNode"
+
+
+EDGE_SCHEMA = {
+    "oneOf": [
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "minItems": 2,
+            "maxItems": 2,
+            "description": "[source key, target key]: a plain edge.",
+        },
+        {
+            "type": "object",
+            "properties": {
+                "from": {"type": "string", "description": "The source node's key."},
+                "to": {"type": "string", "description": "The target node's key."},
+                "when": {
+                    "type": "string",
+                    "description": "A CEL condition on the source's `result`; the edge is taken only when true.",
+                },
+            },
+            "required": ["from", "to"],
+            "additionalProperties": False,
+        },
+    ]
+}
+
+
+@extend_schema_field(EDGE_SCHEMA)
+class EdgeSpecField(serializers.Field):
+    """An edge in either form of the definition format (documentation only: definitions.py reads it)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        return data
+
+    def to_representation(self, value: Any) -> Any:
+        return value
 
 
 class DefinitionSerializer(serializers.Serializer):
@@ -110,9 +153,9 @@ class DefinitionSerializer(serializers.Serializer):
     )
     nodes = serializers.ListField(child=NodeSpecSerializer(), min_length=1)
     edges = serializers.ListField(
-        child=serializers.ListField(child=serializers.CharField(), min_length=2, max_length=2),
+        child=EdgeSpecField(),
         required=False,
-        help_text="[source key, target key] pairs.",
+        help_text="[source key, target key] pairs, or {from, to, when} objects for edges with a condition.",
     )
     version = serializers.IntegerField(read_only=True, help_text="Bumped on every change.")
 

@@ -238,6 +238,11 @@ class WorkflowDetailApi(APIView):
 
 class TaskRunOutputSerializer(ModelOutputSerializer):
     node = serializers.CharField(source="node_key")
+    map_index = serializers.IntegerField(
+        read_only=True,
+        allow_null=True,
+        help_text="Which instance of a mapped node this is (0..n-1); null for a node's own row.",
+    )
     event_type = serializers.CharField(source="event_type_id")
     event_id = serializers.UUIDField(
         source="current_event_id",
@@ -253,6 +258,7 @@ class TaskRunOutputSerializer(ModelOutputSerializer):
         model = TaskRun
         fields = [
             "node",
+            "map_index",
             "event_type",
             "task_name",
             "status",
@@ -374,7 +380,14 @@ class RunListApi(APIView):
 
 
 class RunDetailApi(APIView):
-    @extend_schema(summary="Get a run with its tasks", responses={200: RunDetailOutputSerializer, **errors(*READ)})
+    @extend_schema(
+        summary="Get a run with its tasks",
+        description=(
+            "`tasks` holds every node's row (`map_index` null) and, for a mapped node, one row per instance "
+            "after it, by `map_index`; nodes in the order the definition lists them."
+        ),
+        responses={200: RunDetailOutputSerializer, **errors(*READ)},
+    )
     def get(self, request: Request, trace_id: str) -> Response:
         return Response(RunDetailOutputSerializer(_run_or_404(trace_id), context={"request": request}).data)
 
