@@ -382,9 +382,9 @@ def reads(monkeypatch) -> list[str]:
     read: list[str] = []
     original = transitions._read
 
-    def spy(trace_id, event_id, nodes):
+    def spy(trace_id, event_id, nodes, mapped=None):
         read.append(sorted(nodes))
-        return original(trace_id, event_id, nodes)
+        return original(trace_id, event_id, nodes, mapped)
 
     monkeypatch.setattr(transitions, "_read", spy)
     graph.version_id_named.cache_clear()  # versions of other tests' workflows, rolled back since

@@ -21,8 +21,14 @@ KNOWN = {"t.echo"}
 
 
 # Per rule, predecessors' statuses (letters: Success, Failure, Upstream failed, sKipped, Revoked) and
-# what the rule makes of the node once they are final.
+# what the rule makes of the node once they are final, case by case as Airflow documents them:
+# https://airflow.apache.org/docs/apache-airflow/stable/core-concepts/dags.html#trigger-rules (what each
+# rule needs) and #concepts-branching / "Trigger Rules" ("all_success ... skipped tasks will cascade
+# through"; a rule not met by a failure makes the node upstream_failed, else skipped), as Airflow's
+# `TriggerRuleDep._evaluate_direct_relatives` decides it. UPSTREAM_FAILED counts as failed (Airflow:
+# "failed or upstream_failed"); REVOKED, which Airflow has not, counts as failed too.
 TRIGGER_CASES = {
+    # "All upstream tasks have succeeded"; a failure upstream_fails it, a skip skips it (cascade).
     "all_success": {
         "": "run",
         "SS": "run",
@@ -30,17 +36,34 @@ TRIGGER_CASES = {
         "SU": "UPSTREAM_FAILED",
         "SK": "SKIPPED",
         "KF": "UPSTREAM_FAILED",
+        "SR": "UPSTREAM_FAILED",
     },
-    "one_success": {"FS": "run", "FF": "UPSTREAM_FAILED", "KK": "SKIPPED"},
-    "all_done": {"FK": "run", "R": "run"},
-    "all_failed": {"FU": "run", "FS": "SKIPPED", "KF": "SKIPPED"},
-    "all_skipped": {"KK": "run", "KF": "SKIPPED"},
-    "one_failed": {"SU": "run", "SK": "SKIPPED", "R": "run", "SS": "SKIPPED"},
-    "one_done": {"KF": "run", "KK": "SKIPPED"},
-    "none_failed": {"SK": "run", "SF": "UPSTREAM_FAILED", "KU": "UPSTREAM_FAILED"},
-    "none_failed_min_one_success": {"KK": "SKIPPED", "KS": "run", "SU": "UPSTREAM_FAILED"},
-    "none_skipped": {"SF": "run", "SK": "SKIPPED"},
-    "always": {"U": "run", "KKK": "run", "F": "run"},
+    # "All upstream tasks are in a failed or upstream_failed state"; a success or a skip skips it.
+    "all_failed": {"FU": "run", "FF": "run", "FS": "SKIPPED", "KF": "SKIPPED", "SS": "SKIPPED"},
+    # "All upstream tasks are done with their execution."
+    "all_done": {"FK": "run", "R": "run", "SS": "run", "UK": "run"},
+    # "All upstream tasks are in a skipped state"; anything else skips it.
+    "all_skipped": {"KK": "run", "KF": "SKIPPED", "KS": "SKIPPED", "U": "SKIPPED"},
+    # "At least one upstream task has succeeded"; none did: skipped if all were skipped, else upstream_failed.
+    "one_success": {"FS": "run", "KS": "run", "FF": "UPSTREAM_FAILED", "FK": "UPSTREAM_FAILED", "KK": "SKIPPED"},
+    # "At least one upstream task has failed"; none did: skipped.
+    "one_failed": {"SU": "run", "R": "run", "KF": "run", "SK": "SKIPPED", "SS": "SKIPPED", "KK": "SKIPPED"},
+    # "At least one upstream task succeeded or failed"; none did (all skipped): skipped.
+    "one_done": {"KF": "run", "KS": "run", "U": "run", "KK": "SKIPPED"},
+    # "All upstream tasks have not failed or upstream_failed - that is, all ... succeeded or been skipped".
+    "none_failed": {"SK": "run", "KK": "run", "SS": "run", "SF": "UPSTREAM_FAILED", "KU": "UPSTREAM_FAILED"},
+    # As none_failed, "and at least one upstream task has succeeded"; all skipped: skipped.
+    "none_failed_min_one_success": {
+        "KS": "run",
+        "SS": "run",
+        "KK": "SKIPPED",
+        "SU": "UPSTREAM_FAILED",
+        "KF": "UPSTREAM_FAILED",
+    },
+    # "No upstream task is in a skipped state - that is, all ... in a success, failed, or upstream_failed state".
+    "none_skipped": {"SF": "run", "SU": "run", "SS": "run", "SK": "SKIPPED", "FK": "SKIPPED"},
+    # "No dependencies at all, run this task at any time" (here: once its predecessors are final).
+    "always": {"U": "run", "KKK": "run", "F": "run", "S": "run"},
 }
 LETTERS = {"S": "SUCCESS", "F": "FAILURE", "U": "UPSTREAM_FAILED", "K": "SKIPPED", "R": "REVOKED"}
 
@@ -282,3 +305,123 @@ def test_deciding_from_the_event_alone_and_from_every_row_read_agree():
         every = rules.plan_finish(run, node, outcome, {k: v for k, v in states.items() if k != node})
         strip = lambda plan: [(s.node, s.status) for s in plan.steps]  # noqa: E731
         assert strip(alone) == strip(every)
+
+
+# --------------------------------------------------------------------------- branches and maps
+
+
+def test_a_false_condition_counts_its_edge_as_skipped_and_a_failing_one_fails_the_target():
+    # a -> b (when result.go), a -> c; b, c -> d (none_failed)
+    graph = graph_from_spec(
+        {
+            "name": "g",
+            "nodes": [
+                {"key": k, "event_type": "q", "task": "t.echo", **({"trigger_rule": "none_failed"} if k == "d" else {})}
+                for k in "abcd"
+            ],
+            "edges": [{"from": "a", "to": "b", "when": "result.go"}, ["a", "c"], ["b", "d"], ["c", "d"]],
+        },
+        version=1,
+    )
+    run = RunContext("t", {}, graph)
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result={"go": False}), {})
+    assert [(s.node, s.status) for s in plan.steps] == [("b", "SKIPPED"), ("c", "QUEUED")]
+    assert (
+        plan.steps[0].error == "trigger rule all_success not met: the condition of edge a -> b (`result.go`) was false"
+    )
+    assert plan.steps[1].event["context"]["upstream"] == {"a": {"go": False}}
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result={"go": True}), {})
+    assert [(s.node, s.status) for s in plan.steps] == [("b", "QUEUED"), ("c", "QUEUED")]
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result={"went": 1}), {})
+    assert (plan.steps[0].node, plan.steps[0].status) == ("b", "FAILURE")
+    assert "edge a -> b: when `result.go` failed" in plan.steps[0].error
+    plan = rules.plan_finish(run, "a", rules.Outcome("SUCCESS", result={"go": "yes"}), {})
+    assert "gave a string, not a bool" in plan.steps[0].error
+    # A failed source: the condition is not read, the rule decides.
+    plan = rules.plan_finish(run, "a", rules.Outcome("FAILURE", error="x"), {})
+    assert [(s.node, s.status) for s in plan.steps] == [
+        ("b", "UPSTREAM_FAILED"),
+        ("c", "UPSTREAM_FAILED"),
+        ("d", "UPSTREAM_FAILED"),
+    ]
+
+
+def mapped_graph():
+    # m (map_over payload.items) -> after
+    return graph_of([{"key": "m", "map_over": "payload.items"}, {"key": "after"}], [["m", "after"]])
+
+
+def test_a_mapped_node_starts_one_queued_instance_per_element_with_its_index_and_item():
+    plan = rules.plan_start(RunContext("t", {"items": ["x", "y"]}, mapped_graph()))
+    (node,) = plan.steps
+    assert (node.node, node.status, node.trim) == ("m", "STARTED", 2)
+    assert [(i.map_index, i.status, i.event["context"]["item"]) for i in plan.instances] == [
+        (0, "QUEUED", "x"),
+        (1, "QUEUED", "y"),
+    ]
+    assert plan.types == ["q"] and plan.queued == [] and not plan.may_end
+    assert len({e["event_id"] for e in plan.events}) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "error"),
+    [
+        ({"items": []}, "SKIPPED", "map_over `payload.items` gave an empty list"),
+        ({"items": [1, 2, 3]}, "FAILURE", "map_over `payload.items` gave 3 elements, more than the 2 allowed"),
+        ({"items": {"a": 1}}, "FAILURE", "map_over `payload.items` gave a map, not a list"),
+        ({}, "FAILURE", 'map_over `payload.items` failed: Key not found in map : "items"'),
+    ],
+)
+def test_a_mapped_node_with_no_element_is_skipped_and_with_too_many_or_a_failing_expression_fails(
+    payload, status, error
+):
+    plan = rules.plan_start(RunContext("t", payload, mapped_graph(), max_map_items=2))
+    assert (plan.steps[0].status, plan.steps[0].error, plan.steps[0].trim) == (status, error, 0)
+    assert plan.steps[1].node == "after"
+
+
+def test_an_instance_ends_its_node_only_when_it_is_the_last_and_the_node_takes_their_results():
+    run = RunContext("t", {}, mapped_graph())
+    done = rules.Outcome("SUCCESS", result="r1")
+    # Not read: the node is taken to go on, and the database is asked to confirm it.
+    plan = rules.plan_finish(run, "m", done, {}, map_index=1)
+    assert (plan.steps, plan.open, plan.types) == ([], "m", ["q"])
+    others = [NodeState("SUCCESS", "r0"), NodeState("STARTED"), NodeState("QUEUED")]
+    assert rules.plan_finish(run, "m", done, {}, map_index=1, instances=others).open == "m"
+    last = [NodeState("SUCCESS", "r0"), NodeState("STARTED"), NodeState("SUCCESS", "r2")]
+    plan = rules.plan_finish(run, "m", done, {}, map_index=1, instances=last)
+    assert plan.open is None
+    assert [(s.node, s.status, s.result) for s in plan.steps][0] == ("m", "SUCCESS", ["r0", "r1", "r2"])
+    assert plan.steps[1].event["context"]["upstream"] == {"m": ["r0", "r1", "r2"]}
+    assert plan.expect["m"] == "STARTED"
+    failed = [NodeState("FAILURE"), NodeState("STARTED"), NodeState("SUCCESS", "r2")]
+    plan = rules.plan_finish(run, "m", done, {}, map_index=1, instances=failed)
+    assert [(s.node, s.status) for s in plan.steps] == [("m", "FAILURE"), ("after", "UPSTREAM_FAILED")]
+    assert plan.steps[0].error == "1 of 3 instances did not succeed"
+    assert plan.may_end
+
+
+def test_a_retry_runs_again_only_the_instances_that_did_not_succeed():
+    graph = graph_from_spec(
+        {
+            "name": "g",
+            "nodes": [
+                {"key": "src", "event_type": "q", "task": "t.echo"},
+                {"key": "m", "event_type": "q", "task": "t.echo", "map_over": "upstream.src"},
+                {"key": "after", "event_type": "q", "task": "t.echo"},
+            ],
+            "edges": [["src", "m"], ["m", "after"]],
+        },
+        version=1,
+    )
+    run = RunContext("t", {}, graph)
+    states = {"src": NodeState("SUCCESS", ["a", "b", "c"]), "m": rules.WAITING, "after": rules.WAITING}
+    instances = {"m": [NodeState("SUCCESS", 1), NodeState("FAILURE"), NodeState("REVOKED")]}
+    plan = rules.plan_rerun(run, states, ["m", "after"], instances)
+    (node,) = plan.steps
+    assert (node.node, node.status, node.trim) == ("m", "STARTED", None)
+    assert [(i.map_index, i.event["context"]["item"]) for i in plan.instances] == [(1, "b"), (2, "c")]
+    # Its predecessor runs again too: the node waits for it, and will map what it gives then.
+    states["src"] = rules.WAITING
+    plan = rules.plan_rerun(run, states, ["src", "m", "after"], instances)
+    assert [(s.node, s.status) for s in plan.steps] == [("src", "QUEUED")]

@@ -231,6 +231,8 @@ EVENTFLOW = {
     "PUBLIC_PAGES": env.bool("EVENTFLOW_PUBLIC_PAGES", default=False),
     # Largest accepted run payload, in bytes of JSON.
     "MAX_PAYLOAD_BYTES": env.int("EVENTFLOW_MAX_PAYLOAD_BYTES", default=256 * 1024),
+    # Most elements a node's `map_over` may give; more fails the node with a message.
+    "MAX_MAP_ITEMS": env.int("EVENTFLOW_MAX_MAP_ITEMS", default=10_000),
     # Deepest accepted nesting of a JSON body.
     "MAX_JSON_DEPTH": env.int("EVENTFLOW_MAX_JSON_DEPTH", default=64),
     # A started task's worker renews its lease every third of this; a task whose lease lapses

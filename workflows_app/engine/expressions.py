@@ -1,5 +1,6 @@
-"""CEL expressions in definitions (an edge's `when`, a node's `map_over`): checked on save, evaluated by
-the engine, through `common-expression-language` (a maintained CEL interpreter), never `eval`."""
+"""CEL expressions in definitions (an edge's `when`, a node's `map_over`): compiled and type-checked on
+save, evaluated by the engine, through the CEL project's own Python runtime (`cel-expr-python`), never
+`eval`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import cel
+from cel_expr_python import cel
 
-# The names each place may read (SPEC, Expressions).
+# The names each place may read (SPEC, Expressions), with their types for the checker: the run's payload
+# and the predecessors' results are JSON objects whose fields' types are known only at run time.
+_JSON_OBJECT = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+_NAMES = {"payload": _JSON_OBJECT, "upstream": _JSON_OBJECT, "result": cel.Type.DYN}
 WHEN_NAMES = frozenset({"payload", "upstream", "result"})
 MAP_OVER_NAMES = frozenset({"payload", "upstream"})
+# What each place's expression must give; DYN (a field of a JSON value) is checked when evaluated.
+_GIVES = {bool: (cel.Type.BOOL, "a bool"), list: (cel.Type.LIST, "a list")}
 # Longest accepted source: an expression is a condition or a path, not a program.
 MAX_SOURCE = 2000
 
@@ -32,15 +38,16 @@ class ExpressionError(ValueError):
 
 
 class Expression:
-    """A compiled expression and what it reads."""
+    """A compiled, type-checked expression over the names of one place, and the predecessors it reads."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, names: frozenset[str] = WHEN_NAMES):
         self.source = source
+        env = _env(names)
         try:
-            self.program = cel.compile(source)
-        except ValueError as exc:  # the library's parse errors
-            raise ExpressionError(f"`{source}` does not compile: {_first_line(exc)}") from None
-        self.names = frozenset(self.program.variables())
+            self.program = env.compile(source)
+        except RuntimeError as exc:  # the checker's and the parser's errors
+            raise ExpressionError(f"`{source}` does not compile: {_cel_message(exc)}") from None
+        self.gives = self.program.return_type()
         self.upstream_keys = frozenset(
             m["field"] or m["key"] for m in _UPSTREAM_REF.finditer(source) if m["field"] or m["key"] is not None
         )
@@ -48,11 +55,23 @@ class Expression:
     def evaluate(self, names: Mapping[str, Any]) -> Any:
         """The expression's value (JSON-like Python values in and out), or an ExpressionError naming it."""
         try:
-            return self.program.execute(dict(names))
-        except KeyError as exc:
-            raise ExpressionError(f"`{self.source}` failed: no key {exc}") from None
-        except Exception as exc:  # the library raises TypeError, RuntimeError, IndexError, ZeroDivisionError...
+            value = self.program.eval(data=dict(names))
+        except Exception as exc:  # a value the runtime cannot take in (e.g. an int beyond 64 bits)
             raise ExpressionError(f"`{self.source}` failed: {_first_line(exc)}") from None
+        if value.type() == cel.Type.ERROR:
+            raise ExpressionError(f"`{self.source}` failed: {_cel_message(value.value())}")
+        return value.plain_value()
+
+
+@functools.lru_cache(maxsize=8)
+def _env(names: frozenset[str]) -> Any:
+    return cel.NewEnv(variables={name: _NAMES[name] for name in names})
+
+
+def _cel_message(error: Any) -> str:
+    """The runtime's message without its status code and its caret drawing."""
+    text = _first_line(error) if isinstance(error, BaseException) else str(error).strip().splitlines()[0]
+    return re.sub(r"^[A-Z_]+: (ERROR: <input>:\d+:\d+: )?", "", text)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -61,27 +80,26 @@ def _first_line(exc: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def compiled(source: str) -> Expression:
+def compiled(source: str, names: frozenset[str] = WHEN_NAMES) -> Expression:
     """Definitions never change once versioned, so each process compiles an expression once."""
-    return Expression(source)
+    return Expression(source, names)
 
 
-def check(source: Any, *, names: Collection[str], upstream: Collection[str], expect: type) -> list[str]:
+def check(source: Any, *, names: frozenset[str], upstream: Collection[str], expect: type) -> list[str]:
     """What is wrong with an expression for a place that offers `names`, under a node whose
-    predecessors are `upstream`; an expression reading none of them is evaluated now and must give
-    an `expect` (bool or list)."""
+    predecessors are `upstream`, where it must give an `expect` (bool or list)."""
     if not isinstance(source, str) or not source.strip():
         return ["must be a non-empty CEL expression"]
     if len(source) > MAX_SOURCE:
         return [f"is longer than {MAX_SOURCE} characters"]
     try:
-        expression = compiled(source)
+        expression = compiled(source, names)
     except ExpressionError as exc:
-        return [str(exc)]
+        return [f"{exc} (it may read {', '.join(sorted(names))})" if "undeclared reference" in str(exc) else str(exc)]
     errors = []
-    unknown = sorted(expression.names - set(names))
-    if unknown:
-        errors.append(f"`{source}` reads unknown name(s) {', '.join(unknown)} (it may read {', '.join(sorted(names))})")
+    wanted, called = _GIVES[expect]
+    if expression.gives != cel.Type.DYN and not _assignable(wanted, expression.gives):
+        errors.append(f"`{source}` gives {expression.gives.name().lower()}, not {called}")
     not_upstream = sorted(expression.upstream_keys - set(upstream))
     if not_upstream:
         preds = ", ".join(sorted(upstream)) or "none"
@@ -89,18 +107,12 @@ def check(source: Any, *, names: Collection[str], upstream: Collection[str], exp
             f"`{source}` reads upstream.{', upstream.'.join(not_upstream)}, which is not a predecessor "
             f"(its predecessors: {preds})"
         )
-    if not errors and not expression.names:
-        try:
-            value = expression.evaluate({})
-        except ExpressionError as exc:
-            return [str(exc)]
-        if not _is(value, expect):
-            errors.append(f"`{source}` gives {_type_name(value)}, not {_type_name(expect())}")
     return errors
 
 
-def _is(value: Any, expect: type) -> bool:
-    return isinstance(value, expect) and (expect is not int or not isinstance(value, bool))
+def _assignable(wanted: Any, gives: Any) -> bool:
+    """A list of any element type is a list."""
+    return wanted.is_assignable_from(gives) or (wanted == cel.Type.LIST and gives.name().startswith("LIST"))
 
 
 _TYPE_NAMES = {bool: "a bool", int: "an int", float: "a double", str: "a string", list: "a list", dict: "a map"}
@@ -112,8 +124,7 @@ def _type_name(value: Any) -> str:
 
 def when(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str, Any], result: Any) -> bool:
     """An edge's condition: true or false, or an ExpressionError (never silently either)."""
-    expression = compiled(source)
-    value = expression.evaluate({"payload": payload, "upstream": upstream, "result": result})
+    value = compiled(source, WHEN_NAMES).evaluate({"payload": payload, "upstream": upstream, "result": result})
     if not isinstance(value, bool):
         raise ExpressionError(f"`{source}` gave {_type_name(value)}, not a bool")
     return value
@@ -121,8 +132,7 @@ def when(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str, Any]
 
 def map_items(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str, Any]) -> list:
     """A `map_over`'s elements, each as stored JSON gives it back, or an ExpressionError."""
-    expression = compiled(source)
-    value = expression.evaluate({"payload": payload, "upstream": upstream})
+    value = compiled(source, MAP_OVER_NAMES).evaluate({"payload": payload, "upstream": upstream})
     if not isinstance(value, list):
         raise ExpressionError(f"`{source}` gave {_type_name(value)}, not a list")
     try:

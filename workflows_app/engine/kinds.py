@@ -59,10 +59,17 @@ class TaskKind(NodeKind):
 
     def ready(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> Step:
         from .events import attempt_event
-        from .rules import S, Step
+        from .rules import S, Step, expand, mapped
 
-        event = attempt_event(run, node, attempt=1, upstream=upstream)
-        return Step(node.key, S.QUEUED, event=event)
+        if not mapped(node):
+            return Step(node.key, S.QUEUED, event=attempt_event(run, node, attempt=1, upstream=upstream))
+
+        def instance(index: int, item: Any) -> Step:
+            extra = {"map_index": index, "item": item}
+            event = attempt_event(run, node, attempt=1, upstream=upstream, extra=extra)
+            return Step(node.key, S.QUEUED, event=event, map_index=index)
+
+        return expand(run, node, upstream, first=instance)
 
 
 _KINDS: dict[str, NodeKind] = {}

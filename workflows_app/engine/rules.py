@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ..models import TaskRun, WorkflowRun
-from . import kinds
+from . import expressions, kinds
 from .graph import Graph, NodeSpec
 
 S = TaskRun.Status
@@ -104,6 +104,7 @@ class NodeState:
 
     status: str
     result: Any = None
+    error: str = ""
 
 
 WAITING = NodeState(S.WAITING)
@@ -116,23 +117,48 @@ class RunContext:
     trace_id: str
     payload: Mapping[str, Any]
     graph: Graph
+    # The most elements a `map_over` may give (EVENTFLOW["MAX_MAP_ITEMS"]).
+    max_map_items: int = 10_000
 
 
 @dataclass
 class Step:
     """A decided change of a WAITING node: QUEUED with the Event of its first attempt (it needs a
-    worker and a slot), or final at once (SKIPPED, UPSTREAM_FAILED, or a kind that needs no worker)."""
+    worker and a slot), final at once (SKIPPED, UPSTREAM_FAILED, FAILURE, or a kind that needs no
+    worker), or, for a mapped node, STARTED with its `instances`: one QUEUED step per element, each
+    with its `map_index` and its own Event. `error` says why a node that did not run did not."""
 
     node: str
     status: str
     result: Any = None
     error: str = ""
     event: dict | None = None
+    map_index: int | None = None
+    instances: list[Step] = field(default_factory=list)
+    # For a mapped node's row: how many instance rows it keeps (rows of an earlier expansion beyond
+    # them go); None keeps them all (a retry re-running some).
+    trim: int | None = None
 
     @property
     def event_type(self) -> str | None:
         """The event type whose slot a QUEUED step waits for: its Event's."""
         return self.event["event_type"] if self.event else None
+
+
+def mapped(node: NodeSpec) -> bool:
+    """Whether the node runs one instance per element of its `map_over`."""
+    return bool(node.options.get("map_over"))
+
+
+def map_outcome(instances: Sequence[NodeState]) -> NodeState | None:
+    """A mapped node's state once all its instances are final (else None): SUCCESS with the list of
+    their results in index order when all succeeded, else FAILURE saying how many did not."""
+    if any(i.status not in FINAL for i in instances):
+        return None
+    failed = sum(i.status != S.SUCCESS for i in instances)
+    if failed:
+        return NodeState(S.FAILURE, error=f"{failed} of {len(instances)} instances did not succeed")
+    return NodeState(S.SUCCESS, [i.result for i in instances])
 
 
 @dataclass
@@ -144,7 +170,8 @@ class Settled:
 
 def settle(run: RunContext, view: Mapping[str, NodeState], frontier: Iterable[str]) -> Settled:
     """Settle each WAITING node of `frontier` whose predecessors are all final, and onward through
-    the nodes that end at once: its trigger rule says whether it runs, and its kind what running is.
+    the nodes that end at once: its edges' conditions and its trigger rule say whether it runs, and
+    its kind what running is.
 
     `view` holds the states known; a node missing from it that a decision needs goes to `needs`.
     """
@@ -166,18 +193,66 @@ def settle(run: RunContext, view: Mapping[str, NodeState], frontier: Iterable[st
         if state.status != S.WAITING or any(known[p].status not in FINAL for p in preds):
             continue
         done.add(key)
-        node = graph.nodes[key]
-        decision = trigger(node.trigger_rule, [known[p].status for p in preds])
-        if decision == RUN:
-            upstream = {p: known[p].result if known[p].status == S.SUCCESS else None for p in preds}
-            step = kinds.kind_of(node.kind).ready(node, run, upstream)
-        else:
-            step = Step(key, decision)
+        step = _ready(run, graph.nodes[key], {p: known[p] for p in preds})
         settled.steps.append(step)
         known[key] = NodeState(step.status, step.result)
         if step.status in FINAL:
             queue.extend(graph.succs[key])
     return settled
+
+
+def _ready(run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState]) -> Step:
+    """What a WAITING node whose predecessors are all final becomes. A predecessor that succeeded
+    along an edge whose `when` is false counts as SKIPPED; a `when` that fails fails the node."""
+    graph, key = run.graph, node.key
+    upstream = {p: state.result if state.status == S.SUCCESS else None for p, state in preds.items()}
+    statuses, why = [], []
+    for p, state in preds.items():
+        condition = graph.conditions.get((p, key))
+        status = state.status
+        if condition and status == S.SUCCESS:
+            try:
+                taken = expressions.when(condition, payload=run.payload, upstream=upstream, result=state.result)
+            except expressions.ExpressionError as exc:
+                return _trimmed(node, Step(key, S.FAILURE, error=f"edge {p} -> {key}: when {exc}"))
+            if not taken:
+                status = S.SKIPPED
+                upstream[p] = None
+                why.append(f"the condition of edge {p} -> {key} (`{condition}`) was false")
+        if status != S.SUCCESS and status == state.status:
+            why.append(f"{p} was {status}")
+        statuses.append(status)
+    decision = trigger(node.trigger_rule, statuses)
+    if decision != RUN:
+        return _trimmed(node, Step(key, decision, error=f"trigger rule {node.trigger_rule} not met: {'; '.join(why)}"))
+    return _trimmed(node, kinds.kind_of(node.kind).ready(node, run, upstream))
+
+
+def _trimmed(node: NodeSpec, step: Step) -> Step:
+    """A mapped node's row keeps only the instances this step makes (a retried run may hold older ones)."""
+    if mapped(node) and step.trim is None:
+        step.trim = len(step.instances)
+    return step
+
+
+def expand(run: RunContext, node: NodeSpec, upstream: Mapping[str, Any], *, first: Callable[[int, Any], Step]) -> Step:
+    """A mapped node that may run: one instance per element of its `map_over`, each QUEUED with the
+    Event of its first attempt (`first(index, item)`), its node STARTED; SKIPPED for no element, FAILURE
+    when the expression fails or gives more than `run.max_map_items`."""
+    source = node.options["map_over"]
+    try:
+        items = expressions.map_items(source, payload=run.payload, upstream=upstream)
+    except expressions.ExpressionError as exc:
+        return Step(node.key, S.FAILURE, error=f"map_over {exc}")
+    if not items:
+        return Step(node.key, S.SKIPPED, error=f"map_over `{source}` gave an empty list")
+    if len(items) > run.max_map_items:
+        return Step(
+            node.key,
+            S.FAILURE,
+            error=f"map_over `{source}` gave {len(items)} elements, more than the {run.max_map_items} allowed",
+        )
+    return Step(node.key, S.STARTED, instances=[first(index, item) for index, item in enumerate(items)])
 
 
 # --------------------------------------------------------------------------- attempts
@@ -229,15 +304,30 @@ class Plan:
     types: list[str] = field(default_factory=list)
     # Whether the run may have ended with it (nothing it made is left to finish).
     may_end: bool = False
+    # A mapped node one of whose instances ends: the decision that the node goes on assumes another of
+    # its instances is still unfinished.
+    open: str | None = None
 
     @property
     def queued(self) -> list[Step]:
+        """Node steps QUEUED: each joins its type's line with its new Event."""
         return [step for step in self.steps if step.status == S.QUEUED]
+
+    @property
+    def instances(self) -> list[Step]:
+        """The instances of the mapped nodes this plan starts or starts again."""
+        return [instance for step in self.steps for instance in step.instances]
+
+    @property
+    def events(self) -> list[dict]:
+        """Every new Event of the plan."""
+        return [step.event for step in (*self.steps, *self.instances) if step.event]
 
 
 def _plan(settled: Settled, read: Mapping[str, NodeState], freed: Iterable[str | None]) -> Plan:
     steps = settled.steps
-    types = {t for t in freed if t} | {step.event_type for step in steps if step.status == S.QUEUED}
+    ready = [s for s in steps if s.status == S.QUEUED] + [i for s in steps for i in s.instances]
+    types = {t for t in freed if t} | {step.event_type for step in ready}
     return Plan(
         steps=steps,
         expect={**{key: state.status for key, state in read.items()}, **{step.node: S.WAITING for step in steps}},
@@ -255,35 +345,93 @@ def plan_start(run: RunContext) -> Plan:
     return plan
 
 
-def plan_finish(run: RunContext, node_key: str, outcome: Outcome, read: Mapping[str, NodeState]) -> Plan | set[str]:
+def plan_finish(
+    run: RunContext,
+    node_key: str,
+    outcome: Outcome,
+    read: Mapping[str, NodeState],
+    *,
+    map_index: int | None = None,
+    instances: Sequence[NodeState] | None = None,
+) -> Plan | set[str]:
     """What an outcome of `node_key` settles (a retry settles nothing), or the nodes whose states it
     needs first.
 
     `read` holds states read from the database; the node's descendants not among them are taken as
-    WAITING (`Graph.descendants`), which the database confirms for every node it writes.
+    WAITING (`Graph.descendants`), which the database confirms for every node it writes. The outcome
+    of a mapped node's instance (`map_index`) ends the node only once every instance is final:
+    `instances` holds their states as read (None: not read, and the node is taken to go on, which the
+    database confirms).
     """
     graph = run.graph
     node = graph.nodes[node_key]
     freed = node.event_type if kinds.kind_of(node.kind).uses_worker else None
     if outcome.status == S.RETRY:
         return Plan(types=[], may_end=False)
+    ended = NodeState(outcome.status, outcome.result, outcome.error)
+    if map_index is not None:
+        states = list(instances) if instances is not None else None
+        if states is not None and map_index < len(states):
+            states[map_index] = ended
+        ended = map_outcome(states) if states is not None else None
+        if ended is None:
+            return Plan(types=[freed] if freed else [], open=node_key)
     view = {
         **dict.fromkeys(graph.descendants[node_key], WAITING),
         **read,
-        node_key: NodeState(outcome.status, outcome.result),
+        node_key: ended,
     }
     settled = settle(run, view, graph.succs[node_key])
     if settled.needs:
         return settled.needs
-    return _plan(settled, {k: v for k, v in read.items() if k != node_key}, [freed])
+    plan = _plan(settled, {k: v for k, v in read.items() if k != node_key}, [freed])
+    if map_index is not None:  # the node's row ends with its last instance
+        plan.steps.insert(0, Step(node_key, ended.status, result=ended.result, error=ended.error))
+        plan.expect[node_key] = S.STARTED
+    return plan
 
 
-def plan_rerun(run: RunContext, states: Mapping[str, NodeState], rerun: Iterable[str]) -> Plan:
-    """A retried run, its `rerun` nodes WAITING again and `states` holding every node: settle them."""
-    settled = settle(run, states, rerun)
+def plan_rerun(
+    run: RunContext,
+    states: Mapping[str, NodeState],
+    rerun: Iterable[str],
+    instances: Mapping[str, Sequence[NodeState]] = (),
+) -> Plan:
+    """A retried run, its `rerun` nodes WAITING again and `states` holding every node: settle them.
+
+    A mapped node whose instances ran, and whose predecessors keep their results, runs again only its
+    instances that did not succeed (`instances` holds each such node's instance states).
+    """
+    instances = dict(instances)
+    graph = run.graph
+    rerun = set(rerun)
+    partial = [key for key in sorted(rerun) if instances.get(key) and not any(p in rerun for p in graph.preds[key])]
+    view = dict(states)
+    steps = []
+    for key in partial:
+        step = _rerun_instances(run, graph.nodes[key], {p: states[p] for p in graph.preds[key]}, instances[key])
+        steps.append(step)
+        view[key] = NodeState(step.status, step.result)
+    settled = settle(run, view, sorted(rerun - set(partial)))
+    settled.steps[:0] = steps
     plan = _plan(settled, {}, ())
     plan.may_end = True  # every node is known: the database checks whether all are final
     return plan
+
+
+def _rerun_instances(
+    run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState], instances: Sequence[NodeState]
+) -> Step:
+    """A mapped node run again: its instances that did not succeed, with their elements as before
+    (`map_over` reads the same predecessors' results and payload)."""
+    step = _ready(run, node, preds)
+    if step.status != S.STARTED:
+        return step
+    again = [i for i in step.instances if i.map_index >= len(instances) or instances[i.map_index].status != S.SUCCESS]
+    if not again:  # nothing left to run again: the node ends as its instances did
+        ended = map_outcome(instances)
+        return Step(node.key, ended.status, result=ended.result, error=ended.error)
+    return Step(node.key, S.STARTED, instances=again, trim=None)
 
 
 # --------------------------------------------------------------------------- runs

@@ -88,16 +88,20 @@ UPDATE {EVENT} SET status = '{Event.Status.RETRY}' WHERE event_id = %(event_id)s
 """
 
 # What a transition reads when it cannot decide from what its worker knows: the run's version and
-# payload, the states of some of its nodes, and the attempt of `event_id` (its node, its number and
-# its Event). Read without a lock: the decision it feeds is carried out only if the database still
-# agrees (`eventflow_advance`'s `p_expect`).
+# payload, the states of some of its nodes, the attempt of `event_id` (its node, its instance, its
+# number and its Event), and the states of the instances of the mapped node `mapped`. Read without a
+# lock: the decision it feeds is carried out only if the database still agrees (`eventflow_advance`'s
+# `p_expect`).
 READ = f"""
 SELECT run.version_id, run.payload,
     (SELECT coalesce(jsonb_agg(jsonb_build_object('node', t.node_key, 'status', t.status, 'result', t.result)), '[]')
-     FROM {TASK} AS t WHERE t.run_id = run.trace_id AND t.node_key = ANY(%(nodes)s::varchar[])),
-    (SELECT jsonb_build_object('node', t.node_key, 'attempts', t.attempts, 'event', to_jsonb(e))
+     FROM {TASK} AS t WHERE t.run_id = run.trace_id AND t.node_key = ANY(%(nodes)s::varchar[]) AND t.map_index IS NULL),
+    (SELECT jsonb_build_object(
+        'node', t.node_key, 'map_index', t.map_index, 'attempts', t.attempts, 'event', to_jsonb(e))
      FROM {TASK} AS t JOIN {EVENT} AS e ON e.event_id = t.current_event_id
-     WHERE t.run_id = run.trace_id AND t.current_event_id = %(event_id)s)
+     WHERE t.run_id = run.trace_id AND t.current_event_id = %(event_id)s),
+    (SELECT coalesce(jsonb_agg(jsonb_build_object('status', t.status, 'result', t.result) ORDER BY t.map_index), '[]')
+     FROM {TASK} AS t WHERE t.run_id = run.trace_id AND t.node_key = %(mapped)s AND t.map_index IS NOT NULL)
 FROM {RUN} AS run WHERE run.trace_id = %(run_id)s
 """
 
@@ -121,21 +125,24 @@ SELECT moved.node_key, run.version_id, to_jsonb(event) FROM moved
 JOIN {RUN} AS run ON run.trace_id = moved.run_id JOIN {EVENT} AS event ON event.event_id = moved.current_event_id
 """
 
-# A retried run: its run row locked, then its tasks that ended without success WAITING again.
+# A retried run: its run row locked, then its nodes that ended without success WAITING again (a
+# mapped node's instances are kept: the plan says which run again).
 LOCK_RUN = f"SELECT status, version_id, payload FROM {RUN} WHERE trace_id = %(run_id)s FOR UPDATE"
 RERUN = f"""
 WITH reset AS (
     UPDATE {TASK}
     SET status = '{S.WAITING}', queued_at = NULL, started_at = NULL, finished_at = NULL, result = NULL, error = '',
         holds_slot = false, attempts = 0, lease_expires_at = NULL, due_at = NULL
-    WHERE run_id = %(run_id)s AND status IN ({_in(RERUN)})
+    WHERE run_id = %(run_id)s AND map_index IS NULL AND status IN ({_in(RERUN)})
     RETURNING node_key
 ), running AS (
     UPDATE {RUN} SET status = '{R.RUNNING}', finished_at = NULL WHERE trace_id = %(run_id)s
 )
 SELECT array_agg(node_key) FROM reset
 """
-STATES = f"SELECT node_key, status, result FROM {TASK} WHERE run_id = %(run_id)s"
+STATES = f"""
+SELECT node_key, map_index, status, result FROM {TASK} WHERE run_id = %(run_id)s ORDER BY node_key, map_index
+"""
 
 # The count of held slots of each event type whose rows hold another number, in one snapshot.
 DRIFTED = f"""
@@ -155,14 +162,14 @@ CANCEL = "SELECT * FROM eventflow_cancel_run(%(run_id)s, %(grace)s)"
 ADVANCE = """
 SELECT * FROM eventflow_advance(
     %(run_id)s, %(version_id)s, %(event_id)s, %(lost)s, %(outcome)s, %(result)s, %(error)s, %(event_result)s,
-    %(celery_result)s, %(retry_event)s, %(retry_in)s, %(expect)s, %(steps)s, %(events)s,
-    %(ready_nodes)s::varchar[], %(ready_events)s::uuid[], %(ready_types)s::varchar[], %(types)s::varchar[],
+    %(celery_result)s, %(retry_event)s, %(retry_in)s, %(expect)s, %(steps)s, %(events)s, %(instances)s,
+    %(open)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[], %(ready_types)s::varchar[], %(types)s::varchar[],
     %(may_end)s, %(grace)s)
 """
 START_RUN = """
 SELECT * FROM eventflow_start_run(
-    %(run)s, %(tasks)s, %(expect)s, %(steps)s, %(events)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[],
-    %(ready_types)s::varchar[], %(types)s::varchar[], %(may_end)s, %(grace)s)
+    %(run)s, %(tasks)s, %(expect)s, %(steps)s, %(events)s, %(instances)s, %(ready_nodes)s::varchar[],
+    %(ready_events)s::uuid[], %(ready_types)s::varchar[], %(types)s::varchar[], %(may_end)s, %(grace)s)
 """
 
 # --------------------------------------------------------------------------- functions
@@ -326,19 +333,21 @@ END
 # (SUCCESS or FAILURE, freeing its slot, with Celery's result row when given), or RETRY with its next
 # attempt's Event (in `p_events`, due in `p_retry_in` seconds, keeping the slot); the attempt's
 # Event takes the result, or `p_event_result` (its error) when it failed. Nothing is written
-# unless the run's version is `p_version` (when given; OTHER_VERSION) and every node of `p_expect`
-# still has the status the decision read (STALE). Then the steps: new Events, nodes that end at once,
-# and the QUEUED ones through admission (`eventflow_admit`, with the slot given back), and the run's
-# end when `p_may_end`. Answers the code, the database's clock, what admission sent, and the run's
-# status if it ended. The checks read after the run's lock, in a statement of their own: they see
-# what the lock's previous holder wrote.
+# unless the run's version is `p_version` (when given; OTHER_VERSION), every node of `p_expect` still
+# has the status the decision read, and, with `p_open`, that mapped node still has an unfinished
+# instance besides the attempt's (STALE). Then the steps: new Events, nodes that end at once or start
+# (a mapped node's row, keeping `keep` instance rows when given), its instances (`p_instances`, new
+# or started again, each QUEUED in its type's line), and the QUEUED ones through admission
+# (`eventflow_admit`, with the slot given back), and the run's end when `p_may_end`. Answers the code,
+# the database's clock, what admission sent, and the run's status if it ended. The checks read after
+# the run's lock, in a statement of their own: they see what the lock's previous holder wrote.
 ADVANCE_FUNCTION = (
     "eventflow_advance",
     "p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_outcome varchar, p_result jsonb, "
     "p_error text, p_event_result jsonb, p_celery_result jsonb, p_retry_event uuid, "
-    "p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], "
-    "p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, p_grace double precision, "
-    "OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
+    "p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_instances jsonb, p_open varchar, "
+    "p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, "
+    "p_grace double precision, OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
     "record",
     f"""
 DECLARE
@@ -372,7 +381,7 @@ BEGIN
             array_agg(task.id ORDER BY array_position(p_ready_nodes, e.node))
                 FILTER (WHERE e.node = ANY(p_ready_nodes)) AS ready
         FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
-        JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = e.node
+        JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = e.node AND task.map_index IS NULL
     ) AS expected LEFT JOIN {TASK} AS attempt
         ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ({_in(LIVE)})
         AND (NOT p_lost OR (attempt.status = '{S.STARTED}' AND attempt.lease_expires_at < now()));
@@ -380,7 +389,13 @@ BEGIN
         code := {NOT_CURRENT};
         RETURN;
     END IF;
-    IF NOT v_agrees THEN
+    -- The last instance to end is likely among the last admitted: look from the highest index down.
+    IF NOT v_agrees OR (p_open IS NOT NULL AND (
+        SELECT 1 FROM {TASK}
+        WHERE run_id = p_run AND node_key = p_open AND map_index IS NOT NULL AND status NOT IN ({_in(FINAL)})
+          AND id IS DISTINCT FROM v_task
+        ORDER BY map_index DESC LIMIT 1
+    ) IS NULL) THEN
         code := {STALE};
         RETURN;
     END IF;
@@ -414,12 +429,27 @@ BEGIN
             NULL::{CELERY_RESULT}, p_celery_result || jsonb_build_object('date_created', now(), 'date_done', now()))
         WHERE p_celery_result IS NOT NULL AND NOT v_retry
         ON CONFLICT (task_id) DO UPDATE SET {_CELERY_RESULT_REPLACED}
+    ), instances AS (
+        INSERT INTO {TASK} AS task
+            (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker,
+             queued_at, current_event_id)
+        SELECT p_run, i.node, i.map_index, i.event_type, i.task_name, '{S.QUEUED}', 0, false, '', '', now(), i.event_id
+        FROM jsonb_to_recordset(p_instances)
+            AS i(node varchar, map_index integer, event_type varchar, task_name varchar, event_id uuid)
+        ON CONFLICT (run_id, node_key, map_index) DO UPDATE
+        SET status = '{S.QUEUED}', attempts = 0, holds_slot = false, error = '', worker = '', queued_at = now(),
+            current_event_id = EXCLUDED.current_event_id, result = NULL, started_at = NULL, finished_at = NULL,
+            lease_expires_at = NULL, due_at = NULL
+    ), trimmed AS (
+        DELETE FROM {TASK} AS task USING jsonb_to_recordset(p_steps) AS s(node varchar, keep integer)
+        WHERE s.keep IS NOT NULL AND task.run_id = p_run AND task.node_key = s.node AND task.map_index >= s.keep
     )
     UPDATE {TASK} AS task
     SET status = s.status, result = s.result, error = coalesce(s.error, ''),
+        started_at = CASE WHEN s.status = '{S.STARTED}' THEN now() ELSE task.started_at END,
         finished_at = CASE WHEN s.status IN ({_in(FINAL)}) THEN now() END
     FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, result jsonb, error text)
-    WHERE task.run_id = p_run AND task.node_key = s.node AND s.status <> '{S.QUEUED}';
+    WHERE task.run_id = p_run AND task.node_key = s.node AND task.map_index IS NULL AND s.status <> '{S.QUEUED}';
     IF cardinality(p_types) > 0 THEN
         v_released := array_fill(0, ARRAY[cardinality(p_types)]);
         IF v_holds AND NOT v_retry AND v_type = ANY(p_types) THEN
@@ -439,9 +469,9 @@ END
 # statements each costing the web process more to send than PostgreSQL spends on them.
 START_RUN_FUNCTION = (
     "eventflow_start_run",
-    "p_run jsonb, p_tasks jsonb, p_expect jsonb, p_steps jsonb, p_events jsonb, p_ready_nodes varchar[], "
-    "p_ready_events uuid[], "
-    "p_ready_types varchar[], p_types varchar[], p_may_end boolean, p_grace double precision, "
+    "p_run jsonb, p_tasks jsonb, p_expect jsonb, p_steps jsonb, p_events jsonb, p_instances jsonb, "
+    "p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, "
+    "p_grace double precision, "
     "OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
     "record",
     f"""
@@ -458,8 +488,8 @@ BEGIN
     FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar);
     SELECT a.code, a.clock, a.sent, a.run_status INTO v_code, clock, sent, run_status
     FROM eventflow_advance(
-        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events, p_ready_nodes,
-        p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
+        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events, p_instances,
+        NULL, p_ready_nodes, p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
 END
 """,
 )
@@ -543,8 +573,26 @@ def functions_digest() -> str:
     return hashlib.sha256(functions_sql().encode()).hexdigest()[:16]
 
 
+# Every function of these names, whatever its arguments: a changed signature would otherwise leave the
+# old one beside the new.
+_DROP_ALL = """
+DO $drop$
+DECLARE f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+             WHERE n.nspname = current_schema() AND p.proname = ANY(%s) LOOP
+        EXECUTE 'DROP FUNCTION ' || f;
+    END LOOP;
+END
+$drop$
+"""
+
+
 def install_functions(apps: Any, schema_editor: Any) -> None:
-    """A migration's operation: create (or replace) the engine's functions as this code defines them."""
+    """A migration's operation: create the engine's functions as this code defines them, dropping any
+    of their names first."""
+    names = "ARRAY[" + ", ".join(f"'{name}'" for name, *_ in FUNCTIONS) + "]"
+    schema_editor.execute(_DROP_ALL % names)
     schema_editor.execute(functions_sql())
 
 

@@ -101,13 +101,26 @@ def run_payload_check(payload: Any) -> dict:
 def _plan_params(plan: Plan) -> dict[str, Any]:
     """A plan as `eventflow_advance` and `eventflow_start_run` take it."""
     steps = [
-        {"node": step.node, "status": step.status, "result": step.result, "error": step.error} for step in plan.steps
+        {"node": step.node, "status": step.status, "result": step.result, "error": step.error, "keep": step.trim}
+        for step in plan.steps
+    ]
+    instances = [
+        {
+            "node": i.node,
+            "map_index": i.map_index,
+            "event_type": i.event_type,
+            "task_name": i.event["task_name"],
+            "event_id": i.event["event_id"],
+        }
+        for i in plan.instances
     ]
     queued = plan.queued
     return {
         "expect": pgsql.as_json([{"node": k, "status": v} for k, v in plan.expect.items()]),
         "steps": pgsql.as_json(steps),
-        "events": pgsql.as_json([step.event for step in plan.steps if step.event]),
+        "events": pgsql.as_json(plan.events),
+        "instances": pgsql.as_json(instances),
+        "open": plan.open,
         "ready_nodes": [step.node for step in queued],
         "ready_events": [step.event["event_id"] for step in queued],
         "ready_types": [step.event_type for step in queued],
@@ -121,7 +134,7 @@ def _send(
     sent: Any, clock: Any, *, plan: Plan | None = None, version_id: int | None = None, revokes: Iterable[str] = ()
 ) -> None:
     """Send after commit what admission answered; the Events the `plan` composed are not read back."""
-    known = {step.event["event_id"]: step.event for step in plan.steps if step.event} if plan else {}
+    known = {event["event_id"]: event for event in plan.events} if plan else {}
     outbox = Outbox()
     outbox.add_sent(pgsql.loads(sent), clock, known=known, version_id=version_id)
     outbox.revokes.extend(str(e) for e in revokes)
@@ -187,7 +200,7 @@ def workflow_run_start(
         source=source,
         trigger_event=trigger_event,
     )
-    plan = rules.plan_start(RunContext(str(run.trace_id), payload, graph))
+    plan = rules.plan_start(_context(str(run.trace_id), payload, graph))
     tasks = [{"node_key": n.key, "event_type": n.event_type, "task_name": n.task} for n in graph.nodes.values()]
     params = {"run": pgsql.as_json(pgsql.new_row(run)), "tasks": pgsql.as_json(tasks), **_plan_params(plan)}
     try:
@@ -249,24 +262,31 @@ def task_run_retrying(*, event_id: str, error: str = "") -> None:
     pgsql.execute(sql.RETRYING, {"event_id": event_id, "error": error})
 
 
+def _context(trace_id: str, payload: Mapping[str, Any], graph: Graph) -> RunContext:
+    return RunContext(trace_id, payload, graph, max_map_items=settings.EVENTFLOW["MAX_MAP_ITEMS"])
+
+
 @dataclass
 class _Read:
     version_id: int
     payload: dict
     states: dict[str, NodeState]
-    attempt: dict | None  # node, attempts, event of the attempt asked about, if still current
+    attempt: dict | None  # node, map_index, attempts, event of the attempt asked about, if still current
+    instances: list[NodeState]  # of the mapped node asked about, by index
 
 
-def _read(trace_id: str, event_id: str, nodes: Iterable[str]) -> _Read | None:
-    row = pgsql.fetch_one(sql.READ, {"run_id": trace_id, "event_id": event_id, "nodes": sorted(nodes)})
+def _read(trace_id: str, event_id: str, nodes: Iterable[str], mapped: str | None = None) -> _Read | None:
+    params = {"run_id": trace_id, "event_id": event_id, "nodes": sorted(nodes), "mapped": mapped}
+    row = pgsql.fetch_one(sql.READ, params)
     if row is None:
         return None
-    version_id, payload, states, attempt = (pgsql.loads(value) for value in row)
+    version_id, payload, states, attempt, instances = (pgsql.loads(value) for value in row)
     return _Read(
         version_id=version_id,
         payload=payload,
         states={s["node"]: NodeState(s["status"], s["result"]) for s in states},
         attempt=attempt,
+        instances=[NodeState(i["status"], i["result"]) for i in instances],
     )
 
 
@@ -314,12 +334,15 @@ def task_run_finish(
     if graph is None or node_key not in graph.nodes:
         graph, version_id, event = None, None, None
     attempt = event["context"].get("attempt", 1) if event else 1
+    map_index = event["context"].get("map_index") if event else None
     payload = run_payload if run_payload is not None and graph is not None else None
     read: dict[str, NodeState] = {}
     needs: set[str] = set()
+    instances: list[NodeState] | None = None
+    read_instances = False
     for _ in range(DECIDE_ATTEMPTS):
-        if graph is None or payload is None or needs:
-            found = _read(trace_id, event_id, needs)
+        if graph is None or payload is None or needs or read_instances:
+            found = _read(trace_id, event_id, needs, node_key if read_instances else None)
             if found is None:
                 return False  # the run is gone
             if version_id != found.version_id:  # the Event named no version, or another than the run's
@@ -327,13 +350,17 @@ def task_run_finish(
             if event is None:
                 if found.attempt is None:
                     return False  # not its task's current attempt
-
                 event, node_key, attempt = found.attempt["event"], found.attempt["node"], found.attempt["attempts"]
+                map_index = found.attempt["map_index"]
             payload = found.payload
             read.update(found.states)
+            if read_instances:
+                instances, read_instances = found.instances, False
         node = graph.nodes[node_key]
         outcome = rules.attempt_outcome(node, attempt=attempt, succeeded=succeeded, result=result, error=error)
-        plan = rules.plan_finish(RunContext(trace_id, payload, graph), node_key, outcome, read)
+        plan = rules.plan_finish(
+            _context(trace_id, payload, graph), node_key, outcome, read, map_index=map_index, instances=instances
+        )
         if isinstance(plan, set):
             needs = plan
             continue
@@ -358,9 +385,10 @@ def task_run_finish(
             return False
         if code == sql.OTHER_VERSION:
             version_id_named.cache_clear()  # the workflow was created again under its name
-            graph, version_id, event, read = None, None, None, {}
+            graph, version_id, event, read, instances = None, None, None, {}, None
         else:  # STALE: what the decision read changed meanwhile; read every node again
             needs, read = set(graph.nodes) - {node_key}, {}
+            read_instances = map_index is not None
     raise RuntimeError(f"could not record the outcome of {event_id}: the run kept changing")
 
 
@@ -534,9 +562,15 @@ def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
                 status=409,
             )
         (rerun,) = pgsql.fetch_one(sql.RERUN, {"run_id": trace_id})
-        states = {k: NodeState(s, pgsql.loads(r)) for k, s, r in pgsql.fetch_all(sql.STATES, {"run_id": trace_id})}
+        states: dict[str, NodeState] = {}
+        instances: dict[str, list[NodeState]] = {}
+        for key, index, status, result in pgsql.fetch_all(sql.STATES, {"run_id": trace_id}):
+            if index is None:
+                states[key] = NodeState(status, pgsql.loads(result))
+            else:
+                instances.setdefault(key, []).append(NodeState(status, pgsql.loads(result)))
         graph = graph_for_version(version_id)
-        plan = rules.plan_rerun(RunContext(trace_id, payload, graph), states, rerun or [])
+        plan = rules.plan_rerun(_context(trace_id, payload, graph), states, rerun or [], instances)
         _, clock, sent, _ = _advance(trace_id, version_id, plan)
         _send(sent, clock, plan=plan, version_id=version_id)
     return WorkflowRun.objects.get(trace_id=trace_id)
