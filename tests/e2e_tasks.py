@@ -42,6 +42,16 @@ def flaky(event: dict) -> dict:
     return {"ok": True}
 
 
+@shared_task(name="tests.e2e_tasks.item")
+def item(event: dict) -> dict:
+    """An instance of a mapped node: return its index and element. The element equal to the payload's
+    `bad` fails while the Redis key `broken:<payload's flag>` is set."""
+    context = event["context"]
+    if context["item"] == event["payload"].get("bad") and _redis().exists(f"broken:{event['payload'].get('flag')}"):
+        raise RuntimeError(f"element {context['item']} is broken")
+    return {"index": context["map_index"], "item": context["item"]}
+
+
 @shared_task(name="tests.e2e_tasks.fail_first_attempt")
 def fail_first_attempt(event: dict) -> dict:
     """Fail the first attempt once the test sets the run's `gate` key in Redis; succeed on any later one.
