@@ -23,6 +23,7 @@ from events_app.models import EventType
 from tests import factories
 from tests.e2e import wait_for
 from workflows_app import engine
+from workflows_app.definitions import definition_spec
 from workflows_app.management.commands import trigger_workflow
 from workflows_app.models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
@@ -85,6 +86,26 @@ def test_importing_an_unchanged_definition_keeps_its_version():
 
     assert out.strip() == "imported product_pipeline (version 1)"
     assert WorkflowVersion.objects.filter(workflow__name="product_pipeline").count() == 1
+
+
+@pytest.mark.django_db
+def test_import_the_grown_example_with_its_condition_and_its_mapped_uploads():
+    out = run_command("import_workflows", str(ROOT / "examples" / "product_pipeline_v2.yaml"))
+
+    assert out.strip() == "imported product_pipeline_v2 (version 1)"
+    workflow = WorkflowDefinition.objects.get(name="product_pipeline_v2")
+    conditions = {(e.source.key, e.target.key): e.when for e in workflow.edges.select_related("source", "target")}
+    assert len(conditions) == 11
+    assert conditions[("moderate", "upload_1688")] == '!("1688" in result.payload.barred)'
+    assert conditions[("moderate", "upload_ali")] == '!("ali" in result.payload.barred)'
+    spec = definition_spec(workflow)
+    assert {n["key"]: n["map_over"] for n in spec["nodes"] if "map_over" in n} == {
+        "upload_ali": "upstream.image.payload.images",
+        "upload_1688": "upstream.image.payload.images",
+    }
+    # Each node on an event type of its own, as in the first pipeline.
+    assert workflow.nodes.values("event_type").distinct().count() == workflow.nodes.count() == 8
+    assert EventType.objects.get(name="product_moderate").concurrency == 2
 
 
 @pytest.mark.django_db
@@ -489,6 +510,18 @@ def test_supervisor_restarts_a_dying_child_and_passes_sigterm_on(tmp_path):
     assert supervisor.returncode == 0, output
     assert stopped.read_text() == "SIGTERM"
     assert "worker dying exited unexpectedly with code 0; restarting" in output
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize("name", ["product_pipeline_v3", "../product_pipeline", "examples/product_pipeline"])
+def test_demo_refuses_a_workflow_that_is_not_an_example_before_starting_anything(name):
+    with pytest.raises(CommandError) as caught:
+        call_command("demo", "--no-serve", "--workflow", name, stdout=io.StringIO())
+
+    assert f"no example workflow {name!r}" in str(caught.value)
+    assert "the examples: product_pipeline, product_pipeline_v2" in str(caught.value)
 
 
 # --------------------------------------------------------------------------- docker-compose.yml

@@ -128,3 +128,82 @@ def test_demo_uses_postgresql_and_redis_when_told(tmp_path: Path) -> None:
     assert not (project / "var" / "broker" / "queue").exists()
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.mark.e2e
+def test_demo_runs_the_grown_pipeline_with_a_barred_branch_and_one_upload_per_image(tmp_path: Path) -> None:
+    import psycopg
+    import redis
+    import yaml
+
+    project = tmp_path / "eventflow"
+    shutil.copytree(
+        ROOT,
+        project,
+        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"),
+    )
+    example = yaml.safe_load((ROOT / "examples" / "product_pipeline_v2.yaml").read_text())
+    images = next(n for n in example["nodes"] if n["key"] == "image")["params"]["images"]
+    database = "eventflow_demo_v2_check"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{database}"')
+    broker = "redis://127.0.0.1:6379/13"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
+        "CELERY_BROKER_URL": broker,
+    }
+    try:
+        result = run_demo(project, env, "--no-serve", "--runs", "2", "--workflow", "product_pipeline_v2", timeout=240)
+    finally:
+        for pid in processes_in(project):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = result.stdout + result.stderr
+    print(output)
+    assert result.returncode == 0, output
+    assert "Loaded workflow 'product_pipeline_v2'" in result.stdout
+    assert "All runs succeeded." in result.stdout
+    # The node table: each mapped upload's instances, and the barred marketplace's branch skipped.
+    table = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("upload_", "publish_"))}
+    assert f"{len(images)} per run: {2 * len(images)} SUCCESS" in table["upload_ali"], output
+    assert "2 SKIPPED" in table["upload_1688"] and "2 SKIPPED" in table["publish_1688"], output
+    assert "2 SUCCESS" in table["publish_ali"], output
+
+    trace_ids = sorted({url.rstrip("/").rsplit("/", 1)[1] for url in RUN_URL.findall(result.stdout)})
+    assert len(trace_ids) == 2
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}") as conn:
+        runs = conn.execute(
+            "SELECT status FROM workflows_app_workflowrun WHERE trace_id = ANY(%s::uuid[])", [trace_ids]
+        ).fetchall()
+        tasks = conn.execute(
+            "SELECT t.run_id::text, t.node_key, t.map_index, t.status, e.context"
+            " FROM workflows_app_taskrun t LEFT JOIN events_app_event e ON e.event_id = t.current_event_id"
+            " WHERE t.run_id = ANY(%s::uuid[]) ORDER BY t.run_id, t.node_key, t.map_index NULLS FIRST",
+            [trace_ids],
+        ).fetchall()
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    assert runs == [("SUCCESS",), ("SUCCESS",)]
+    for trace_id in trace_ids:
+        mine = [t for t in tasks if t[0] == trace_id]
+        status = {key: s for _, key, index, s, _ in mine if index is None}
+        # The moderation bars 1688: its edge is not taken, so its upload and publish never run.
+        assert status["upload_1688"] == status["publish_1688"] == "SKIPPED"
+        assert not [t for t in mine if t[1] == "upload_1688" and t[2] is not None]
+        assert {key: s for key, s in status.items() if key not in ("upload_1688", "publish_1688")} == dict.fromkeys(
+            ["intake", "listing", "image", "moderate", "upload_ali", "publish_ali"], "SUCCESS"
+        )
+        # One upload instance per image, each holding its image, in order.
+        uploads = [
+            (index, s, context["item"])
+            for _, key, index, s, context in mine
+            if key == "upload_ali" and index is not None
+        ]
+        assert uploads == [(i, "SUCCESS", image) for i, image in enumerate(images)]
+        publish = next(context for _, key, index, _, context in mine if key == "publish_ali")
+        assert len(publish["upstream"]["upload_ali"]) == len(images)

@@ -1,4 +1,4 @@
-"""manage.py demo: the quickstart on embedded defaults: database, product pipeline, workers, web server, runs."""
+"""manage.py demo: the quickstart on embedded defaults: database, an example workflow, workers, web server, runs."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import OperationalError, close_old_connections
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.test import Client
 from django.urls import reverse
 from kombu.exceptions import OperationalError as BrokerError
@@ -37,6 +37,9 @@ from ._helpers import definitions_load, error_summary, table_format
 from .run_workers import worker_command, worker_plan
 
 ADMIN_USERNAME = "demo"  # its own superuser, so a real admin account is never touched
+DEFAULT_WORKFLOW = "product_pipeline"
+# An example's name is its file's stem in examples/: a slug, so it cannot name a path elsewhere.
+EXAMPLE_NAME = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
 # Seconds between two reads of the demo's runs: live enough for a terminal, and two grouped
 # counts per read cost the database next to nothing.
 POLL_INTERVAL = 0.2
@@ -111,18 +114,80 @@ def progress_line(*, task_counts: dict[str, int], run_counts: dict[str, int]) ->
     return f"[{bar}] {done}/{total} tasks ({running} running, {queued} queued)  runs: {runs}"
 
 
+def examples_dir() -> Path:
+    return Path(settings.BASE_DIR) / "examples"
+
+
+def example_path(name: str) -> Path:
+    """examples/NAME.yaml, or a CommandError naming the examples there are."""
+    path = examples_dir() / f"{name}.yaml"
+    if not EXAMPLE_NAME.match(name) or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in examples_dir().glob("*.yaml"))) or "none"
+        raise CommandError(f"no example workflow {name!r} (examples/{name}.yaml); the examples: {known}")
+    return path
+
+
+def node_outcomes_table(*, workflow: WorkflowDefinition, trace_ids: list[str]) -> str:
+    """One line per node of the workflow, in definition order: how its tasks ended across the runs, a
+    mapped node's instances per run and how they ended, and why a node did not succeed (from one run)."""
+    runs = len(trace_ids)
+    ended: dict[str, list[str]] = {}
+    instances: dict[str, list[str]] = {}
+    per_run: dict[str, int] = {}
+    rows = (
+        TaskRun.objects.filter(run_id__in=trace_ids)
+        .order_by()
+        .values("node_key", "status")
+        .annotate(
+            own=Count("pk", filter=Q(map_index__isnull=True)), mapped=Count("pk", filter=Q(map_index__isnull=False))
+        )
+    )
+    for row in rows:
+        key, status = row["node_key"], row["status"]
+        if row["own"]:
+            ended.setdefault(key, []).append(f"{row['own']} {status}")
+        if row["mapped"]:
+            instances.setdefault(key, []).append(f"{row['mapped']} {status}")
+            per_run[key] = per_run.get(key, 0) + row["mapped"]
+    why = dict(
+        TaskRun.objects.filter(run_id__in=trace_ids, map_index__isnull=True)
+        .exclude(status=TaskRun.Status.SUCCESS)
+        .exclude(error="")
+        .order_by("node_key", "run_id")
+        .distinct("node_key")
+        .values_list("node_key", "error")
+    )
+    keys = list(workflow.nodes.order_by("id").values_list("key", flat=True))
+    table = []
+    for key in keys:
+        mapped = f"{per_run[key] / runs:g} per run: {', '.join(sorted(instances[key]))}" if key in instances else "-"
+        table.append([key, ", ".join(sorted(ended.get(key, []))) or "-", mapped, error_summary(why.get(key, ""))])
+    return f"Nodes of the {runs} run{'s' if runs > 1 else ''}:\n" + table_format(
+        ["node", "ended", "mapped instances", "why not SUCCESS"], table
+    )
+
+
 class Command(BaseCommand):
     help = (
         "The quickstart: migrate the database (a PostgreSQL embedded under var/pgdata unless DATABASE_URL "
-        "is set), load "
-        "examples/product_pipeline.yaml, create the admin user, start one Celery worker per event-type "
-        "queue on the broker (an embedded file broker under var/broker unless CELERY_BROKER_URL is set) "
+        "is set), load an example workflow (examples/product_pipeline.yaml unless --workflow names "
+        "another), create the admin user, start one Celery worker per event-type queue on the broker (an "
+        "embedded file broker under var/broker unless CELERY_BROKER_URL is set) "
         "and the web server, trigger a few runs and show their progress. Without --no-serve it keeps "
         "serving until Ctrl-C; with --no-serve it exits when the runs end, 0 only if all succeeded."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--runs", type=int, default=3, metavar="N", help="Runs to trigger (default 3).")
+        parser.add_argument(
+            "--workflow",
+            default=DEFAULT_WORKFLOW,
+            metavar="NAME",
+            help=(
+                f"The example to load and run: examples/NAME.yaml (default {DEFAULT_WORKFLOW}; "
+                "product_pipeline_v2 adds a moderation branch and one upload per image)."
+            ),
+        )
         parser.add_argument("--port", type=int, default=8000, help="Port of the web server (default 8000).")
         parser.add_argument(
             "--no-serve",
@@ -145,6 +210,7 @@ class Command(BaseCommand):
             raise CommandError("--port must be between 1 and 65535")
         if not timeout > 0:
             raise CommandError("--timeout must be a positive number of seconds")
+        example = example_path(options["workflow"])
         # Checked first, so a busy port fails in a second rather than after the workers started.
         if serve and not _port_free(port):
             raise CommandError(f"port {port} on 127.0.0.1 is in use: pass --port with a free one")
@@ -153,7 +219,7 @@ class Command(BaseCommand):
         previous_sigterm = self._sigterm_as_interrupt()
         interrupted = False
         try:
-            self._run(runs=runs, serve=serve, timeout=timeout)
+            self._run(example=example, runs=runs, serve=serve, timeout=timeout)
         except KeyboardInterrupt:
             interrupted = True
             self._say("\nStopping ...")
@@ -167,7 +233,7 @@ class Command(BaseCommand):
 
     # ------------------------------------------------------------------ the steps
 
-    def _run(self, *, runs: int, serve: bool, timeout: float) -> None:
+    def _run(self, *, example: Path, runs: int, serve: bool, timeout: float) -> None:
         self._say("Eventflow demo")
         self._prepare_storage()
         self._say("Migrating the database ...")
@@ -176,7 +242,7 @@ class Command(BaseCommand):
         except OperationalError as exc:
             raise CommandError(f"cannot use the database: {exc}") from None
         self._check_broker()
-        workflow = self._load_pipeline()
+        workflow = self._load_example(example)
         password = self._admin_reset()
         self._say(f"Admin login: user {ADMIN_USERNAME!r}, password {password!r}  ({self.base_url}/admin/)")
         self._start_workers()
@@ -185,6 +251,7 @@ class Command(BaseCommand):
         trace_ids = self._trigger(workflow, runs)
         finished = self._follow(trace_ids, timeout=timeout)
         succeeded = self._report(trace_ids)
+        self._report_nodes(workflow, trace_ids)
         pages_ok = self._check_pages(trace_ids)
         if not serve:
             if not finished:
@@ -241,8 +308,7 @@ class Command(BaseCommand):
     def _embedded_broker() -> bool:
         return settings.CELERY_BROKER_URL.startswith("filesystem://")
 
-    def _load_pipeline(self) -> WorkflowDefinition:
-        path = Path(settings.BASE_DIR) / "examples" / "product_pipeline.yaml"
+    def _load_example(self, path: Path) -> WorkflowDefinition:
         workflow = None
         for data in definitions_load(str(path)):
             try:
@@ -471,6 +537,11 @@ class Command(BaseCommand):
             summary = error_summary(task.error)
             self.stderr.write(f"  {task.run_id} {task.node_key}: {task.status}{': ' + summary if summary else ''}")
         return all(r.status == WorkflowRun.Status.SUCCESS for r in runs.values())
+
+    def _report_nodes(self, workflow: WorkflowDefinition, trace_ids: list[str]) -> None:
+        """How each node ended across the runs: a mapped node's instances, and the nodes skipped."""
+        close_old_connections()
+        self._say("\n" + node_outcomes_table(workflow=workflow, trace_ids=trace_ids))
 
     def _check_pages(self, trace_ids: list[str]) -> bool:
         """Render each status page in-process as the admin, proving it answers without a server."""
