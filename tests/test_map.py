@@ -172,8 +172,8 @@ def test_a_failed_instance_fails_the_node_once_all_end_and_a_retry_runs_it_alone
 def test_an_instance_retries_on_its_own(sent, django_capture_on_commit_callbacks):
     cap = django_capture_on_commit_callbacks
     wf = factories.workflow(mapped_spec(max_retries=1, retry_delay=0))
-    run = start(wf, {"items": ["x", "y"]}, capture=cap)
     EventType.objects.filter(name="q_default").update(concurrency=5)
+    run = start(wf, {"items": ["x", "y"]}, capture=cap)
     finish(run, instances(run, "each")[0], cap, ok=False)
     first = instances(run, "each")[0]
     assert (first.status, first.holds_slot) == ("RETRY", True)
@@ -235,3 +235,67 @@ def test_a_condition_that_fails_at_run_time_fails_its_target_naming_it(sent, dja
     assert yes.status == "FAILURE"
     assert "edge check -> yes" in yes.error and "`result.missing`" in yes.error
     assert node_row(run, "below").status == "UPSTREAM_FAILED"
+
+
+def test_a_lost_instance_is_failed_by_the_reconciler_and_ends_its_node(sent, django_capture_on_commit_callbacks):
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(mapped_spec())
+    EventType.objects.filter(name="q_default").update(concurrency=5)
+    run = start(wf, {"items": ["x", "y"]}, capture=cap)
+    finish(run, instances(run, "each")[0], cap, result="x done")
+    lost = instances(run, "each")[1]
+    assert engine.task_run_start(event_id=str(lost.current_event_id), attempt=1)
+    TaskRun.objects.filter(pk=lost.pk).update(lease_expires_at=Now() - timedelta(hours=1))
+    with cap(execute=True):
+        assert engine.task_runs_reconcile() == 1
+    lost.refresh_from_db()
+    assert lost.status == "FAILURE" and "worker lost" in lost.error
+    assert node_row(run, "each").status == "FAILURE"
+    assert node_row(run, "after").status == "UPSTREAM_FAILED"
+    assert not TaskRun.objects.filter(run=run, holds_slot=True).exists()
+
+
+def test_cancel_revokes_the_unfinished_instances_and_frees_their_slots(sent, django_capture_on_commit_callbacks):
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(mapped_spec())
+    EventType.objects.filter(name="q_default").update(concurrency=2)
+    run = start(wf, {"items": [1, 2, 3, 4]}, capture=cap)
+    finish(run, instances(run, "each")[0], cap, result=1)
+    with cap(execute=True):
+        engine.workflow_run_cancel(trace_id=str(run.trace_id))
+    assert [t.status for t in instances(run, "each")] == ["SUCCESS", "REVOKED", "REVOKED", "REVOKED"]
+    assert node_row(run, "each").status == "REVOKED"
+    assert EventType.objects.get(name="q_default").held == 0
+    with cap(execute=True):
+        engine.workflow_run_retry(trace_id=str(run.trace_id))
+    assert [t.status for t in instances(run, "each")] == ["SUCCESS", "QUEUED", "QUEUED", "QUEUED"]
+    assert [t.holds_slot for t in instances(run, "each")] == [False, True, True, False]
+
+
+def test_the_database_refuses_to_go_on_when_no_other_instance_is_open(sent, django_capture_on_commit_callbacks):
+    """Two last instances ending at once each take the other to be open; the database lets only the
+    first go on (`p_open`), and the second decides again from what it reads."""
+    from workflows_app.engine import rules, sql, transitions
+    from workflows_app.engine.rules import RunContext
+
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(mapped_spec())
+    EventType.objects.filter(name="q_default").update(concurrency=5)
+    run = start(wf, {"items": ["x", "y"]}, capture=cap)
+    finish(run, instances(run, "each")[0], cap, result="x")
+    last = instances(run, "each")[1]
+    assert engine.task_run_start(event_id=str(last.current_event_id), attempt=1)
+    graph = engine.graph_for_version(run.version_id)
+    context = RunContext(str(run.trace_id), {}, graph)
+    plan = rules.plan_finish(context, "each", rules.Outcome("SUCCESS"), {}, map_index=1)
+    assert plan.open == "each"
+    code, *_ = transitions._advance(
+        str(run.trace_id), run.version_id, plan, event_id=str(last.current_event_id), outcome=rules.Outcome("SUCCESS")
+    )
+    assert code == sql.STALE
+    last.refresh_from_db()
+    assert last.status == "STARTED"  # nothing written
