@@ -71,7 +71,7 @@ def _env(names: frozenset[str]) -> Any:
 def _cel_message(error: Any) -> str:
     """The runtime's message without its status code and its caret drawing."""
     text = _first_line(error) if isinstance(error, BaseException) else str(error).strip().splitlines()[0]
-    return re.sub(r"^[A-Z_]+: (ERROR: <input>:\d+:\d+: )?", "", text)
+    return re.sub(r"^[A-Z_]+: (ERROR: <input>:\d+:\d+: )?| \(in container ''\)", "", text)
 
 
 def _first_line(exc: BaseException) -> str:
