@@ -208,10 +208,10 @@ def test_the_reconciler_is_installed_as_a_beat_schedule():
 @st.composite
 def dags(draw):
     """A random DAG (edges go from lower to higher index), each node with a random trigger rule and
-    kind, and a random outcome for each attempt it may make."""
+    kind, some task nodes mapped over a list of the payload, some edges (from unmapped nodes) with a
+    condition on their source's result, and a random outcome for each attempt it may make."""
     size = draw(st.integers(1, 9))
     keys = [f"n{i}" for i in range(size)]
-    edges = [[keys[i], keys[j]] for i in range(size) for j in range(i + 1, size) if draw(st.booleans())]
     nodes = [
         {
             "key": key,
@@ -222,66 +222,128 @@ def dags(draw):
         }
         for key in keys
     ]
+    payload = {}
+    for node in nodes:
+        if node["kind"] == "task" and draw(st.integers(0, 3)) == 0:
+            node["map_over"] = f"payload.{node['key']}"
+            payload[node["key"]] = list(range(draw(st.integers(0, 3))))
+    edges = []
+    for i in range(size):
+        for j in range(i + 1, size):
+            if draw(st.booleans()):
+                # On the result of a task that is not mapped: `{"go": bool}`.
+                plain = nodes[i]["kind"] == "task" and "map_over" not in nodes[i]
+                conditional = plain and draw(st.integers(0, 2)) == 0
+                edges.append(
+                    {"from": keys[i], "to": keys[j], "when": "result.go"} if conditional else [keys[i], keys[j]]
+                )
+    go = {key: draw(st.booleans()) for key in keys}
     outcomes = {key: draw(st.lists(st.booleans(), min_size=3, max_size=3)) for key in keys}
     order = draw(st.randoms(use_true_random=False))
-    return graph_of(nodes, edges), outcomes, order
+    return graph_of(nodes, edges), payload, go, outcomes, order
 
 
 class Simulated:
     """A run's rows, kept in memory, changed only by applying the plans `rules` makes, as the
-    database does (checking `expect` first)."""
+    database does (checking `expect`, and `open` for a mapped node's instance, first)."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, payload=None):
         self.graph = graph
-        self.run = RunContext("trace", {"in": 1}, graph)
+        self.run = RunContext("trace", payload or {"in": 1}, graph)
         self.states: dict[str, NodeState] = dict.fromkeys(graph.nodes, rules.WAITING)
-        self.attempts: dict[str, int] = dict.fromkeys(graph.nodes, 0)
+        self.attempts: dict[str | tuple[str, int], int] = dict.fromkeys(graph.nodes, 0)
+        self.instances: dict[str, list[NodeState]] = {}
         self.decided: list[str] = []
 
-    def apply(self, plan) -> None:
+    def apply(self, plan, ending: tuple[str, int] | None = None) -> bool:
+        """Carry `plan` out, or answer False (STALE) when a mapped node is taken to go on while no
+        instance but the one `ending` is unfinished."""
         for node, status in plan.expect.items():
             assert self.states[node].status == status, f"{node}: expected {status}, is {self.states[node]}"
+        if plan.open:
+            node, index = ending
+            if all(s.status in FINAL for i, s in enumerate(self.instances[node]) if i != index):
+                return False
         for step in plan.steps:
-            assert self.states[step.node].status == S.WAITING, f"{step.node} decided twice"
-            self.decided.append(step.node)
+            expected = plan.expect.get(step.node, S.WAITING)
+            assert self.states[step.node].status == expected, f"{step.node} decided twice"
+            if expected == S.WAITING:
+                self.decided.append(step.node)
             self.states[step.node] = NodeState(step.status, step.result)
             if step.status == S.QUEUED:
                 self.attempts[step.node] = 1
+            if step.instances:
+                self.instances[step.node] = [NodeState(S.QUEUED) for _ in step.instances]
+                for instance in step.instances:
+                    self.attempts[step.node, instance.map_index] = 1
+        return True
 
     def read(self, nodes) -> Mapping[str, NodeState]:
         return {n: self.states[n] for n in nodes}
 
 
+def _finish(sim: Simulated, key: str, outcome, index: int | None) -> None:
+    """What `transitions.task_run_finish` does with an outcome: decide, read what is needed, decide again."""
+    read: dict[str, NodeState] = {}
+    instances = None
+    while True:
+        plan = rules.plan_finish(sim.run, key, outcome, read, map_index=index, instances=instances)
+        if isinstance(plan, set):
+            read.update(sim.read(plan))  # what the engine reads when the Event alone cannot decide
+            continue
+        if sim.apply(plan, (key, index)):
+            return
+        instances = list(sim.instances[key])  # STALE: read the instances and decide again
+
+
 @settings(max_examples=300, deadline=None)
 @given(dags())
 def test_a_random_dag_with_random_outcomes_ends_with_every_node_final_as_the_rules_say(case):
-    graph, outcomes, order = case
-    sim = Simulated(graph)
+    graph, payload, go, outcomes, order = case
+    sim = Simulated(graph, payload)
     sim.apply(rules.plan_start(sim.run))
-    while running := [k for k, s in sim.states.items() if s.status == S.QUEUED]:
-        key = order.choice(running)
-        attempt = sim.attempts[key]
+    while running := [(k, None) for k, s in sim.states.items() if s.status == S.QUEUED] + [
+        (k, i) for k, states in sim.instances.items() for i, s in enumerate(states) if s.status == S.QUEUED
+    ]:
+        key, index = order.choice(running)
+        handle = key if index is None else (key, index)
+        attempt = sim.attempts[handle]
         succeeded = outcomes[key][attempt - 1]
-        outcome = rules.attempt_outcome(graph.nodes[key], attempt=attempt, succeeded=succeeded, result=key)
+        result = {"go": go[key]} if index is None else index
+        outcome = rules.attempt_outcome(graph.nodes[key], attempt=attempt, succeeded=succeeded, result=result)
         if outcome.status == S.RETRY:
-            sim.attempts[key] += 1
+            sim.attempts[handle] += 1
             continue
-        sim.states[key] = NodeState(outcome.status, outcome.result)
-        read: dict[str, NodeState] = {}
-        while isinstance(plan := rules.plan_finish(sim.run, key, outcome, read), set):
-            read.update(sim.read(plan))  # what the engine reads when the Event alone cannot decide
-        sim.apply(plan)
+        if index is None:
+            sim.states[key] = NodeState(outcome.status, outcome.result)
+        else:
+            sim.instances[key][index] = NodeState(outcome.status, outcome.result)
+        _finish(sim, key, outcome, index)
 
     assert all(s.status in FINAL for s in sim.states.values())
+    assert all(s.status in FINAL for states in sim.instances.values() for s in states)
     assert sorted(sim.decided) == sorted(graph.nodes)  # every node decided exactly once
     for key, state in sim.states.items():
-        preds = [sim.states[p].status for p in graph.preds[key]]
+        preds = [
+            S.SKIPPED
+            if sim.states[p].status == S.SUCCESS and (p, key) in graph.conditions and not go[p]
+            else sim.states[p].status
+            for p in graph.preds[key]
+        ]
         verdict = rules.trigger(graph.nodes[key].trigger_rule, preds)
-        if verdict == rules.RUN:
+        if verdict != rules.RUN:
+            assert state.status == verdict
+        elif rules.mapped(graph.nodes[key]):
+            instances = sim.instances.get(key, [])
+            assert len(instances) == len(payload[key])
+            if not instances:
+                assert state.status == S.SKIPPED
+            else:
+                ended = rules.map_outcome(instances)
+                assert (state.status, state.result) == (ended.status, ended.result)
+        else:
             assert state.status in (S.SUCCESS, S.FAILURE)
             assert state.status == S.SUCCESS or graph.nodes[key].kind == "task"
-        else:
-            assert state.status == verdict
     statuses = [s.status for s in sim.states.values()]
     expected = "FAILED" if any(s in ("FAILURE", "UPSTREAM_FAILED") for s in statuses) else "SUCCESS"
     assert rules.run_outcome(statuses) == expected
