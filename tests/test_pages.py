@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import timedelta
+from html import escape as html_escape
+from html import unescape as html_unescape
 
 import pytest
 from django.conf import settings
@@ -54,6 +56,13 @@ def start(workflow, payload: dict | None = None) -> WorkflowRun:
 def section(html: str, start_marker: str, end_marker: str) -> str:
     begin = html.index(start_marker)
     return html[begin : html.index(end_marker, begin)]
+
+
+def svg_node(html: str, key: str) -> str:
+    """The drawing of one node: from its group to the next node's, or to the edge labels after the boxes."""
+    begin = html.index(f'<g class="dag-node" data-node="{key}"')
+    ends = [html.find(marker, begin + 1) for marker in ('<g class="dag-node"', '<g class="dag-cond"', "</svg>")]
+    return html[begin : min(end for end in ends if end != -1)]
 
 
 def svg_nodes(html: str) -> dict[str, str]:
@@ -965,3 +974,186 @@ def test_pages_draw_a_node_of_a_kind_that_needs_no_worker(browser, api):
     assert 'data-node="gate" data-kind="noop"' in html and "noop" in section(html, '<svg class="dag"', "</svg>")
     tasks = {t["node"]: t for t in api.get(f"/api/runs/{run.trace_id}/").json()["tasks"]}
     assert (tasks["gate"]["status"], tasks["gate"]["event_type"], tasks["a"]["status"]) == ("SUCCESS", None, "QUEUED")
+
+
+# --------------------------------------------------------------------------- branches and maps
+
+ECHO = "workflows_app.tasks.echo"
+SKIP_REASON = "the condition of edge moderate -> publish_1688 (`result.allowed_1688`) was false"
+
+
+def branching_workflow(name: str = "branching") -> WorkflowDefinition:
+    """list -> upload (mapped over the list's images) -> publish; list -> moderate -> publish_1688, taken
+    only when moderation allows it."""
+    return factories.workflow(
+        factories.spec(
+            name,
+            [
+                ("list", ECHO),
+                {"key": "upload", "task": ECHO, "map_over": "upstream.list.images"},
+                ("publish", ECHO),
+                ("moderate", ECHO),
+                ("publish_1688", ECHO),
+            ],
+            [
+                ["list", "upload"],
+                ["upload", "publish"],
+                ["list", "moderate"],
+                {"from": "moderate", "to": "publish_1688", "when": "result.allowed_1688"},
+            ],
+        )
+    )
+
+
+def branching_run(statuses: list[str], *, events: bool = False) -> WorkflowRun:
+    """A run of `branching_workflow` part-way: list and moderate done, upload mapped with one instance per
+    status, publish_1688 skipped by its edge's condition."""
+    workflow = WorkflowDefinition.objects.filter(name="branching").first() or branching_workflow()
+    run = start(workflow)
+    now = timezone.now()
+    factories.task_set(run, "list", status="SUCCESS", started_at=now, finished_at=now, result={"images": [1]})
+    factories.task_set(run, "moderate", status="SUCCESS", started_at=now, finished_at=now, result={})
+    factories.task_set(run, "publish_1688", status="SKIPPED", finished_at=now, error=SKIP_REASON)
+    factories.map_instances(run, "upload", statuses, events=events)
+    return run
+
+
+def test_run_page_draws_a_mapped_node_once_with_its_counts(browser):
+    run = branching_run(["SUCCESS"] * 180 + ["STARTED"] * 3 + ["QUEUED"] * 17)
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+
+    svg = section(html, '<svg class="dag"', "</svg>")
+    assert svg_nodes(html) == {
+        "list": "SUCCESS",
+        "upload": "STARTED",
+        "publish": "WAITING",
+        "moderate": "SUCCESS",
+        "publish_1688": "SKIPPED",
+    }
+    assert table_nodes(html) == svg_nodes(html)
+    upload = svg_node(svg, "upload")
+    assert 'data-mapped="true"' in upload and 'class="dag-stack"' in upload
+    assert "180 \u2713 3 running 17 queued" in upload
+    assert "\u00d7200" in upload
+    row = section(html, '<tr id="task-upload"', "</tr>")
+    assert 'data-instances="200"' in row and "180 \u2713 \u00b7 3 running \u00b7 17 queued" in row
+    # Its attempts are its instances': 183 sent so far.
+    assert '<td class="num">183</td>' in row
+
+
+def test_run_page_shows_why_a_node_was_skipped(browser):
+    run = branching_run(["SUCCESS"])
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+    detail = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, "publish_1688"])).content.decode()
+
+    skipped = svg_node(html, "publish_1688")
+    assert 'stroke-dasharray="6 4"' in skipped
+    assert "the condition of edge moderate -&gt; publish_1688" in skipped
+    row = section(html, '<tr id="task-publish_1688"', "</tr>")
+    assert 'class="wrap reason"' in row and "(`result.allowed_1688`) was false" in row
+    assert "Why it did not run" in detail and "Skipped: the condition of edge" in detail
+    assert "<h2>Error</h2>" not in detail
+
+
+def test_run_page_draws_each_condition_on_its_edge(browser):
+    run = branching_run(["SUCCESS"])
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+
+    svg = section(html, '<svg class="dag"', "</svg>")
+    assert svg.count('class="dag-cond"') == 1
+    label = section(svg, '<g class="dag-cond" data-edge="moderate publish_1688"', "</g>")
+    assert "<title>moderate \u2192 publish_1688 when result.allowed_1688</title>" in label
+    assert "result.allowed_1688" in label
+    assert svg.count('stroke-dasharray="5 3"') == 1
+
+
+def test_a_long_condition_is_cut_on_the_drawing_and_whole_in_its_title():
+    when = "result.allowed_1688 && payload.region in ['cn', 'hk', 'tw'] && size(upstream.list.images) > 2"
+    svg = graph_svg.dag_svg(
+        [graph_svg.SvgNode(key="a"), graph_svg.SvgNode(key="b")], [("a", "b")], conditions={("a", "b"): when}
+    )
+
+    label = section(svg, '<g class="dag-cond"', "</g>")
+    shown = re.search(r'class="mono">([^<]*)</text>', label).group(1)
+    assert shown.endswith("\u2026") and len(html_unescape(shown)) < 30
+    assert html_escape(when) in label
+
+
+def test_node_detail_of_a_mapped_node_pages_its_instances(browser):
+    statuses = ["SUCCESS"] * 100 + ["FAILURE"] * 3 + ["STARTED"] * 17
+    run = branching_run(statuses, events=True)
+    url = reverse("workflows_app:run-node", args=[run.trace_id, "upload"])
+
+    def indexes(html: str) -> list[int]:
+        return [int(i) for i in re.findall(r'<tr data-map-index="(\d+)"', html)]
+
+    first = browser.get(url).content.decode()
+    last = browser.get(url, {"instances": "3"}).content.decode()
+    failed = browser.get(url, {"status": "failure"}).content.decode()
+    beyond = browser.get(url, {"instances": "99"}).content.decode()
+    bogus = browser.get(url, {"instances": "-2", "status": "nonsense"}).content.decode()
+    fragment = browser.get(url, {"fragment": "1", "instances": "2"}).content.decode()
+
+    assert indexes(first) == list(range(50))
+    assert "page 1 of 3" in first and 'rel="prev"' not in first
+    assert re.search(r'href="[^"]*\?instances=2#instances" rel="next"', first)
+    assert "120: 100 \u2713 \u00b7 3 \u2717 \u00b7 17 running" in first
+    assert "Attempts (" not in first
+    assert indexes(last) == list(range(100, 120))
+    assert 'rel="next"' not in last and re.search(r'\?instances=2#instances" rel="prev"', last)
+    assert indexes(failed) == [100, 101, 102]
+    assert "RuntimeError: instance 101 failed" in failed
+    assert indexes(beyond) == indexes(last)
+    assert indexes(bogus) == indexes(first)
+    assert 'class="node-detail"' in fragment and indexes(fragment) == list(range(50, 100))
+
+
+def test_run_page_lists_instance_attempts_in_their_node_only(browser):
+    run = branching_run(["SUCCESS"] * 5, events=True)
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+
+    events = section(html, '<table class="grid events">', "</table>") if "grid events" in html else ""
+    assert 'data-node-link="upload"' not in events
+    assert "data-instance-events" in html
+    assert Event.objects.filter(trace_id=run.trace_id, context__node="upload").count() == 5
+
+
+def test_run_page_query_count_does_not_grow_with_instances(browser):
+    small = branching_run(["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * 3, events=True)
+    large = branching_run(["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * 250, events=True)
+
+    def counts(run: WorkflowRun) -> tuple[int, ...]:
+        node = reverse("workflows_app:run-node", args=[run.trace_id, "upload"])
+        return (
+            _queries(browser, reverse("workflows_app:run-detail", args=[run.trace_id])),
+            _queries(browser, reverse("workflows_app:run-live", args=[run.trace_id])),
+            _queries(browser, node, {"fragment": "1"}),
+            _queries(browser, node, {"instances": "2", "status": "QUEUED"}),
+        )
+
+    assert TaskRun.objects.filter(run=large, map_index__isnull=False).count() == 1_000
+    large_html = browser.get(reverse("workflows_app:run-detail", args=[large.trace_id])).content.decode()
+    assert "250 \u2713 \u00b7 250 \u2717 \u00b7 250 running \u00b7 250 queued" in large_html
+    assert counts(small) == counts(large)
+
+
+def test_workflow_page_draws_conditions_and_marks_mapped_nodes(browser, admin_client):
+    workflow = branching_workflow()
+
+    html = browser.get(reverse("workflows_app:workflow-detail", args=[workflow.name])).content.decode()
+    admin = admin_client.get(
+        reverse("admin:workflows_app_workflowdefinition_change", args=[workflow.pk])
+    ).content.decode()
+
+    for page in (html, admin):
+        svg = section(page, '<svg class="dag"', "</svg>")
+        assert 'data-edge="moderate publish_1688"' in section(svg, '<g class="dag-cond"', "</g>")
+        upload = svg_node(svg, "upload")
+        assert 'data-mapped="true"' in upload and ">map<" in upload
+        assert "map over upstream.list.images" in upload
+    assert 'data-map-over="upstream.list.images"' in section(html, '<tr id="node-upload"', "</tr>")
+    assert 'data-when="result.allowed_1688"' in section(html, '<tr id="node-publish_1688"', "</tr>")

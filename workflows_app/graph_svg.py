@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import html
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,11 +46,18 @@ UNCOLOURED = ("#ffffff", "#212529")
 NODE_W = 188
 NODE_H = 64
 GAP_X = 70
+# Columns are this far apart when some edge carries a condition, so its label fits between them.
+GAP_X_LABELLED = 150
 GAP_Y = 22
 PAD = 14
 # Approximate advance of one character at the label font sizes, to truncate before overflowing the box.
 CHAR_W_TITLE = 7.6
 CHAR_W_TEXT = 6.4
+CHAR_W_LABEL = 5.6
+# An edge with a condition is dashed: it may not be taken.
+DASHED = ' stroke-dasharray="5 3"'
+# A mapped node is drawn as a stack of cards: the cards behind it, offset up and to the right.
+STACK_OFFSETS = (8, 4)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,9 @@ class SvgNode:
     status: str | None = None
     href: str | None = None
     tooltip: str = ""
+    # A mapped node (one task instance per element of a list): drawn as a stack, with `badge` on it.
+    mapped: bool = False
+    badge: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ def _layers(keys: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[list[
 
 
 @functools.lru_cache(maxsize=512)
-def layout(keys: tuple[str, ...], edges: tuple[tuple[str, str], ...]) -> Layout:
+def layout(keys: tuple[str, ...], edges: tuple[tuple[str, str], ...], gap_x: float = GAP_X) -> Layout:
     """Layers left to right (a node sits one column right of its deepest predecessor), centred vertically.
 
     Cached: a run's graph is fixed by its version and the live page redraws it every second.
@@ -141,10 +151,10 @@ def layout(keys: tuple[str, ...], edges: tuple[tuple[str, str], ...]) -> Layout:
         offset = (tallest - len(layer)) * (NODE_H + GAP_Y) / 2
         for row, key in enumerate(layer):
             positions[key] = (
-                PAD + column * (NODE_W + GAP_X),
+                PAD + column * (NODE_W + gap_x),
                 PAD + offset + row * (NODE_H + GAP_Y),
             )
-    width = 2 * PAD + len(layers) * NODE_W + max(len(layers) - 1, 0) * GAP_X
+    width = 2 * PAD + len(layers) * NODE_W + max(len(layers) - 1, 0) * gap_x
     height = 2 * PAD + tallest * NODE_H + max(tallest - 1, 0) * GAP_Y
     return Layout(positions=positions, width=width, height=height)
 
@@ -154,11 +164,45 @@ def _fit(text: str, room: float, char_w: float) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def _edge_path(src: tuple[float, float], dst: tuple[float, float]) -> str:
+def _edge_ends(src: tuple[float, float], dst: tuple[float, float]) -> tuple[float, float, float, float, float]:
+    """(x1, y1, x2, y2, bend) of the cubic curve from the source's right side to the target's left."""
     x1, y1 = src[0] + NODE_W, src[1] + NODE_H / 2
     x2, y2 = dst[0] - 2, dst[1] + NODE_H / 2
-    bend = max((x2 - x1) / 2, 20)
+    return x1, y1, x2, y2, max((x2 - x1) / 2, 20)
+
+
+def _edge_path(src: tuple[float, float], dst: tuple[float, float]) -> str:
+    x1, y1, x2, y2, bend = _edge_ends(src, dst)
     return f"M{x1:.1f},{y1:.1f} C{x1 + bend:.1f},{y1:.1f} {x2 - bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
+
+
+def _label_point(src: tuple[float, float], dst: tuple[float, float], gap_x: float) -> tuple[float, float]:
+    """Where an edge's label sits: on its curve, in the middle of the gap before its target. Between
+    two columns no box is drawn, so an edge that skips columns keeps its label off the boxes it passes."""
+    x1, y1, x2, y2, bend = _edge_ends(src, dst)
+    xs, ys = (x1, x1 + bend, x2 - bend, x2), (y1, y1, y2, y2)
+
+    def at(t: float, p: tuple[float, ...]) -> float:
+        u = 1 - t
+        return u * u * u * p[0] + 3 * u * u * t * p[1] + 3 * u * t * t * p[2] + t * t * t * p[3]
+
+    want, low, high = x2 - gap_x / 2 + 1, 0.0, 1.0
+    for _ in range(30):  # x grows along the curve: bisect for the t where it reaches `want`
+        mid = (low + high) / 2
+        low, high = (mid, high) if at(mid, xs) < want else (low, mid)
+    t = (low + high) / 2
+    return at(t, xs), at(t, ys)
+
+
+def _condition_svg(source: str, target: str, when: str, x: float, y: float, room: float) -> str:
+    text = _fit(when, room - 10, CHAR_W_LABEL)
+    width = len(text) * CHAR_W_LABEL + 10
+    return (
+        f'<g class="dag-cond" data-edge="{_e(source)} {_e(target)}" transform="translate({x:.1f},{y:.1f})">'
+        f"<title>{_e(source)} \u2192 {_e(target)} when {_e(when)}</title>"
+        f'<rect x="{-width / 2:.1f}" y="-9" width="{width:.1f}" height="17" rx="8" fill="#fff8db" stroke="#c9a227"/>'
+        f'<text text-anchor="middle" y="4" font-size="10" fill="#5c4a00" class="mono">{_e(text)}</text></g>'
+    )
 
 
 def _e(value: object) -> str:
@@ -170,41 +214,75 @@ def _e(value: object) -> str:
 def _node_svg(node: SvgNode, x: float, y: float) -> str:
     fill, ink = STATUS_COLOURS.get(node.status or "", UNCOLOURED)
     room = NODE_W - 20
+    badge = _fit(node.badge, 60, CHAR_W_TEXT) if node.badge else ""
+    badge_w = len(badge) * CHAR_W_TEXT + 10 if badge else 0
     texts = [
         '<text x="10" y="21" class="dag-key" font-size="13" font-weight="600">'
-        f"{_e(_fit(node.key, room, CHAR_W_TITLE))}</text>"
+        f"{_e(_fit(node.key, room - badge_w, CHAR_W_TITLE))}</text>"
     ]
     for i, line in enumerate(node.lines[:2]):
         texts.append(
             f'<text x="10" y="{39 + i * 16}" class="dag-sub" font-size="11">{_e(_fit(line, room, CHAR_W_TEXT))}</text>'
         )
     stroke = "#495057" if node.status else "#868e96"
-    body = f'<rect width="{NODE_W}" height="{NODE_H}" rx="7" fill="{fill}" stroke="{stroke}" stroke-width="1.2"/>'
+    # A skipped node is drawn as a dashed outline too, so it reads as "did not run" beside a waiting one.
+    dash = ' stroke-dasharray="6 4"' if node.status == "SKIPPED" else ""
+    card = f'width="{NODE_W}" height="{NODE_H}" rx="7" fill="{fill}" stroke="{stroke}" stroke-width="1.2"{dash}'
+    body = ""
+    if node.mapped:
+        body += "".join(f'<rect x="{d}" y="{-d}" class="dag-stack" {card}/>' for d in STACK_OFFSETS)
+    body += f"<rect {card}/>"
     body += "".join(texts)
+    if badge:
+        body += (
+            f'<g class="dag-badge" transform="translate({NODE_W - badge_w - 6:.1f},6)">'
+            f'<rect width="{badge_w:.1f}" height="16" rx="8" fill="#ffffff" fill-opacity="0.85" stroke="{stroke}"/>'
+            f'<text x="{badge_w / 2:.1f}" y="12" text-anchor="middle" font-size="10.5" font-weight="600" '
+            f'fill="#212529">{_e(badge)}</text></g>'
+        )
     key = _e(node.key)
     if node.href:
         # data-node-link lets the run page open the node's detail in place instead of following the link.
         body = f'<a href="{_e(node.href)}" class="dag-link" data-node-link="{key}">{body}</a>'
     tooltip = node.tooltip or " \u00b7 ".join((node.key, *node.lines))
     status_attr = f' data-status="{_e(node.status)}"' if node.status else ""
+    mapped_attr = ' data-mapped="true"' if node.mapped else ""
     return (
-        f'<g class="dag-node" data-node="{key}"{status_attr} transform="translate({x:.1f},{y:.1f})" '
+        f'<g class="dag-node" data-node="{key}"{status_attr}{mapped_attr} transform="translate({x:.1f},{y:.1f})" '
         f'fill="{ink}"><title>{_e(tooltip)}</title>{body}</g>'
     )
 
 
-def dag_svg(nodes: Sequence[SvgNode], edges: Sequence[tuple[str, str]], *, label: str = "workflow graph") -> SafeString:
-    """The DAG as an inline <svg>: one `g.dag-node[data-node][data-status]` per node, curved edges with arrows."""
+def dag_svg(
+    nodes: Sequence[SvgNode],
+    edges: Sequence[tuple[str, str]],
+    *,
+    label: str = "workflow graph",
+    conditions: Mapping[tuple[str, str], str] | None = None,
+) -> SafeString:
+    """The DAG as an inline <svg>: one `g.dag-node[data-node][data-status]` per node, curved edges with arrows.
+
+    `conditions` maps (source, target) to an edge's `when`: such an edge is dashed and labelled with it
+    (`g.dag-cond`, shortened to fit, in full in its <title>).
+    """
     keys = tuple(node.key for node in nodes)
     known = set(keys)
     edge_list = tuple((s, t) for s, t in edges if s in known and t in known)
-    placed = layout(keys, edge_list)
+    conditions = {edge: when for edge, when in (conditions or {}).items() if edge in edge_list and when}
+    gap_x = GAP_X_LABELLED if conditions else GAP_X
+    placed = layout(keys, edge_list, gap_x)
     pos = placed.positions
     paths = mark_safe(  # keys escaped; the path is numbers
         "".join(
             f'<path class="dag-edge" data-edge="{_e(s)} {_e(t)}" d="{_edge_path(pos[s], pos[t])}" '
-            'marker-end="url(#dag-arrow)"/>'
+            f'marker-end="url(#dag-arrow)"{DASHED if (s, t) in conditions else ""}/>'
             for s, t in edge_list
+        )
+    )
+    labels = mark_safe(  # escaped in _condition_svg
+        "".join(
+            _condition_svg(s, t, when, *_label_point(pos[s], pos[t], gap_x), gap_x)
+            for (s, t), when in conditions.items()
         )
     )
     boxes = mark_safe("".join(_node_svg(node, *pos[node.key]) for node in nodes))  # escaped in _node_svg
@@ -213,7 +291,7 @@ def dag_svg(nodes: Sequence[SvgNode], edges: Sequence[tuple[str, str]], *, label
         'width="{}" height="{}" viewBox="0 0 {} {}" font-family="system-ui, sans-serif">'
         '<defs><marker id="dag-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="8" '
         'markerHeight="8" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#6c757d"/></marker></defs>'
-        '<g fill="none" stroke="#6c757d" stroke-width="1.5">{}</g>{}</svg>',
+        '<g fill="none" stroke="#6c757d" stroke-width="1.5">{}</g>{}{}</svg>',
         label,
         f"{placed.width:.0f}",
         f"{placed.height:.0f}",
@@ -221,6 +299,7 @@ def dag_svg(nodes: Sequence[SvgNode], edges: Sequence[tuple[str, str]], *, label
         f"{placed.height:.0f}",
         paths,
         boxes,
+        labels,
     )
 
 
@@ -230,24 +309,35 @@ def workflow_svg(
     *,
     label: str,
     href: Callable[[str], str] | None = None,
+    conditions: Mapping[tuple[str, str], str] | None = None,
 ) -> SafeString:
-    """A definition drawn without statuses: each node labelled with its event type (concurrency) and task.
+    """A definition drawn without statuses: each node labelled with its event type (concurrency) and task,
+    a mapped node as a stack marked "map", each edge's condition on it.
 
     `nodes` are saved `Node` rows with their event type loaded; `href(key)` gives each box a link.
     """
-    svg_nodes = [
-        SvgNode(
-            key=node.key,
-            lines=(
-                f"{node.event_type_id} ({node.event_type.concurrency})" if node.event_type_id else node.kind,
-                node.task.rsplit(".", 1)[-1],
-            ),
-            href=href(node.key) if href else None,
-            tooltip=" \u00b7 ".join(filter(None, (node.key, node.task or node.kind, node.event_type_id))),
+    svg_nodes = []
+    for node in nodes:
+        map_over = (node.options or {}).get("map_over", "")
+        svg_nodes.append(
+            SvgNode(
+                key=node.key,
+                lines=(
+                    f"{node.event_type_id} ({node.event_type.concurrency})" if node.event_type_id else node.kind,
+                    node.task.rsplit(".", 1)[-1],
+                ),
+                href=href(node.key) if href else None,
+                tooltip=" \u00b7 ".join(
+                    filter(
+                        None,
+                        (node.key, node.task or node.kind, node.event_type_id, map_over and f"map over {map_over}"),
+                    )
+                ),
+                mapped=bool(map_over),
+                badge="map" if map_over else "",
+            )
         )
-        for node in nodes
-    ]
-    return dag_svg(svg_nodes, edges, label=label)
+    return dag_svg(svg_nodes, edges, label=label, conditions=conditions)
 
 
 def timeline_svg(rows: Sequence[TimelineRow], *, start: datetime, end: datetime) -> SafeString:

@@ -17,6 +17,7 @@ from django.db.models import (
     Q,
     QuerySet,
     Subquery,
+    Sum,
     When,
     Window,
 )
@@ -73,18 +74,22 @@ def run_tasks(*, run: WorkflowRun) -> list[TaskRun]:
     return list(run.tasks.all())
 
 
-def run_events(*, trace_id: str) -> QuerySet[Event]:
+def run_events(*, trace_id: str, instances: bool = True) -> QuerySet[Event]:
     """The run's events: the published event that started it first (when one did), then every attempt's.
+
+    Without `instances`, the attempts of a mapped node's instances (their context has a `map_index`) are
+    left out: the run page lists those in each node's detail, so its size does not follow a map's.
 
     The trigger event carries no trace_id (one event may start many runs), so it is found through
     the run's `trigger_event`; both halves are index lookups.
     """
     trigger = WorkflowRun.objects.filter(trace_id=trace_id).values("trigger_event_id")[:1]
-    return (
-        Event.objects.filter(Q(trace_id=trace_id) | Q(event_id=Subquery(trigger)))
-        .annotate(is_attempt=Case(When(trace_id=trace_id, then=1), default=0, output_field=IntegerField()))
-        .order_by("is_attempt", "timestamp", "event_id")
-    )
+    events = Event.objects.filter(Q(trace_id=trace_id) | Q(event_id=Subquery(trigger)))
+    if not instances:
+        events = events.filter(Q(context__map_index__isnull=True) | Q(context__map_index=None))
+    return events.annotate(
+        is_attempt=Case(When(trace_id=trace_id, then=1), default=0, output_field=IntegerField())
+    ).order_by("is_attempt", "timestamp", "event_id")
 
 
 def _runs_filtered(
@@ -194,15 +199,48 @@ def _line_position() -> Case:
 
 
 def run_page_get(*, trace_id: str) -> WorkflowRun | None:
-    """The run with its version's spec, and its tasks (definition order) each annotated `line_position`."""
+    """The run with its version's spec, and its nodes' own rows (definition order, no instance of a mapped
+    node: `run_instance_counts` sums those up) each annotated `line_position`."""
     # Results are shown in a node's detail only; the run page never reads them.
-    tasks = TaskRun.objects.order_by("id").defer("result").annotate(line_position=_line_position())
+    tasks = (
+        TaskRun.objects.filter(map_index__isnull=True)
+        .order_by("id")
+        .defer("result")
+        .annotate(line_position=_line_position())
+    )
     return (
         WorkflowRun.objects.select_related("workflow", "version")
         .prefetch_related(Prefetch("tasks", queryset=tasks))
         .filter(trace_id=trace_id)
         .first()
     )
+
+
+def run_instance_counts(*, trace_id: str, node: str | None = None) -> dict[str, dict[str, int]]:
+    """For each mapped node of the run (or only `node`): its instances per status, and their attempts in
+    all under the key "attempts"; one aggregate, whatever the number of instances."""
+    rows = TaskRun.objects.filter(run_id=trace_id, map_index__isnull=False)
+    if node is not None:
+        rows = rows.filter(node_key=node)
+    counts: dict[str, dict[str, int]] = {}
+    for key, status, n, attempts in (
+        rows.order_by().values_list("node_key", "status").annotate(n=Count("id"), tries=Sum("attempts"))
+    ):
+        per_node = counts.setdefault(key, {"attempts": 0})
+        per_node[status] = n
+        per_node["attempts"] += attempts or 0
+    return counts
+
+
+def node_instance_page(
+    *, trace_id: str, node: str, status: str | None = None, offset: int = 0, limit: int = 50
+) -> list[TaskRun]:
+    """One page of a mapped node's instances by map index (only those in `status`, when given); a range
+    scan of the (run, node, map_index) index."""
+    rows = TaskRun.objects.filter(run_id=trace_id, node_key=node, map_index__isnull=False)
+    if status:
+        rows = rows.filter(status=status)
+    return list(rows.defer("result").order_by("map_index")[offset : offset + limit])
 
 
 def workflow_page_get(*, name: str) -> WorkflowDefinition | None:
@@ -248,7 +286,7 @@ def task_page_get(*, trace_id: str, node: str) -> TaskRun | None:
     return (
         TaskRun.objects.select_related("run__workflow", "run__version", "event_type", "current_event")
         .annotate(line_position=_line_position())
-        .filter(run_id=trace_id, node_key=node)
+        .filter(run_id=trace_id, node_key=node, map_index__isnull=True)
         .first()
     )
 
@@ -257,7 +295,8 @@ def task_neighbour_statuses(*, trace_id: str, nodes: list[str]) -> dict[str, str
     """Status of each named task of the run (a node's predecessors and successors); one query."""
     if not nodes:
         return {}
-    return dict(TaskRun.objects.filter(run_id=trace_id, node_key__in=nodes).values_list("node_key", "status"))
+    rows = TaskRun.objects.filter(run_id=trace_id, node_key__in=nodes, map_index__isnull=True)
+    return dict(rows.values_list("node_key", "status"))
 
 
 def node_events(*, trace_id: str, node: str) -> QuerySet[Event]:

@@ -36,6 +36,7 @@ THROUGHPUT_WINDOW = timedelta(hours=1)
 PAYLOAD_PREVIEW_CHARS = 20_000
 RESULT_PREVIEW_CHARS = 160
 ERROR_PREVIEW_CHARS = 200
+INSTANCES_PER_PAGE = 50
 DETAIL_CHARS = 50_000
 RELATIVE_SINCE = re.compile(r"^(\d{1,4})([mhd])$")
 RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
@@ -87,6 +88,31 @@ def _first_line(text: str) -> str:
     return _preview(line.strip(), ERROR_PREVIEW_CHARS)
 
 
+# How a mapped node's instances are summed up, in this order: a mark for the two outcomes, else a word.
+INSTANCE_LABELS = (
+    ("SUCCESS", "\u2713"),
+    ("FAILURE", "\u2717"),
+    ("STARTED", "running"),
+    ("RETRY", "retrying"),
+    ("QUEUED", "queued"),
+    ("WAITING", "waiting"),
+    ("REVOKED", "revoked"),
+    ("SKIPPED", "skipped"),
+    ("UPSTREAM_FAILED", "upstream failed"),
+)
+# Statuses whose `error` says why a node did not run, rather than what went wrong in it.
+NOT_RUN = (TaskRun.Status.SKIPPED, TaskRun.Status.UPSTREAM_FAILED)
+
+
+def instance_summary(counts: dict[str, int], sep: str = " ") -> str:
+    """A mapped node's instances per status, e.g. "180 \u2713 3 running 17 queued"; empty for none."""
+    return sep.join(f"{counts[status]} {label}" for status, label in INSTANCE_LABELS if counts.get(status))
+
+
+def instance_total(counts: dict[str, int]) -> int:
+    return sum(n for status, n in counts.items() if status != "attempts")
+
+
 # The task and event tables of a large run have thousands of cells and the live fragment is redrawn
 # every second, so their rows are built here with plain string formatting: Django's template loop
 # and `date` filter cost about ten times as much per cell.
@@ -113,20 +139,28 @@ def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
         if row["place"]:
             position = "" if task.line_position is None else task.line_position
             place = f' <span class="muted" data-line-position="{position}">{escape(row["place"])}</span>'
+        if row["mapped"]:
+            place += (
+                f' <span class="instances" data-instances="{row["instances"]}">'
+                f"{escape(row['summary'] or 'no instances yet')}</span>"
+            )
+        mapped = ' data-mapped="true"' if row["mapped"] else ""
+        # Why a node did not run is no error of its own: shown as a reason, not in red.
+        reason = "reason" if task.status in NOT_RUN else "error"
         duration = escape(row["duration"])
         if row["running"]:
             duration = f'<span class="muted">{duration} so far</span>'
         parts.append(
-            f'<tr id="task-{key}" data-node="{key}" data-status="{status}">'
+            f'<tr id="task-{key}" data-node="{key}" data-status="{status}"{mapped}>'
             f'<td><a href="{escape(row["detail_url"])}" data-node-link="{key}"><strong>{key}</strong></a></td>'
             f"<td>{escape(task.event_type_id or '')}</td>"
             f'<td class="mono">{escape(task.task_name)}</td>'
             f'<td><span class="badge st-{status}">{status}</span>{place}</td>'
-            f'<td class="num">{task.attempts}</td>'
+            f'<td class="num">{row["attempts"]}</td>'
             f"{_time_cell(task.queued_at, tz)}{_time_cell(task.started_at, tz)}{_time_cell(task.finished_at, tz)}"
             f'<td class="num">{escape(row["waited"])}</td>'
             f'<td class="num">{duration}</td>'
-            f'<td class="wrap error" title="{escape(row["error_full"])}">{escape(row["error"])}</td>'
+            f'<td class="wrap {reason}" title="{escape(row["error_full"])}">{escape(row["error"])}</td>'
             "</tr>\n"
         )
     return mark_safe("".join(parts))  # every value above is escaped
@@ -162,13 +196,26 @@ def event_rows_html(events: list[dict[str, Any]], *, run_url: str) -> SafeString
 
 
 def node_rows_html(nodes: list[Any], *, queues_url: str) -> SafeString:
-    """The <tr> of each node of the workflow page's node table (`after` and `params_json` set on each)."""
+    """The <tr> of each node of the workflow page's node table (`after`, `map_over` and `params_json` set
+    on each; `after` as (source, the edge's condition) pairs)."""
     parts = []
     for node in nodes:
         key, event_type = escape(node.key), escape(node.event_type_id or "")
         none = '<span class="muted">\u2014</span>'
         timeout = f"{node.timeout} s" if node.timeout else none
-        after = ", ".join(f'<a href="#node-{escape(source)}">{escape(source)}</a>' for source in node.after)
+        after = ", ".join(
+            f'<a href="#node-{escape(source)}">{escape(source)}</a>'
+            + (
+                f' <span class="when" data-when="{escape(when)}">when <code>{escape(when)}</code></span>'
+                if when
+                else ""
+            )
+            for source, when in node.after
+        )
+        task = escape(node.task or node.kind)
+        if node.map_over:
+            over = escape(node.map_over)
+            task += f'<br><span class="map-over" data-map-over="{over}">map over <code>{over}</code></span>'
         # A node of a kind that needs no worker has no queue, hence no concurrency: its kind is shown.
         concurrency = (
             f'<a href="{escape(queues_url)}#queue-{event_type}" title="its queue">{node.event_type.concurrency}</a>'
@@ -178,14 +225,14 @@ def node_rows_html(nodes: list[Any], *, queues_url: str) -> SafeString:
         parts.append(
             f'<tr id="node-{key}" data-node="{key}" data-kind="{escape(node.kind)}">'
             f"<td><strong>{key}</strong></td>"
-            f'<td class="mono">{escape(node.task or node.kind)}</td>'
+            f'<td class="mono">{task}</td>'
             f"<td>{event_type}</td>"
             f'<td class="num">{concurrency}</td>'
             f'<td class="num">{node.max_retries}</td>'
             f'<td class="num">{escape(node.retry_delay)} s</td>'
             f'<td class="num">{timeout}</td>'
             f"<td>{escape(node.get_trigger_rule_display())}</td>"
-            f"<td>{after}</td>"
+            f'<td class="wrap">{after}</td>'
             f'<td class="wrap mono">{escape(node.params_json)}</td>'
             "</tr>\n"
         )
@@ -356,12 +403,17 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
     now = timezone.now()
     run_url = reverse("workflows_app:run-detail", args=[run.trace_id])
     tasks = {task.node_key: task for task in run.tasks.all()}
+    instances = selectors.run_instance_counts(trace_id=trace_id)
     rows = []
     nodes = []
     for key, spec in graph.nodes.items():
         task = tasks.get(key)
         if task is None:
             continue
+        # Mapped in this run: it has instances, or its version says it maps (and has none yet).
+        mapped = key in instances or bool(spec.options.get("map_over"))
+        counts = instances.get(key, {})
+        summary = instance_summary(counts)
         running = bool(task.started_at) and task.status in (TaskRun.Status.STARTED, TaskRun.Status.RETRY)
         duration = _between(task.started_at, task.finished_at or (now if running else None))
         waiting = _between(task.queued_at, task.started_at or task.finished_at or now) if task.queued_at else None
@@ -383,23 +435,40 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             "place": place,
             "error": _first_line(task.error),
             "error_full": _preview(task.error, 2000),
+            "mapped": mapped,
+            "instances": instance_total(counts),
+            "summary": instance_summary(counts, " \u00b7 "),
+            # A mapped node's own row never runs: its attempts are its instances'.
+            "attempts": counts.get("attempts", 0) if mapped else task.attempts,
         }
         rows.append(row)
-        detail = place or " \u00b7 ".join(
-            part
-            for part in (
-                f"attempt {task.attempts}" if task.attempts else "",
-                row["duration"],
+        if mapped and summary:
+            detail = summary
+        elif task.status in NOT_RUN and task.error:
+            detail = _first_line(task.error)
+        else:
+            detail = place or " \u00b7 ".join(
+                part
+                for part in (
+                    f"attempt {task.attempts}" if task.attempts else "",
+                    row["duration"],
+                )
+                if part
             )
-            if part
-        )
+        tooltip = [key, spec.task, task.status]
+        if mapped:
+            tooltip.append(f"map over {spec.options.get('map_over', '')}: {row['summary'] or 'no instances yet'}")
+        if task.status in NOT_RUN and task.error:
+            tooltip.append(task.error)
         nodes.append(
             graph_svg.SvgNode(
                 key=key,
                 lines=(spec.event_type or spec.kind, detail or task.get_status_display()),
                 status=task.status,
                 href=detail_url,
-                tooltip=f"{key} \u00b7 {spec.task} \u00b7 {task.status}",
+                tooltip=" \u00b7 ".join(tooltip),
+                mapped=mapped,
+                badge=f"\u00d7{row['instances']}" if row["instances"] else ("map" if mapped else ""),
             )
         )
     edges = [(source, target) for target, sources in graph.preds.items() for source in sources]
@@ -412,7 +481,7 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             "result": _preview(event.result, RESULT_PREVIEW_CHARS),
         }
         # The table shows each event's result, never its payload: no need to read and decode it.
-        for event in selectors.run_events(trace_id=str(run.trace_id)).defer("payload")
+        for event in selectors.run_events(trace_id=str(run.trace_id), instances=False).defer("payload")
     ]
     counts: dict[str, int] = {}
     for task in tasks.values():
@@ -424,7 +493,10 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
         "run_url": run_url,
         "task_rows_html": task_rows_html(rows),
         "event_rows_html": event_rows_html(events, run_url=run_url),
-        "dag_svg": graph_svg.dag_svg(nodes, edges, label=f"{run.workflow.name} run {run.trace_id}"),
+        "dag_svg": graph_svg.dag_svg(
+            nodes, edges, label=f"{run.workflow.name} run {run.trace_id}", conditions=graph.conditions
+        ),
+        "has_instances": bool(instances),
         "timeline_svg": graph_svg.timeline_svg(
             [
                 graph_svg.TimelineRow(
@@ -478,8 +550,65 @@ class RunLiveFragmentView(LoginUnlessPublicMixin, TemplateView):
         return response
 
 
-def node_detail_context(*, trace_id: str, key: str) -> dict[str, Any]:
-    """One node of a run: its task row, settings from the run's version, neighbours, and every attempt."""
+def _page_number(text: str | None) -> int:
+    """A 1-based page number from a query string; 1 for anything that is not one."""
+    return int(text) if text and text.isdigit() and 0 < len(text) < 7 and int(text) > 0 else 1
+
+
+def instances_context(
+    *, trace_id: str, key: str, run_url: str, page: int, status: str, counts: dict[str, int]
+) -> dict[str, Any]:
+    """One page of a mapped node's instances (those in `status`, when it is one), with the links to the
+    other pages and to each status, all plain links of the node's page."""
+    status = status if status in TaskRun.Status.values and counts.get(status) else ""
+    total = counts.get(status, 0) if status else instance_total(counts)
+    pages = max((total + INSTANCES_PER_PAGE - 1) // INSTANCES_PER_PAGE, 1)
+    page = min(page, pages)
+    rows = selectors.node_instance_page(
+        trace_id=trace_id,
+        node=key,
+        status=status or None,
+        offset=(page - 1) * INSTANCES_PER_PAGE,
+        limit=INSTANCES_PER_PAGE,
+    )
+    now = timezone.now()
+    node_url = f"{run_url}nodes/{key}/"
+
+    def link(number: int, wanted: str = status) -> str:
+        return f"{node_url}?{urlencode({'instances': number, **({'status': wanted} if wanted else {})})}"
+
+    instances = []
+    for task in rows:
+        running = bool(task.started_at) and task.status in (TaskRun.Status.STARTED, TaskRun.Status.RETRY)
+        instances.append(
+            {
+                "task": task,
+                "duration": format_duration(_between(task.started_at, task.finished_at or (now if running else None))),
+                "running": running,
+                "error": _first_line(task.error),
+                "error_full": _pretty(task.error),
+            }
+        )
+    return {
+        "instances": instances,
+        "instance_total": instance_total(counts),
+        "instance_summary": instance_summary(counts, " \u00b7 "),
+        "instance_status": status,
+        "instance_statuses": [(s, label, counts[s], link(1, s)) for s, label in INSTANCE_LABELS if counts.get(s)],
+        "instance_all_url": link(1, ""),
+        "instance_page": page,
+        "instance_pages": pages,
+        "instance_first": (page - 1) * INSTANCES_PER_PAGE,
+        "instance_prev_url": link(page - 1) if page > 1 else "",
+        "instance_next_url": link(page + 1) if page < pages else "",
+    }
+
+
+def node_detail_context(
+    *, trace_id: str, key: str, instances_page: int = 1, instances_status: str = ""
+) -> dict[str, Any]:
+    """One node of a run: its task row, settings from the run's version, neighbours, and every attempt;
+    for a mapped node, its instances by status and one page of them instead of the attempts."""
     task = selectors.task_page_get(trace_id=trace_id, node=key)
     if task is None:
         raise Http404("No such node in this run.")
@@ -492,8 +621,11 @@ def node_detail_context(*, trace_id: str, key: str) -> dict[str, Any]:
     run_url = reverse("workflows_app:run-detail", args=[run.trace_id])
     now = timezone.now()
     running = bool(task.started_at) and task.status in (TaskRun.Status.STARTED, TaskRun.Status.RETRY)
+    counts = selectors.run_instance_counts(trace_id=trace_id, node=key).get(key, {})
+    mapped = bool(counts) or bool(spec and spec.options.get("map_over"))
     attempts = []
-    for event in selectors.node_events(trace_id=trace_id, node=key):
+    # A mapped node's row has no attempt of its own; its instances' are in their rows.
+    for event in [] if mapped else selectors.node_events(trace_id=trace_id, node=key):
         result = event.result if isinstance(event.result, dict) else {"value": event.result}
         error = result.get("error", "") if event.status == "FAILURE" else ""
         attempts.append(
@@ -518,7 +650,23 @@ def node_detail_context(*, trace_id: str, key: str) -> dict[str, Any]:
         place = "sent to a worker"
     else:
         place = ""
-    return {
+    context = {
+        "mapped": mapped,
+        "map_over": spec.options.get("map_over", "") if spec else "",
+        "not_run": task.status in NOT_RUN,
+    }
+    if mapped:
+        context.update(
+            instances_context(
+                trace_id=trace_id,
+                key=key,
+                run_url=run_url,
+                page=instances_page,
+                status=instances_status,
+                counts=counts,
+            )
+        )
+    return context | {
         "run": run,
         "task": task,
         "key": key,
@@ -555,7 +703,15 @@ class RunNodeView(PageMixin, TemplateView):
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
-        context.update(node_detail_context(trace_id=str(kwargs["trace_id"]), key=kwargs["key"]))
+        params = self.request.GET
+        context.update(
+            node_detail_context(
+                trace_id=str(kwargs["trace_id"]),
+                key=kwargs["key"],
+                instances_page=_page_number(params.get("instances")),
+                instances_status=params.get("status", "").upper(),
+            )
+        )
         return context
 
     def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
@@ -629,13 +785,15 @@ class WorkflowDetailView(PageMixin, TemplateView):
             raise Http404("No workflow with this name.")
         nodes = list(workflow.nodes.all())
         key_of = {node.id: node.key for node in nodes}
+        conditions = {(key_of[e.source_id], key_of[e.target_id]): e.when for e in workflow.edges.all() if e.when}
         edges = [(key_of[e.source_id], key_of[e.target_id]) for e in workflow.edges.all()]
-        after: dict[str, list[str]] = {}
+        after: dict[str, list[tuple[str, str]]] = {}
         for source, target in edges:
-            after.setdefault(target, []).append(source)
+            after.setdefault(target, []).append((source, conditions.get((source, target), "")))
         for node in nodes:
             node.params_json = json.dumps(node.params, sort_keys=True) if node.params else ""
             node.after = after.get(node.key, [])
+            node.map_over = (node.options or {}).get("map_over", "")
         runs = selectors.workflow_recent_runs(workflow=workflow, limit=RECENT_RUNS)
         now = timezone.now()
         for run in runs:
@@ -648,7 +806,11 @@ class WorkflowDetailView(PageMixin, TemplateView):
             runs=runs,
             node_rows_html=node_rows_html(nodes, queues_url=reverse("workflows_app:queue-list")),
             dag_svg=graph_svg.workflow_svg(
-                nodes, edges, label=f"{workflow.name} definition", href=lambda key: f"#node-{key}"
+                nodes,
+                edges,
+                label=f"{workflow.name} definition",
+                href=lambda key: f"#node-{key}",
+                conditions=conditions,
             ),
         )
         return context
