@@ -39,7 +39,8 @@ def snapshot(workflow: WorkflowDefinition) -> dict:
         "version": workflow.version,
         "versions": workflow.versions.count(),
         "nodes": sorted(workflow.nodes.values_list("key", "task", "event_type_id")),
-        "edges": sorted(workflow.edges.values_list("source__key", "target__key")),
+        "edges": sorted(workflow.edges.values_list("source__key", "target__key", "when")),
+        "options": sorted(workflow.nodes.values_list("key", "options")),
         "all_nodes": Node.objects.count(),
         "all_edges": Edge.objects.count(),
     }
@@ -441,7 +442,7 @@ def test_edge_to_a_node_deleted_in_the_same_submit_is_refused(admin_client, chai
     assert response.status_code == 302, all_errors(response)
     after = snapshot(chain)
     assert after["nodes"] == [("a", ECHO, "q_default"), ("b", ECHO, "q_default")]
-    assert after["edges"] == [("a", "b")]
+    assert after["edges"] == [("a", "b", "")]
     assert after["version"] == before["version"] + 1
 
 
@@ -658,3 +659,101 @@ def test_versions_are_untouched_by_event_type_edits(admin_client, pipeline):
     page.data["concurrency"] = "4"
     assert admin_client.post(change, page.data).status_code == 302
     assert WorkflowVersion.objects.count() == before
+
+
+# --------------------------------------------------------------------------- conditions and maps
+
+
+def test_a_condition_and_a_map_over_are_saved_from_the_change_form(admin_client, chain):
+    page = ChangeForm(admin_client.get(wf_url("change", chain.pk)))
+    page.set_row("Edge", page.index_of("Edge", source=chain.nodes.get(key="a")), when="has(result.items)")
+    page.set_row("Node", page.index_of("Node", key="b"), map_over="upstream.a.items")
+
+    response = admin_client.post(wf_url("change", chain.pk), page.data)
+
+    assert response.status_code == 302, all_errors(response)
+    chain.refresh_from_db()
+    spec = chain.versions.get(version=chain.version).spec
+    assert spec["edges"] == [{"from": "a", "to": "b", "when": "has(result.items)"}, ["b", "c"]]
+    assert spec["nodes"][1]["map_over"] == "upstream.a.items" and "map_over" not in spec["nodes"][0]
+    assert chain.nodes.get(key="b").options == {"map_over": "upstream.a.items"}
+    # Shown again in its own field, not inside options; emptied, the node is no longer mapped.
+    again = ChangeForm(admin_client.get(wf_url("change", chain.pk)))
+    b = again.index_of("Node", key="b")
+    assert again.data[again.field("Node", b, "map_over")] == "upstream.a.items"
+    assert "map_over" not in again.data[again.field("Node", b, "options")]
+    again.set_row("Node", b, map_over="")
+    assert admin_client.post(wf_url("change", chain.pk), again.data).status_code == 302
+    assert chain.nodes.get(key="b").options == {}
+    assert Edge.objects.get(workflow=chain, source__key="a").when == "has(result.items)"
+
+
+@pytest.mark.parametrize(
+    ("when", "needle"),
+    [
+        ("result.ok &&", "edge a -> b: when"),
+        ("upstream.c.done", "edge a -> b: when `upstream.c.done` reads upstream.c"),
+    ],
+)
+def test_a_bad_condition_is_refused_naming_the_edge(admin_client, chain, when, needle):
+    before = snapshot(chain)
+    page = ChangeForm(admin_client.get(wf_url("change", chain.pk)))
+    page.set_row("Edge", page.index_of("Edge", source=chain.nodes.get(key="a")), when=when)
+    # A change to a node in the same submit must not be written either.
+    page.set_row("Node", page.index_of("Node", key="c"), task=SLEEP)
+
+    response = admin_client.post(wf_url("change", chain.pk), page.data)
+
+    assert response.status_code == 200
+    assert any(e.startswith(needle) for e in page_errors(response)), page_errors(response)
+    assert snapshot(chain) == before
+
+
+@pytest.mark.parametrize(
+    ("map_over", "needle"),
+    [
+        ("upstream.c.items", "node 'b': map_over `upstream.c.items` reads upstream.c, which is not a predecessor"),
+        ("[1, 2", "node 'b': map_over"),
+        ("1 + 1", "node 'b': map_over `1 + 1` gives"),
+    ],
+)
+def test_a_bad_map_over_is_refused_naming_the_node(admin_client, chain, map_over, needle):
+    before = snapshot(chain)
+    page = ChangeForm(admin_client.get(wf_url("change", chain.pk)))
+    page.set_row("Node", page.index_of("Node", key="b"), map_over=map_over)
+
+    response = admin_client.post(wf_url("change", chain.pk), page.data)
+
+    assert response.status_code == 200
+    assert any(e.startswith(needle) for e in page_errors(response)), page_errors(response)
+    assert snapshot(chain) == before
+
+
+def test_map_over_written_into_options_is_refused(admin_client, chain):
+    before = snapshot(chain)
+    page = ChangeForm(admin_client.get(wf_url("change", chain.pk)))
+    page.set_row("Node", page.index_of("Node", key="b"), options='{"map_over": "upstream.a.items"}')
+
+    response = admin_client.post(wf_url("change", chain.pk), page.data)
+
+    assert response.status_code == 200
+    assert "Set map_over in its own field" in response.content.decode()
+    assert snapshot(chain) == before
+
+
+def test_run_page_lists_each_node_once_however_many_instances(admin_client):
+    workflow = factories.workflow(
+        factories.spec(
+            "fan",
+            [("list", ECHO), {"key": "upload", "task": ECHO, "map_over": "upstream.list.images"}],
+            [["list", "upload"]],
+        )
+    )
+    started, _ = engine.workflow_run_start(workflow=workflow, payload={})
+    factories.map_instances(started, "upload", ["SUCCESS"] * 30)
+
+    html = admin_client.get(url("workflows_app_workflowrun_change", started.pk)).content.decode()
+    tasks = admin_client.get(url("workflows_app_taskrun_changelist"), {"q": str(started.trace_id)})
+
+    assert html.count('<td class="field-node_key">') == 2
+    assert tasks.status_code == 200 and tasks.context["cl"].result_count == 32

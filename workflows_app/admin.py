@@ -19,6 +19,7 @@ from . import graph_svg
 from .admin_schedule import schedule_view
 from .definitions import DefinitionError, definition_validate, registered_task_names, workflow_version_sync
 from .engine import kinds
+from .engine.graph import edge_spec
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun
 
 SMALL_JSON = {"widget": forms.Textarea(attrs={"rows": 2, "cols": 30})}
@@ -108,7 +109,12 @@ class DefinitionCheck:
             return labels.get(pk) or f"{getattr(node, 'key', pk)} (not a node of this workflow)"
 
         kept_edges, _ = edge_rows
-        edges = [[label(f.cleaned_data["source"]), label(f.cleaned_data["target"])] for f in kept_edges]
+        edges = [
+            edge_spec(
+                label(f.cleaned_data["source"]), label(f.cleaned_data["target"]), f.cleaned_data.get("when") or ""
+            )
+            for f in kept_edges
+        ]
         workflow = self.workflow
         return {
             # The main form checks the name itself; a placeholder keeps a blank one from being reported twice.
@@ -165,8 +171,21 @@ class EdgeFormSet(_CheckedFormSet):
 
 
 class NodeForm(forms.ModelForm):
+    map_over = forms.CharField(
+        label="map over",
+        required=False,
+        strip=True,
+        widget=forms.TextInput(attrs={"size": 24, "placeholder": "upstream.list.images"}),
+        help_text="A CEL expression giving a list: one instance of the task per element. Empty: not mapped.",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # `map_over` is kept in `options` with the kind's other settings, but edited in a field of its own.
+        options = dict(self.instance.options or {})
+        if "map_over" in self.fields and "options" in self.fields:
+            self.initial["map_over"] = options.pop("map_over", "")
+            self.initial["options"] = options
         task = self.fields.get("task")
         if task is None:
             return
@@ -176,6 +195,25 @@ class NodeForm(forms.ModelForm):
         extra = [(name, f"{name} (not registered)") for name in sorted(shown - known - {"", None})]
         if extra:
             task.widget.choices = list(task.widget.choices) + extra
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if "map_over" not in self.fields or "options" not in self.fields:
+            return data
+        options = data.get("options")
+        if options is None and "options" in self.errors:
+            return data
+        if not isinstance(options or {}, dict):
+            self.add_error("options", "Options must be an object of settings.")
+            return data
+        options = dict(options or {})
+        if "map_over" in options:
+            self.add_error("options", "Set map_over in its own field, not in options.")
+            return data
+        if data.get("map_over"):
+            options["map_over"] = data["map_over"]
+        data["options"] = options
+        return data
 
 
 class EdgeForm(forms.ModelForm):
@@ -201,6 +239,7 @@ class NodeInline(admin.TabularInline):
         "retry_delay",
         "timeout",
         "trigger_rule",
+        "map_over",
         "options",
     )
     formfield_overrides = {models.JSONField: SMALL_JSON}
@@ -248,7 +287,8 @@ class EdgeInline(admin.TabularInline):
     form = EdgeForm
     formset = EdgeFormSet
     extra = 1
-    fields = ("source", "target")
+    fields = ("source", "target", "when")
+    formfield_overrides = {models.TextField: {"widget": forms.TextInput(attrs={"size": 40})}}
 
     def get_formset(self, request: HttpRequest, obj: WorkflowDefinition | None = None, **kwargs: Any) -> type:
         kwargs["formfield_callback"] = partial(self.formfield_for_dbfield, request=request, workflow=obj)
@@ -321,11 +361,19 @@ class WorkflowDefinitionAdmin(admin.ModelAdmin):
             return "-"
         nodes = list(obj.nodes.select_related("event_type").order_by("id"))
         key_of = {node.id: node.key for node in nodes}
-        edges = [(key_of[e.source_id], key_of[e.target_id]) for e in obj.edges.order_by("id")]
+        rows = list(obj.edges.order_by("id"))
+        edges = [(key_of[e.source_id], key_of[e.target_id]) for e in rows]
+        conditions = {(key_of[e.source_id], key_of[e.target_id]): e.when for e in rows if e.when}
         if not nodes:
             return "no nodes yet"
         url = reverse("workflows_app:workflow-detail", args=[obj.name])
-        svg = graph_svg.workflow_svg(nodes, edges, label=f"{obj.name} definition", href=lambda key: f"{url}#node-{key}")
+        svg = graph_svg.workflow_svg(
+            nodes,
+            edges,
+            label=f"{obj.name} definition",
+            href=lambda key: f"{url}#node-{key}",
+            conditions=conditions,
+        )
         # The admin's form rows grow with their content: a bounded, scrolling box keeps the form in view.
         return format_html('<div class="graph" style="overflow:auto;max-width:min(1100px,70vw)">{}</div>', svg)
 
@@ -406,12 +454,16 @@ def _run_page(trace_id: Any) -> str:
 
 
 class TaskRunInline(ReadOnlyMixin, admin.TabularInline):
+    """A run's nodes, one row each: a mapped node's instances, which may be thousands, are in the task
+    run list (search by trace id) and on the node's status page."""
+
     model = TaskRun
     extra = 0
     can_delete = False
     show_change_link = True
     fields = (
         "node_key",
+        "map_index",
         "event_type",
         "task_name",
         "status",
@@ -426,7 +478,7 @@ class TaskRunInline(ReadOnlyMixin, admin.TabularInline):
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TaskRun]:
-        return super().get_queryset(request).select_related("event_type")
+        return super().get_queryset(request).filter(map_index__isnull=True).select_related("event_type")
 
 
 @admin.register(WorkflowRun)
@@ -476,6 +528,7 @@ class TaskRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "run",
         "workflow",
         "node_key",
+        "map_index",
         "event_type",
         "task_name",
         "status",
@@ -492,6 +545,7 @@ class TaskRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "run",
         "page_link",
         "node_key",
+        "map_index",
         "event_type",
         "task_name",
         "status",
