@@ -413,6 +413,32 @@ def mapped_graph():
     return graph_of([{"key": "m", "map_over": "payload.items"}, {"key": "after"}], [["m", "after"]])
 
 
+def test_an_instance_event_holds_its_element_and_not_the_list_it_maps_over():
+    graph = graph_from_spec(
+        {
+            "name": "g",
+            "nodes": [
+                {"key": "src", "event_type": "q", "task": "t.echo"},
+                {
+                    "key": "m",
+                    "event_type": "q",
+                    "task": "t.echo",
+                    "map_over": "upstream.src.images",
+                    "params": {"k": 1},
+                },
+            ],
+            "edges": [["src", "m"]],
+        },
+        version=1,
+    )
+    run = RunContext("t", {"sku": "A-1"}, graph)
+    plan = rules.plan_finish(run, "src", rules.Outcome("SUCCESS", result={"images": ["a", "b"], "n": 2}), {})
+    first = plan.instances[0].event
+    assert first["payload"] == {"sku": "A-1", "k": 1}
+    assert first["context"]["upstream"] == {"src": {"n": 2}}
+    assert (first["context"]["map_index"], first["context"]["item"]) == (0, "a")
+
+
 def test_a_mapped_node_starts_one_queued_instance_per_element_with_its_index_and_item():
     plan = rules.plan_start(RunContext("t", {"items": ["x", "y"]}, mapped_graph()))
     (node,) = plan.steps

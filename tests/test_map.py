@@ -72,6 +72,8 @@ def test_a_map_runs_one_instance_per_element_within_its_types_concurrency(sent, 
     ]
     first = sent.events()
     assert [(e["context"]["map_index"], e["context"]["item"]) for e in first] == [(0, "a"), (1, "b")]
+    # Each holds its element, not the whole list again.
+    assert all(e["payload"] == {} and e["context"]["upstream"] == {} for e in first)
     assert len({e["event_id"] for e in first}) == 2
 
     for index in range(5):

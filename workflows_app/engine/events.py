@@ -8,6 +8,7 @@ from typing import Any
 
 from events_app.models import Event, event_message
 
+from . import expressions
 from .graph import NodeSpec
 from .rules import RunContext
 
@@ -16,24 +17,34 @@ NEW_EVENT_FIELDS = ("event_id", "trace_id", "event_type", "task_name", "payload"
 
 
 def attempt_event(
-    run: RunContext, node: NodeSpec, *, attempt: int, upstream: Mapping[str, Any], extra: Mapping[str, Any] = ()
+    run: RunContext,
+    node: NodeSpec,
+    *,
+    attempt: int,
+    upstream: Mapping[str, Any],
+    extra: Mapping[str, Any] = (),
+    leave_out: tuple[tuple[str, ...], ...] = (),
 ) -> dict[str, Any]:
     """The Event of a node's attempt, not yet stored: the run's payload with the node's params merged
     over it, and a context naming the workflow, its version, the node, the attempt and the
-    predecessors' results (`extra` adds to it)."""
+    predecessors' results (`extra` adds to it). `leave_out`: field paths (`("payload", "items")`,
+    `("upstream", "image", "images")`) its payload and upstream go without."""
+    names = {"payload": {**run.payload, **node.params}, "upstream": dict(upstream)}
+    if leave_out:
+        names = expressions.without(names, leave_out)
     return {
         "event_id": str(uuid.uuid4()),
         "trace_id": run.trace_id,
         "event_type": node.event_type,
         "task_name": node.task,
-        "payload": {**run.payload, **node.params},
+        "payload": names["payload"],
         "result": {},
         "context": {
             "workflow": run.graph.workflow,
             "workflow_version": run.graph.version,
             "node": node.key,
             "attempt": attempt,
-            "upstream": dict(upstream),
+            "upstream": names["upstream"],
             **dict(extra),
         },
         "status": Event.Status.PENDING,

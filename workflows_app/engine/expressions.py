@@ -26,10 +26,19 @@ MAX_SOURCE = 2000
 # `upstream.key` and `upstream["key"]`, outside string literals. The library names the variables an
 # expression reads but not the fields it selects on them, so which predecessors an expression reads
 # is found in its source: string literals are matched first, so that text inside them is skipped.
-_UPSTREAM_REF = re.compile(
-    r"""(?P<string>(?:[rR][bB]?|[bB][rR]?)?(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'))"""
-    r"""|(?<![\w.])upstream\s*(?:\.\s*(?P<field>[A-Za-z_]\w*)|\[\s*(?P<quote>["'])(?P<key>[^"'\\]*)(?P=quote)\s*\])"""
+_STRING = (
+    r"""(?P<string>(?:[rR][bB]?|[bB][rR]?)?"""
+    r"""(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'))"""
 )
+_UPSTREAM_REF = re.compile(
+    _STRING
+    + r"""|(?<![\w.])upstream\s*(?:\.\s*(?P<field>[A-Za-z_]\w*)|\[\s*(?P<quote>["'])(?P<key>[^"'\\]*)(?P=quote)\s*\])"""
+)
+# The field paths an expression reads (`payload.a.b`, `upstream.key.c`, `upstream["key"].c`), found the
+# same way; a last segment called as a method (`.filter(`) is not a field.
+_SEGMENT = r"""\s*(?:\.\s*[A-Za-z_]\w*(?!\w|\s*\()|\[\s*"[^"\\]*"\s*\]|\[\s*'[^'\\]*'\s*\])"""
+_PATH = re.compile(_STRING + r"""|(?<![\w.])(?P<path>(?:payload|upstream)(?:""" + _SEGMENT + r""")+)""")
+_SEGMENT_NAME = re.compile(r"""\.\s*([A-Za-z_]\w*)|\[\s*["']([^"'\\]*)["']\s*\]""")
 
 
 class ExpressionError(ValueError):
@@ -50,6 +59,11 @@ class Expression:
         self.gives = self.program.return_type()
         self.upstream_keys = frozenset(
             m["field"] or m["key"] for m in _UPSTREAM_REF.finditer(source) if m["field"] or m["key"] is not None
+        )
+        self.paths = tuple(
+            (m["path"][0] == "p" and "payload" or "upstream", *(a or b for a, b in _SEGMENT_NAME.findall(m["path"])))
+            for m in _PATH.finditer(source)
+            if m["path"]
         )
 
     def evaluate(self, names: Mapping[str, Any]) -> Any:
@@ -128,6 +142,23 @@ def when(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str, Any]
     if not isinstance(value, bool):
         raise ExpressionError(f"`{source}` gave {_type_name(value)}, not a bool")
     return value
+
+
+def without(names: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    """`names` (e.g. {"payload": ..., "upstream": ...}) without the fields at `paths`, copying only what
+    is on a path: a mapped node's instances get their element, not the whole list again each."""
+    result = dict(names)
+    for path in paths:
+        result = _drop(result, path)
+    return result
+
+
+def _drop(value: Any, path: tuple[str, ...]) -> Any:
+    if not isinstance(value, Mapping) or path[0] not in value:
+        return value
+    if len(path) == 1:
+        return {k: v for k, v in value.items() if k != path[0]}
+    return {**value, path[0]: _drop(value[path[0]], path[1:])}
 
 
 def map_items(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str, Any]) -> list:

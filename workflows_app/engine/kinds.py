@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from events_app.models import EVENT_TYPE_NAME
 
+from . import expressions
+
 if TYPE_CHECKING:
     from .graph import NodeSpec
     from .rules import RunContext, Step
@@ -64,9 +66,13 @@ class TaskKind(NodeKind):
         if not mapped(node):
             return Step(node.key, S.QUEUED, event=attempt_event(run, node, attempt=1, upstream=upstream))
 
+        # Each instance's Event holds its element, not the whole list again: n instances of a list of n
+        # would store and send n² elements.
+        leave_out = expressions.compiled(node.options["map_over"], expressions.MAP_OVER_NAMES).paths
+
         def instance(index: int, item: Any) -> Step:
             extra = {"map_index": index, "item": item}
-            event = attempt_event(run, node, attempt=1, upstream=upstream, extra=extra)
+            event = attempt_event(run, node, attempt=1, upstream=upstream, extra=extra, leave_out=leave_out)
             return Step(node.key, S.QUEUED, event=event, map_index=index)
 
         return expand(run, node, upstream, first=instance)
