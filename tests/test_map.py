@@ -301,3 +301,26 @@ def test_the_database_refuses_to_go_on_when_no_other_instance_is_open(sent, djan
     assert code == sql.STALE
     last.refresh_from_db()
     assert last.status == "STARTED"  # nothing written
+
+
+def test_workflow_status_counts_a_mapped_nodes_instances_and_lists_those_running_or_failed(
+    sent, django_capture_on_commit_callbacks
+):
+    import io
+
+    from django.core.management import call_command
+
+    cap = django_capture_on_commit_callbacks
+    wf = factories.workflow(mapped_spec())
+    EventType.objects.filter(name="q_default").update(concurrency=2)
+    run = start(wf, {"items": ["a", "b", "c", "d"]}, capture=cap)
+    finish(run, instances(run, "each")[0], cap, result=0)
+    finish(run, instances(run, "each")[1], cap, ok=False)
+    assert engine.task_run_start(event_id=str(instances(run, "each")[2].current_event_id), attempt=1)
+    out = io.StringIO()
+    call_command("workflow_status", str(run.trace_id), stdout=out)
+    lines = out.getvalue().splitlines()
+    each = next(line for line in lines if line.startswith("each "))
+    assert "STARTED (1 FAILURE, 1 QUEUED, 1 STARTED, 1 SUCCESS)" in each
+    listed = [line.split()[0] for line in lines if line.startswith("each[")]
+    assert listed == ["each[1]", "each[2]"]

@@ -100,7 +100,8 @@ class Command(BaseCommand):
             for task in tasks:
                 if task.status in (TaskRun.Status.FAILURE, TaskRun.Status.UPSTREAM_FAILED):
                     error = error_summary(task.error)
-                    self.stderr.write(f"  {task.node_key}: {task.status}{': ' + error if error else ''}")
+                    name = task.node_key if task.map_index is None else f"{task.node_key}[{task.map_index}]"
+                    self.stderr.write(f"  {name}: {task.status}{': ' + error if error else ''}")
             raise CommandError(f"run {run.trace_id} ended {run.status}", returncode=1)
 
     def _say(self, line: str) -> None:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
 from workflows_app import selectors
+from workflows_app.models import TaskRun
 
 from ._helpers import error_summary, run_get_or_error, table_format, time_format
 
+# The instances of a mapped node listed one by one: running, or ended without success.
+SHOWN_INSTANCES = {
+    TaskRun.Status.STARTED,
+    TaskRun.Status.RETRY,
+    TaskRun.Status.FAILURE,
+    TaskRun.Status.REVOKED,
+}
 HEADERS = ["node", "event type", "status", "attempts", "queued", "started", "finished", "duration", "error"]
 
 
@@ -33,13 +42,24 @@ class Command(BaseCommand):
         for label, value in header:
             self.stdout.write(f"{label + ':':<10} {value}")
         rows = []
-        for task in selectors.run_tasks(run=run):
+        tasks = selectors.run_tasks(run=run)
+        instances: dict[str, list[TaskRun]] = {}
+        for task in tasks:
+            if task.map_index is not None:
+                instances.setdefault(task.node_key, []).append(task)
+        for task in tasks:
+            status = task.status
+            if task.map_index is None and task.node_key in instances:
+                counted = Counter(t.status for t in instances[task.node_key])
+                status += f" ({', '.join(f'{n} {s}' for s, n in sorted(counted.items()))})"
+            elif task.map_index is not None and task.status not in SHOWN_INSTANCES:
+                continue  # a mapped node's instances are counted on its row; those running or failed are listed
             duration = task.duration
             rows.append(
                 [
-                    task.node_key,
+                    task.node_key if task.map_index is None else f"{task.node_key}[{task.map_index}]",
                     task.event_type_id or "",
-                    task.status,
+                    status,
                     str(task.attempts),
                     time_format(task.queued_at, short=True),
                     time_format(task.started_at, short=True),
