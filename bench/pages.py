@@ -1,7 +1,8 @@
 """Render time and query count of each status page at scale: run `python bench/pages.py`."""
 
 # Builds a 300-node run part-way through (successes, failures with tracebacks, retries, running,
-# queued and waiting tasks, an Event per attempt) and 100,000 runs spread over 30 days, then times
+# queued and waiting tasks, an Event per attempt), a run whose mapped node has 1,000 instances (each
+# with its Event) beside a branch skipped by its condition, and 100,000 runs spread over 30 days, then times
 # each page through Django's test client (URL routing, middleware, session, template), several
 # times. Nothing is published: runs start against an in-memory broker.
 
@@ -14,17 +15,21 @@ import time
 from _setup import print_table, setup_django, summary
 
 
-def build(*, nodes: int, runs: int) -> dict[str, str]:
+def build(*, nodes: int, runs: int, instances: int) -> dict[str, str]:
     """The data the pages read; returns the ids the page URLs need."""
     from django.db import connection
 
     from tests import factories
-    from tests.test_pages import layered_workflow, run_with_history, runs_bulk_insert
+    from tests.test_pages import branching_run, layered_workflow, run_with_history, runs_bulk_insert
     from workflows_app import engine
     from workflows_app.models import WorkflowRun
 
     big, _ = engine.workflow_run_start(workflow=layered_workflow("bench_wide", nodes), payload={"product": "lamp"})
     run_with_history(big)
+    # Most instances done, some failed, a slot's worth running and the rest waiting in line.
+    shares = (("SUCCESS", 0.7), ("FAILURE", 0.05), ("STARTED", 0.1))
+    statuses = [status for status, share in shares for _ in range(int(instances * share))]
+    mapped = branching_run(statuses + ["QUEUED"] * (instances - len(statuses)), events=True)
     listed = factories.workflow(factories.spec("bench_list", event_type="bench_list"))
     other = factories.workflow(factories.spec("bench_other", event_type="bench_list"))
     started = time.perf_counter()
@@ -36,6 +41,7 @@ def build(*, nodes: int, runs: int) -> dict[str, str]:
     middle = WorkflowRun.objects.order_by("-created_at", "trace_id")[runs // 2]
     return {
         "big": str(big.trace_id),
+        "mapped": str(mapped.trace_id),
         "node": "n150" if nodes > 150 else "n000",
         "cursor": f"{middle.created_at.isoformat()}_{middle.trace_id}",
     }
@@ -45,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=300)
     parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--instances", type=int, default=1_000, help="instances of the mapped node of one run")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
         "--counts-at",
@@ -61,14 +68,21 @@ def main() -> None:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    ids = build(nodes=args.nodes, runs=args.runs)
+    ids = build(nodes=args.nodes, runs=args.runs, instances=args.instances)
     client = Client()
     client.force_login(get_user_model().objects.create_user(username="bench", password="bench-pw-123"))
     big = f"/runs/{ids['big']}/"
+    mapped = f"/runs/{ids['mapped']}/"
+    last_page = (args.instances + 49) // 50
     pages = [
         (f"run page, {args.nodes} nodes", big, {}),
         (f"run live fragment, {args.nodes} nodes", f"{big}live/", {}),
         ("node detail fragment", f"{big}nodes/{ids['node']}/", {"fragment": "1"}),
+        (f"run page, a map of {args.instances:,}", mapped, {}),
+        (f"run live fragment, a map of {args.instances:,}", f"{mapped}live/", {}),
+        ("mapped node detail fragment", f"{mapped}nodes/upload/", {"fragment": "1"}),
+        ("mapped node, last page", f"{mapped}nodes/upload/", {"instances": str(last_page)}),
+        ("mapped node, FAILURE only", f"{mapped}nodes/upload/", {"status": "FAILURE"}),
         (f"run list, {args.runs:,} runs", "/runs/", {}),
         ("run list, workflow + FAILED", "/runs/", {"workflow": "bench_list", "status": "FAILED"}),
         ("run list, last 7 days + SUCCESS", "/runs/", {"since": "7d", "status": "SUCCESS"}),

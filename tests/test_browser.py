@@ -1,4 +1,4 @@
-"""Headless Chromium on a run's status page while real workers run it: the graph turns green without a reload."""
+"""Headless Chromium on a run's status page while real workers run it: the graph follows the run without a reload."""
 
 from __future__ import annotations
 
@@ -132,3 +132,101 @@ def test_run_page_turns_each_node_green_live_and_opens_its_detail(
     assert chrome.save_screenshot(str(path))
     with capsys.disabled():
         print(f"\nscreenshot of the run page with a node's detail open: {path}")
+
+
+def test_run_page_shows_a_skipped_branch_with_its_reason_and_a_mapped_node_with_its_instances(
+    chrome, live_server, workers, api, admin_user, tmp_path, capsys
+):
+    """list -> upload, mapped over the list's six images; list -> publish_1688, taken only when the
+    listing allows that marketplace, which it does not: publish_1688 ends SKIPPED and says why."""
+    images = ["front.jpg", "side.jpg", "back.jpg", "top.jpg", "box.jpg", "label.jpg"]
+    factories.workflow(
+        factories.spec(
+            "browser_branch",
+            [
+                {"key": "list", "task": SLEEP, "params": {"seconds": 1.5, "images": images, "allowed_1688": False}},
+                {"key": "upload", "task": SLEEP, "params": {"seconds": 1}, "map_over": "upstream.list.payload.images"},
+                {"key": "publish", "task": "workflows_app.tasks.echo"},
+                {"key": "publish_1688", "task": "workflows_app.tasks.echo"},
+            ],
+            [
+                ["list", "upload"],
+                ["upload", "publish"],
+                {"from": "list", "to": "publish_1688", "when": "result.payload.allowed_1688"},
+            ],
+            event_type="browser_branch",
+            event_types={"browser_branch": {"concurrency": 2}},
+        )
+    )
+    workers(["browser_branch"], concurrency=2)
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+    chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
+    chrome.find_element(By.NAME, "username").send_keys(admin_user.username)
+    chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
+    chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
+    wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
+
+    trace_id = trigger(api, "browser_branch", {"product": "lamp"})
+    run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[trace_id])}"
+    chrome.get(run_url)
+    chrome.execute_script("window.__marker = 1;")
+
+    # While its instances run two at a time, the mapped node's box counts them per status.
+    upload_texts: list[str] = []
+
+    def finished(driver: WebDriver) -> bool:
+        text = driver.execute_script(
+            "var g = document.querySelector('svg.dag g.dag-node[data-node=\"upload\"]');"
+            "return g ? Array.from(g.querySelectorAll('text')).map(t => t.textContent).join(' | ') : '';"
+        )
+        if text and (not upload_texts or upload_texts[-1] != text):
+            upload_texts.append(text)
+        return driver.find_element(By.CSS_SELECTOR, "#run-live").get_attribute("data-final") == "true"
+
+    wait.until(finished, message="the run to end, seen through the live fragment")
+
+    assert chrome.execute_script("return window.__marker;") == 1, "the page reloaded"
+    assert node_statuses(chrome) == {
+        "list": "SUCCESS",
+        "upload": "SUCCESS",
+        "publish": "SUCCESS",
+        "publish_1688": "SKIPPED",
+    }
+    assert any("running" in text for text in upload_texts), upload_texts
+    assert "6 \u2713" in upload_texts[-1] and "\u00d76" in upload_texts[-1], upload_texts
+    upload = chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-node[data-node="upload"]')
+    assert upload.get_attribute("data-mapped") == "true"
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "table.tasks tbody tr")) == 4
+    reason = "the condition of edge list -> publish_1688 (`result.payload.allowed_1688`) was false"
+    skipped_row = chrome.find_element(By.CSS_SELECTOR, 'table.tasks tr[data-node="publish_1688"]')
+    assert reason in skipped_row.text
+    skipped_box = chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-node[data-node="publish_1688"] rect')
+    assert (
+        skipped_box.get_attribute("stroke-dasharray")
+        and skipped_box.get_attribute("fill") == (STATUS_COLOURS["SKIPPED"][0])
+    )
+    condition = chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-cond[data-edge="list publish_1688"]')
+    assert "result.payload.allowed_1688" in condition.get_attribute("textContent")
+
+    # The skipped node's detail says why it did not run.
+    chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-node[data-node="publish_1688"] a').click()
+    panel = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#node-panel .node-detail[data-node="publish_1688"]'))
+    assert "Why it did not run" in panel.text and reason in panel.text
+
+    # The mapped node's detail lists its instances, each with its own Event.
+    chrome.find_element(By.CSS_SELECTOR, 'table.tasks a[data-node-link="upload"]').click()
+    panel = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#node-panel .node-detail[data-node="upload"]'))
+    rows = panel.find_elements(By.CSS_SELECTOR, "table.instances tbody tr")
+    assert [r.get_attribute("data-map-index") for r in rows] == [str(i) for i in range(len(images))]
+    assert {r.get_attribute("data-status") for r in rows} == {"SUCCESS"}
+    instances = TaskRun.objects.filter(run_id=trace_id, node_key="upload", map_index__isnull=False)
+    assert {str(event_id) for event_id in instances.values_list("current_event_id", flat=True)} == {
+        r.get_attribute("data-event-id") for r in rows
+    }
+    assert "6: 6 \u2713" in panel.text
+    assert chrome.current_url == run_url
+
+    path = tmp_path / f"run-{trace_id}-branch-and-map.png"
+    assert chrome.save_screenshot(str(path))
+    with capsys.disabled():
+        print(f"\nscreenshot of a run with a skipped branch and a mapped node's detail open: {path}")

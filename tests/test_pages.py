@@ -1077,7 +1077,7 @@ def test_a_long_condition_is_cut_on_the_drawing_and_whole_in_its_title():
     )
 
     label = section(svg, '<g class="dag-cond"', "</g>")
-    shown = re.search(r'class="mono">([^<]*)</text>', label).group(1)
+    shown = re.search(r'monospace">([^<]*)</text>', label).group(1)
     assert shown.endswith("\u2026") and len(html_unescape(shown)) < 30
     assert html_escape(when) in label
 

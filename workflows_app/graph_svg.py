@@ -53,7 +53,8 @@ PAD = 14
 # Approximate advance of one character at the label font sizes, to truncate before overflowing the box.
 CHAR_W_TITLE = 7.6
 CHAR_W_TEXT = 6.4
-CHAR_W_LABEL = 5.6
+# An edge's label is monospace at 10px: 0.6em a character, with a little room for fonts that run wider.
+CHAR_W_LABEL = 6.3
 # An edge with a condition is dashed: it may not be taken.
 DASHED = ' stroke-dasharray="5 3"'
 # A mapped node is drawn as a stack of cards: the cards behind it, offset up and to the right.
@@ -195,13 +196,14 @@ def _label_point(src: tuple[float, float], dst: tuple[float, float], gap_x: floa
 
 
 def _condition_svg(source: str, target: str, when: str, x: float, y: float, room: float) -> str:
-    text = _fit(when, room - 10, CHAR_W_LABEL)
+    text = _fit(when, room - 24, CHAR_W_LABEL)
     width = len(text) * CHAR_W_LABEL + 10
     return (
         f'<g class="dag-cond" data-edge="{_e(source)} {_e(target)}" transform="translate({x:.1f},{y:.1f})">'
         f"<title>{_e(source)} \u2192 {_e(target)} when {_e(when)}</title>"
         f'<rect x="{-width / 2:.1f}" y="-9" width="{width:.1f}" height="17" rx="8" fill="#fff8db" stroke="#c9a227"/>'
-        f'<text text-anchor="middle" y="4" font-size="10" fill="#5c4a00" class="mono">{_e(text)}</text></g>'
+        '<text text-anchor="middle" y="4" font-size="10" fill="#5c4a00" font-family="ui-monospace, monospace">'
+        f"{_e(text)}</text></g>"
     )
 
 
