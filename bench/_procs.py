@@ -33,6 +33,7 @@ class Worker(Process):
 
     def __init__(self, name: str, *, queue: str, concurrency: int, log_dir: Path, env: dict[str, str]):
         self.name = f"{name}@{socket.gethostname()}"
+        self.queue = queue
         cmd = [
             *(sys.executable, "-m", "celery", "-A", "config", "worker"),
             *("-Q", queue, "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),

@@ -2,7 +2,8 @@
 
 Scenarios (numbered as in the README): 1 a chain of 20 no-op tasks, latency per hop; 2 concurrent diamonds
 (a -> b, c -> d), runs/s and tasks/s; 3 the chain with finished runs already stored; 4 the trigger API
-under gunicorn, requests/s and p95; 5 the memory of a worker's pool processes as tasks accumulate.
+under gunicorn, requests/s and p95; 5 the memory of a worker's pool processes as tasks accumulate; 6 one node
+mapped over 1,000 items and one collecting their results, against a chord.
 Canvas and Eventflow samples alternate, so load from elsewhere on the machine hits both alike.
 """
 
@@ -54,6 +55,8 @@ class Sizes:
     api_seconds: float
     api_repeats: int
     memory_checkpoints: tuple[int, ...]
+    map_items: int
+    map_samples: int
 
 
 FULL = Sizes(
@@ -66,6 +69,8 @@ FULL = Sizes(
     api_seconds=30,
     api_repeats=3,
     memory_checkpoints=(1000, 10_000),
+    map_items=1000,
+    map_samples=7,
 )
 QUICK = Sizes(
     chain_samples=4,
@@ -77,6 +82,8 @@ QUICK = Sizes(
     api_seconds=10,
     api_repeats=2,
     memory_checkpoints=(200, 1000),
+    map_items=200,
+    map_samples=2,
 )
 
 
@@ -103,7 +110,8 @@ def _fmt(value: float) -> str:
 
 
 def define_workflows(queue: str, suffix: str = "") -> dict[str, Any]:
-    """The chain of 20 and the diamond, on their own event type (`queue`, the Celery queue they go to)."""
+    """The chain of 20, the diamond and the fan-out (one node mapped over `payload.items`, then one that
+    receives their results), on their own event type (`queue`, the Celery queue they go to)."""
     from workflows_app.definitions import workflow_definition_save
 
     keys = [f"n{i:02d}" for i in range(1, HOPS + 1)]
@@ -111,11 +119,11 @@ def define_workflows(queue: str, suffix: str = "") -> dict[str, Any]:
     def node(key: str) -> dict:
         return {"key": key, "task": "bench.noop", "event_type": queue}
 
-    def save(name: str, nodes: list[str], edges: list[list[str]]) -> Any:
+    def save(name: str, nodes: list[str | dict], edges: list[list[str]]) -> Any:
         data = {
             "name": name + suffix,
             "event_types": {queue: {"concurrency": CONCURRENCY}},
-            "nodes": [node(k) for k in nodes],
+            "nodes": [node(k) if isinstance(k, str) else k for k in nodes],
             "edges": edges,
         }
         return workflow_definition_save(data=data, known_tasks={"bench.noop"})
@@ -123,6 +131,7 @@ def define_workflows(queue: str, suffix: str = "") -> dict[str, Any]:
     return {
         "chain": save("bench_chain", keys, [[a, b] for a, b in zip(keys, keys[1:], strict=False)]),
         "diamond": save("bench_diamond", list("abcd"), [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]]),
+        "map": save("bench_map", [{**node("fan"), "map_over": "payload.items"}, "collect"], [["fan", "collect"]]),
         "chain_keys": keys,
     }
 
@@ -144,6 +153,9 @@ class System:
 
     def diamonds(self, count: int) -> float:
         return self._eventflow_diamonds(count) if self.flows else self._canvas_diamonds(count)
+
+    def fan_out(self, count: int) -> dict[str, float]:
+        return self._eventflow_fan_out(count) if self.flows else self._canvas_fan_out(count)
 
     def _eventflow_chain(self) -> float:
         """Milliseconds per hop: from the trigger to the run's end as the engine recorded it."""
@@ -218,6 +230,70 @@ class System:
         )
         return max(done.values()) - started
 
+    def _eventflow_fan_out(self, count: int) -> dict[str, float]:
+        """Seconds from the trigger to each phase's end, for one run of `fan` mapped over `count` items
+        and `collect`: the trigger returned, the last instance finished, the run finished."""
+        from django.db.models import Count, Max, Min
+
+        from workflows_app import engine
+        from workflows_app.models import TaskRun, WorkflowRun
+
+        started = time.time()
+        run, _ = engine.workflow_run_start(
+            workflow=self.flows["map"], payload={"items": list(range(count))}, source="bench"
+        )
+        triggered = time.time()
+        status, finished = wait_for(
+            lambda: (
+                WorkflowRun.objects.filter(pk=run.pk, finished_at__isnull=False)
+                .values_list("status", "finished_at")
+                .first()
+            ),
+            timeout=120 + count / 10,
+            interval=0.02,
+            what="an Eventflow fan-out",
+        )
+        assert status == WorkflowRun.Status.SUCCESS, status
+        instances = TaskRun.objects.filter(run=run, node_key="fan", map_index__isnull=False)
+        seen = instances.aggregate(n=Count("pk"), first=Min("started_at"), last=Max("finished_at"))
+        assert seen["n"] == count, f"{seen['n']} instances of fan for {count} items"
+        return {
+            "start": triggered - started,
+            "first": seen["first"].timestamp() - started,
+            "mapped": seen["last"].timestamp() - started,
+            "total": finished.timestamp() - started,
+        }
+
+    def _canvas_fan_out(self, count: int) -> dict[str, float]:
+        """The same for `chord([noop.s(i) for i in range(count)], noop.s())`: sent, the last header
+        task's result stored, the body's result stored."""
+        from celery import chord
+        from django.db.models import Max
+
+        # The sender's result backend counts the chord's header (Redis' or django-celery-results'
+        # ChordCounter), so it must be the worker's: Redis for the Redis reference.
+        app = redis_results_app() if self.redis_results else None
+        noop = (app or celery_app()).signature("bench.noop", queue=self.queue)
+
+        started = time.time()
+        result = chord([noop.clone(args=(i,)) for i in range(count)], noop.clone(), app=app)()
+        sent = time.time()
+        finished = wait_for(
+            lambda: self._done([result.id]).get(result.id),
+            timeout=120 + count / 10,
+            interval=0.02,
+            what="a canvas chord",
+        )
+        header = [r.id for r in result.parent.results]
+        if self.redis_results:
+            last = max(self._done(header).values())
+        else:
+            from django_celery_results.models import TaskResult
+
+            last = TaskResult.objects.filter(task_id__in=header).aggregate(last=Max("date_done"))["last"].timestamp()
+        # No "first" phase: Celery records no start here (task_track_started is off), only each end.
+        return {"start": sent - started, "mapped": last - started, "total": finished - started}
+
     def _done(self, task_ids: list[str]) -> dict[str, float]:
         """When each of these canvas tasks finished successfully (epoch seconds), from the result backend."""
         if self.redis_results:
@@ -234,6 +310,23 @@ class System:
 
         rows = TaskResult.objects.filter(task_id__in=task_ids, status="SUCCESS").values_list("task_id", "date_done")
         return {task_id: done.timestamp() for task_id, done in rows}
+
+
+def celery_app() -> Any:
+    from config.celery import app
+
+    return app
+
+
+@functools.cache
+def redis_results_app() -> Any:
+    """A Celery app configured as the project's, but with its results in Redis, as the reference worker's."""
+    from celery import Celery
+
+    app = Celery("bench_redis_results")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.update(result_backend=BROKER_URL)
+    return app
 
 
 ENGINE_TABLES = (
@@ -641,6 +734,71 @@ def scenario_memory(systems: list[System], sizes: Sizes, log_dir: Path) -> list[
     return rows
 
 
+# --------------------------------------------------------------------------- scenario 6
+
+
+def bench_backends() -> set[int]:
+    """The PostgreSQL backends connected to the bench's database (other databases' are not ours)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+FAN_OUT_CPU_ROLES = ("worker", "PostgreSQL (bench database)", "bench process")
+
+
+def scenario_fan_out(systems: list[System], sizes: Sizes, workers: dict[str, Worker]) -> list[Row]:
+    """One node mapped over N no-op items, then one receiving their N results, against a chord."""
+    n = sizes.map_items
+    phases: dict[str, list[dict[str, float]]] = {s.label: [] for s in systems}
+    cpu: dict[str, dict[str, list[float]]] = {role: {s.label: [] for s in systems} for role in FAN_OUT_CPU_ROLES}
+
+    def measure(system: System) -> float:
+        worker = workers[system.queue]
+        before_backends, before = bench_backends(), cpu_seconds()
+        seen = system.fan_out(n)
+        after = cpu_seconds()
+        # A backend that ended meanwhile (Celery closes a worker's connection every CELERY_DB_REUSE_MAX
+        # tasks) is counted by its pid from before; one that began meanwhile by its pid from after.
+        roles = dict.fromkeys(before_backends | bench_backends(), "PostgreSQL (bench database)")
+        roles |= dict.fromkeys([worker.pid, *children_of(worker.pid)], "worker") | {os.getpid(): "bench process"}
+        spent = cpu_by_role(before, after, roles)
+        for role in FAN_OUT_CPU_ROLES:
+            cpu[role][system.label].append(spent[role] / n * 1000)
+        phases[system.label].append(seen)
+        parts = ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in seen.items())
+        per_item = ", ".join(f"{role} {spent[role] / n * 1000:.2f}" for role in FAN_OUT_CPU_ROLES)
+        print(
+            f"  fan-out: {system.label}: {seen['total']:.2f} s (at the end of each phase: {parts};"
+            f" CPU ms per item: {per_item})",
+            flush=True,
+        )
+        return seen["total"]
+
+    totals = rounds(systems, sizes.map_samples, measure)
+    name = f"6 map over {n:,} + collect"
+    rows = rows_against(name, "s per run", systems, totals, {EVENTFLOW: "<= 1.2"})
+    # Each round's run over the baseline's run of that round, as in scenario 1.
+    per_round = [e / c for e, c in zip(totals[EVENTFLOW], totals[systems[0].label], strict=True)]
+    rows.append(Row(name, "run / canvas run, same round", EVENTFLOW, per_round, Row("", "", "", [1.0]), "<= 1.2"))
+    # Where the time goes: sending (the trigger, which creates the instances, or the chord's send),
+    # the items (up to the last one's stored end), then the collecting node (or the chord's body).
+    spans = {
+        "s to send (trigger returned, chord sent)": lambda p: p["start"],
+        "s to the last item's end": lambda p: p["mapped"],
+        "s from the last item's end to the run's": lambda p: p["total"] - p["mapped"],
+    }
+    for measure_name, span in spans.items():
+        values = {label: [span(p) for p in seen] for label, seen in phases.items()}
+        rows += rows_against(name, measure_name, systems, values, {})
+    # CPU per item of each process group, which waits for a core on a busy machine do not inflate.
+    for role in FAN_OUT_CPU_ROLES:
+        rows += rows_against(name, f"CPU ms per item, {role}", systems, cpu[role], {})
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -656,7 +814,7 @@ def system_env(system: System) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not figures")
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="scenario numbers to run")
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="scenario numbers to run")
     parser.add_argument("--api-workers", type=int, default=4, help="gunicorn sync workers (scenario 4)")
     parser.add_argument("--api-clients", type=int, default=4, help="concurrent load generator threads (scenario 4)")
     parser.add_argument(
@@ -690,7 +848,7 @@ def main() -> None:
     rows: list[Row] = []
     workers: list[Worker] = []
     try:
-        if {1, 2, 3} & set(args.only):
+        if {1, 2, 3, 6} & set(args.only):
             # One worker per queue, all with the same options; canvas and Eventflow share the first.
             for system in systems[1:]:
                 env = bench_env(**system_env(system))
@@ -709,6 +867,11 @@ def main() -> None:
             if 3 in args.only:
                 print("scenario 3", flush=True)
                 rows += scenario_history([canvas, eventflow], sizes)
+            if 6 in args.only:
+                print("scenario 6", flush=True)
+                # One unmeasured round: the first fan-out grows the tables past their first plans.
+                rounds(systems, 1, lambda s: s.fan_out(sizes.map_items))
+                rows += scenario_fan_out(systems, sizes, {worker.queue: worker for worker in workers})
             for worker in workers:
                 worker.stop()
             workers = []
