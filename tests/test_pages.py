@@ -1157,3 +1157,46 @@ def test_workflow_page_draws_conditions_and_marks_mapped_nodes(browser, admin_cl
         assert "map over upstream.list.images" in upload
     assert 'data-map-over="upstream.list.images"' in section(html, '<tr id="node-upload"', "</tr>")
     assert 'data-when="result.allowed_1688"' in section(html, '<tr id="node-publish_1688"', "</tr>")
+
+
+def finish(run: WorkflowRun, key: str, result: dict) -> None:
+    """Play what a worker does for a node's task: start it, then report its success with `result`."""
+    event = TaskRun.objects.get(run=run, node_key=key, map_index=None).current_event
+    started = engine.task_run_start(event_id=str(event.event_id), attempt=event.context["attempt"])
+    engine.task_run_finish(
+        trace_id=str(run.trace_id),
+        event_id=str(event.event_id),
+        succeeded=True,
+        result=result,
+        event=event.as_message(),
+        run_payload=started.run_payload,
+    )
+
+
+def test_run_page_shows_what_the_engine_says_of_an_empty_map_and_a_false_condition(browser):
+    run = start(branching_workflow())
+    finish(run, "list", {"images": []})
+    finish(run, "moderate", {"allowed_1688": False})
+
+    html = browser.get(reverse("workflows_app:run-detail", args=[run.trace_id])).content.decode()
+    upload = browser.get(reverse("workflows_app:run-node", args=[run.trace_id, "upload"])).content.decode()
+
+    assert WorkflowRun.objects.get(pk=run.pk).status == WorkflowRun.Status.SUCCESS
+    assert table_nodes(html) == {
+        "list": "SUCCESS",
+        "upload": "SKIPPED",
+        "publish": "SKIPPED",
+        "moderate": "SUCCESS",
+        "publish_1688": "SKIPPED",
+    }
+    reasons = {
+        key: TaskRun.objects.get(run=run, node_key=key, map_index=None).error
+        for key in ("upload", "publish", "publish_1688")
+    }
+    assert "gave an empty list" in reasons["upload"]
+    assert "(`result.allowed_1688`) was false" in reasons["publish_1688"]
+    for key, reason in reasons.items():
+        assert reason and html_escape(reason, quote=False) in section(html, f'<tr id="task-{key}"', "</tr>"), key
+    assert 'data-mapped="true"' in svg_node(html, "upload") and ">map<" in svg_node(html, "upload")
+    assert "no instances<" in section(html, '<tr id="task-upload"', "</tr>")
+    assert "Why it did not run" in upload and "No instances." in upload

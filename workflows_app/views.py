@@ -140,10 +140,7 @@ def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
             position = "" if task.line_position is None else task.line_position
             place = f' <span class="muted" data-line-position="{position}">{escape(row["place"])}</span>'
         if row["mapped"]:
-            place += (
-                f' <span class="instances" data-instances="{row["instances"]}">'
-                f"{escape(row['summary'] or 'no instances yet')}</span>"
-            )
+            place += f' <span class="instances" data-instances="{row["instances"]}">{escape(row["summary"])}</span>'
         mapped = ' data-mapped="true"' if row["mapped"] else ""
         # Why a node did not run is no error of its own: shown as a reason, not in red.
         reason = "reason" if task.status in NOT_RUN else "error"
@@ -437,7 +434,8 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             "error_full": _preview(task.error, 2000),
             "mapped": mapped,
             "instances": instance_total(counts),
-            "summary": instance_summary(counts, " \u00b7 "),
+            "summary": instance_summary(counts, " \u00b7 ")
+            or ("no instances" if task.status in TaskRun.FINAL else "no instances yet"),
             # A mapped node's own row never runs: its attempts are its instances'.
             "attempts": counts.get("attempts", 0) if mapped else task.attempts,
         }
@@ -457,7 +455,7 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             )
         tooltip = [key, spec.task, task.status]
         if mapped:
-            tooltip.append(f"map over {spec.options.get('map_over', '')}: {row['summary'] or 'no instances yet'}")
+            tooltip.append(f"map over {spec.options.get('map_over', '')}: {row['summary']}")
         if task.status in NOT_RUN and task.error:
             tooltip.append(task.error)
         nodes.append(
