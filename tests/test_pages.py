@@ -1123,7 +1123,7 @@ def test_run_page_lists_instance_attempts_in_their_node_only(browser):
 
 
 def test_run_page_query_count_does_not_grow_with_instances(browser):
-    small = branching_run(["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * 3, events=True)
+    small = branching_run((["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * 3)[:10], events=True)
     large = branching_run(["SUCCESS", "STARTED", "QUEUED", "FAILURE"] * 250, events=True)
 
     def counts(run: WorkflowRun) -> tuple[int, ...]:
