@@ -8,6 +8,7 @@ import shutil
 import pytest
 from django.urls import reverse
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -77,7 +78,8 @@ def test_run_page_turns_each_node_green_live_and_opens_its_detail(
         )
     )
     workers(["browser_watch"], concurrency=2)
-    wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+    # The live fragment replaces the elements a condition reads once a second: a stale one is read again.
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
 
     # Sign in the way an operator does: the admin login form, then on to the runs.
     chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
@@ -159,7 +161,8 @@ def test_run_page_shows_a_skipped_branch_with_its_reason_and_a_mapped_node_with_
         )
     )
     workers(["browser_branch"], concurrency=2)
-    wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+    # The live fragment replaces the elements a condition reads once a second: a stale one is read again.
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
     chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
     chrome.find_element(By.NAME, "username").send_keys(admin_user.username)
     chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
