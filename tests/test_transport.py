@@ -1,4 +1,5 @@
-"""The Redis transport the broker URL selects: kombu's, with one client per connection pool."""
+"""The transports the broker URL selects: kombu's Redis one with one client per connection pool, and
+kombu's file-system one with messages that appear whole."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def connection():
 def test_redis_broker_urls_select_the_transport_and_others_keep_kombus():
     assert settings.CELERY_BROKER_TRANSPORT == "workflows_app.transport:Transport"
     assert broker_transport("amqp://guest@localhost//") is None
-    assert broker_transport("filesystem://localhost//") is None
+    assert broker_transport("filesystem://localhost//") == "workflows_app.transport:FilesystemTransport"
 
 
 def test_messages_published_on_a_channel_share_one_client_until_its_pool_is_replaced(connection, monkeypatch):
@@ -57,3 +58,31 @@ def test_messages_published_on_a_channel_share_one_client_until_its_pool_is_repl
     finally:
         queue(channel).delete()
         channel.close()
+
+
+def test_a_file_system_message_appears_only_once_written_whole(tmp_path):
+    """kombu's `_get` takes only files named `<...>.<queue>.msg` (so a partial file under another name is
+    left alone) and moves each away before reading it; `FilesystemChannel._put` overrides kombu's
+    `_put(queue, payload, **kwargs)`. A message published through the project's transport round-trips,
+    and a file still being written is never taken."""
+    import inspect
+
+    from kombu.transport import filesystem
+
+    assert list(inspect.signature(filesystem.Channel._put).parameters) == ["self", "queue", "payload", "kwargs"]
+    folder = tmp_path / "queue"
+    folder.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "store_processed": False}
+    name = "fs-test"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    with Connection(
+        "filesystem://", transport="workflows_app.transport:FilesystemTransport", transport_options=options
+    ) as conn:
+        channel = conn.channel()
+        assert isinstance(channel, transport.FilesystemChannel)
+        (folder / f"~1_x.{name}.msg.part").write_bytes(b"")  # a message being written
+        Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        assert [p.name for p in folder.glob("~*")] == [f"~1_x.{name}.msg.part"]  # the publish left none
+        message = queue(channel).get(no_ack=True)
+        assert message.payload == {"n": 1}
+        assert queue(channel).get(no_ack=True) is None  # the partial file is not a message

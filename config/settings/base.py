@@ -184,9 +184,14 @@ elif CELERY_BROKER_URL.startswith("redis"):
 
 def broker_transport(url: str) -> str | None:
     """kombu's transport for the broker at `url`: for Redis, kombu's own with one client per
-    connection pool (`workflows_app.transport`), where it builds one per message published; None
-    for the transport the URL's scheme names."""
-    return "workflows_app.transport:Transport" if url.startswith("redis://") else None
+    connection pool (`workflows_app.transport`), where it builds one per message published; for the
+    file system, kombu's own with messages written whole before they appear; None for the transport
+    the URL's scheme names."""
+    if url.startswith("redis://"):
+        return "workflows_app.transport:Transport"
+    if url.startswith("filesystem://"):
+        return "workflows_app.transport:FilesystemTransport"
+    return None
 
 
 CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
