@@ -72,7 +72,12 @@ def test_a_file_system_message_appears_only_once_written_whole(tmp_path):
     assert list(inspect.signature(filesystem.Channel._put).parameters) == ["self", "queue", "payload", "kwargs"]
     folder = tmp_path / "queue"
     folder.mkdir()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder), "store_processed": False}
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(tmp_path / "control"),
+        "store_processed": False,
+    }
     name = "fs-test"
     queue = Queue(name, Exchange(name), routing_key=name)
     with Connection(
