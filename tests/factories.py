@@ -41,6 +41,20 @@ def spec(
     return {"name": name, "nodes": built, "edges": edges or [], **extra}
 
 
+def fan_spec(name: str = "fan", **upload: Any) -> dict:
+    """list -> upload (mapped over the list's images) -> publish (only when the uploads gave something)."""
+    echo = "workflows_app.tasks.echo"
+    return spec(
+        name,
+        [
+            ("list", echo),
+            {"key": "upload", "task": echo, "map_over": "upstream.list.images", **upload},
+            ("publish", echo),
+        ],
+        [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}],
+    )
+
+
 def workflow(data: dict | None = None) -> WorkflowDefinition:
     return workflow_definition_save(data=data or spec())
 

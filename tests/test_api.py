@@ -500,21 +500,8 @@ def test_publish_event_bad_type_is_400(api):
 # --------------------------------------------------------------------------- branches and maps
 
 
-def mapped_spec(name: str = "fan", **upload: object) -> dict:
-    """list -> upload (mapped over the list's images) -> publish (only when the list says so)."""
-    return factories.spec(
-        name,
-        [
-            ("list", ECHO),
-            {"key": "upload", "task": ECHO, "map_over": "upstream.list.images", **upload},
-            ("publish", ECHO),
-        ],
-        [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}],
-    )
-
-
 def test_run_detail_lists_each_instance_after_its_node_by_map_index(api):
-    workflow = factories.workflow(mapped_spec())
+    workflow = factories.workflow(factories.fan_spec())
     run = WorkflowRun.objects.get(
         trace_id=api.post(f"/api/workflows/{workflow.name}/runs/", {}, format="json").json()["trace_id"]
     )
@@ -540,7 +527,7 @@ def test_run_detail_lists_each_instance_after_its_node_by_map_index(api):
 
 
 def test_run_detail_query_count_does_not_grow_with_instances(api):
-    workflow = factories.workflow(mapped_spec())
+    workflow = factories.workflow(factories.fan_spec())
 
     def queries_for(n: int) -> int:
         trace_id = api.post(f"/api/workflows/{workflow.name}/runs/", {}, format="json").json()["trace_id"]
@@ -556,7 +543,7 @@ def test_run_detail_query_count_does_not_grow_with_instances(api):
 
 
 def test_definitions_carry_conditions_and_map_over_both_ways(api):
-    response = api.post("/api/workflows/", mapped_spec(), format="json")
+    response = api.post("/api/workflows/", factories.fan_spec(), format="json")
     assert response.status_code == 201, response.content
 
     body = api.get("/api/workflows/fan/").json()
@@ -581,10 +568,13 @@ def test_definitions_carry_conditions_and_map_over_both_ways(api):
             factories.spec("w2", [("a", ECHO), ("b", ECHO)], [{"from": "a", "to": "b", "when": "1 + 1"}]),
             ["edge a -> b", "not a bool"],
         ),
-        (mapped_spec("m1", map_over="upstream.nowhere.items"), ["node 'upload'", "map_over", "nowhere"]),
-        (mapped_spec("m2", map_over="[1, 2"), ["node 'upload'", "map_over"]),
-        (mapped_spec("m3", map_over="true"), ["node 'upload'", "map_over", "not a list"]),
-        (mapped_spec("r1", trigger_rule="most_success"), ["node 'upload'", "unknown trigger_rule 'most_success'"]),
+        (factories.fan_spec("m1", map_over="upstream.nowhere.items"), ["node 'upload'", "map_over", "nowhere"]),
+        (factories.fan_spec("m2", map_over="[1, 2"), ["node 'upload'", "map_over"]),
+        (factories.fan_spec("m3", map_over="true"), ["node 'upload'", "map_over", "not a list"]),
+        (
+            factories.fan_spec("r1", trigger_rule="most_success"),
+            ["node 'upload'", "unknown trigger_rule 'most_success'"],
+        ),
         (
             factories.spec(
                 "k1",

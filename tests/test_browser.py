@@ -59,6 +59,15 @@ def node_statuses(driver: WebDriver) -> dict[str, str]:
     return driver.execute_script(NODE_STATUSES)
 
 
+def sign_in(chrome, wait, base_url: str, user) -> None:
+    """Sign in the way an operator does: the admin login form, then on to the runs."""
+    chrome.get(f"{base_url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
+    chrome.find_element(By.NAME, "username").send_keys(user.username)
+    chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
+    chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
+    wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
+
+
 def test_run_page_turns_each_node_green_live_and_opens_its_detail(
     chrome, live_server, workers, api, admin_user, tmp_path, capsys
 ):
@@ -81,12 +90,7 @@ def test_run_page_turns_each_node_green_live_and_opens_its_detail(
     # The live fragment replaces the elements a condition reads once a second: a stale one is read again.
     wait = WebDriverWait(chrome, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
 
-    # Sign in the way an operator does: the admin login form, then on to the runs.
-    chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
-    chrome.find_element(By.NAME, "username").send_keys(admin_user.username)
-    chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
-    chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
-    wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
+    sign_in(chrome, wait, live_server.url, admin_user)
 
     trace_id = trigger(api, "browser_watch", {"product": "lamp"})
     run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[trace_id])}"
@@ -163,11 +167,7 @@ def test_run_page_shows_a_skipped_branch_with_its_reason_and_a_mapped_node_with_
     workers(["browser_branch"], concurrency=2)
     # The live fragment replaces the elements a condition reads once a second: a stale one is read again.
     wait = WebDriverWait(chrome, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
-    chrome.get(f"{live_server.url}{reverse('admin:login')}?next={reverse('workflows_app:run-list')}")
-    chrome.find_element(By.NAME, "username").send_keys(admin_user.username)
-    chrome.find_element(By.NAME, "password").send_keys("pw-admin-123")
-    chrome.find_element(By.CSS_SELECTOR, "form#login-form [type=submit]").click()
-    wait.until(lambda d: d.current_url.endswith(reverse("workflows_app:run-list")))
+    sign_in(chrome, wait, live_server.url, admin_user)
 
     trace_id = trigger(api, "browser_branch", {"product": "lamp"})
     run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[trace_id])}"

@@ -19,19 +19,6 @@ ECHO = "workflows_app.tasks.echo"
 KNOWN = {ECHO}
 
 
-def fan(name: str = "fan", **upload) -> dict:
-    # list -> upload (map_over) -> publish (when)
-    return factories.spec(
-        name,
-        [
-            ("list", ECHO),
-            {"key": "upload", "task": ECHO, "map_over": "upstream.list.images", **upload},
-            ("publish", ECHO),
-        ],
-        [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}],
-    )
-
-
 BAD = {
     "when-syntax": (
         factories.spec("w", [("a", ECHO), ("b", ECHO)], [{"from": "a", "to": "b", "when": "result.ok &&"}]),
@@ -54,17 +41,17 @@ BAD = {
         ),
         "edge b -> c: when `upstream.a.ok` reads upstream.a, which is not a predecessor (its predecessors: b)",
     ),
-    "map-syntax": (fan(map_over="[1, 2"), "node 'upload': map_over `[1, 2` does not compile"),
+    "map-syntax": (factories.fan_spec(map_over="[1, 2"), "node 'upload': map_over `[1, 2` does not compile"),
     "map-type": (
-        fan(map_over="size(payload) > 1"),
+        factories.fan_spec(map_over="size(payload) > 1"),
         "node 'upload': map_over `size(payload) > 1` gives bool, not a list",
     ),
-    "map-result": (fan(map_over="result"), "node 'upload': map_over `result` does not compile"),
+    "map-result": (factories.fan_spec(map_over="result"), "node 'upload': map_over `result` does not compile"),
     "map-not-upstream": (
-        fan(map_over="upstream.publish"),
+        factories.fan_spec(map_over="upstream.publish"),
         "node 'upload': map_over `upstream.publish` reads upstream.publish, which is not a predecessor",
     ),
-    "rule": (fan(trigger_rule="most_success"), "node 'upload': unknown trigger_rule 'most_success'"),
+    "rule": (factories.fan_spec(trigger_rule="most_success"), "node 'upload': unknown trigger_rule 'most_success'"),
     "kind": (
         factories.spec("w", [{"key": "gate", "kind": "noop", "event_type": None, "map_over": "[1]"}], []),
         "node 'gate': map_over is only for nodes of kind 'task' (this one is 'noop')",
@@ -92,7 +79,7 @@ def test_import_refuses_it_and_writes_nothing(tmp_path, definition, message):
 
 @pytest.mark.django_db
 def test_conditions_and_maps_round_trip_through_export_and_import(tmp_path):
-    workflow = factories.workflow(fan())
+    workflow = factories.workflow(factories.fan_spec())
     exported = definition_export(workflow)
     assert exported["edges"] == [["list", "upload"], {"from": "upload", "to": "publish", "when": "size(result) > 0"}]
     assert exported["nodes"][1]["map_over"] == "upstream.list.images" and "map_over" not in exported["nodes"][0]

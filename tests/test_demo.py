@@ -31,6 +31,32 @@ def processes_in(folder: Path) -> dict[int, str]:
     return found
 
 
+def project_on_servers(tmp_path: Path, database: str, broker: str) -> tuple[Path, dict[str, str]]:
+    """A copy of the project, and the environment that points it at a fresh PostgreSQL database and an
+    emptied Redis database."""
+    import psycopg
+    import redis
+
+    project = tmp_path / "eventflow"
+    shutil.copytree(
+        ROOT,
+        project,
+        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"),
+    )
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{database}"')
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
+        "CELERY_BROKER_URL": broker,
+    }
+    return project, env
+
+
 def run_demo(project: Path, env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess:
     """Run the demo; past `timeout`, SIGTERM it so that it stops its workers, as a user's `kill` would."""
     cmd = [sys.executable, "manage.py", "demo", *args]
@@ -91,27 +117,9 @@ def test_demo_runs_the_product_pipeline_on_embedded_defaults(tmp_path: Path) -> 
 @pytest.mark.e2e
 def test_demo_uses_postgresql_and_redis_when_told(tmp_path: Path) -> None:
     import psycopg
-    import redis
 
-    project = tmp_path / "eventflow"
-    shutil.copytree(
-        ROOT,
-        project,
-        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"),
-    )
+    project, env = project_on_servers(tmp_path, "eventflow_demo_check", "redis://127.0.0.1:6379/12")
     database = "eventflow_demo_check"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{database}"')
-    broker = "redis://127.0.0.1:6379/12"
-    redis.Redis.from_url(broker).flushdb()
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
-        "CELERY_BROKER_URL": broker,
-    }
     try:
         result = run_demo(project, env, "--no-serve", "--runs", "1", timeout=240)
     finally:
@@ -133,30 +141,12 @@ def test_demo_uses_postgresql_and_redis_when_told(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_demo_runs_the_grown_pipeline_with_a_barred_branch_and_one_upload_per_image(tmp_path: Path) -> None:
     import psycopg
-    import redis
     import yaml
 
-    project = tmp_path / "eventflow"
-    shutil.copytree(
-        ROOT,
-        project,
-        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"),
-    )
+    project, env = project_on_servers(tmp_path, "eventflow_demo_v2_check", "redis://127.0.0.1:6379/13")
+    database = "eventflow_demo_v2_check"
     example = yaml.safe_load((ROOT / "examples" / "product_pipeline_v2.yaml").read_text())
     images = next(n for n in example["nodes"] if n["key"] == "image")["params"]["images"]
-    database = "eventflow_demo_v2_check"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{database}"')
-    broker = "redis://127.0.0.1:6379/13"
-    redis.Redis.from_url(broker).flushdb()
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{database}",
-        "CELERY_BROKER_URL": broker,
-    }
     try:
         result = run_demo(project, env, "--no-serve", "--runs", "2", "--workflow", "product_pipeline_v2", timeout=240)
     finally:

@@ -66,9 +66,20 @@ def start(workflow, payload=None, capture=None) -> WorkflowRun:
 
 
 def run_task(run: WorkflowRun, key: str, capture, *, ok: bool = True, result=None, with_event: bool = True) -> None:
-    """Play what a worker does for a task: start it, then report its outcome with the Event it received
-    (or, `with_event=False`, as a task on another base class is reported: by its ids alone)."""
-    task = TaskRun.objects.get(run=run, node_key=key)
+    """Play what a worker does for a node's task: start it, then report its outcome with the Event it
+    received (or, `with_event=False`, as a task on another base class is reported: by its ids alone)."""
+    finish_task(
+        run,
+        TaskRun.objects.get(run=run, node_key=key, map_index=None),
+        capture,
+        ok=ok,
+        result=result,
+        with_event=with_event,
+    )
+
+
+def finish_task(run: WorkflowRun, task: TaskRun, capture, *, ok: bool = True, result=None, with_event: bool = True):
+    """`run_task` for one task row: a node's, or one instance of a mapped node."""
     event = task.current_event
     started = engine.task_run_start(event_id=str(event.event_id), attempt=event.context["attempt"])
     assert started

@@ -7,7 +7,7 @@ import pytest
 
 from events_app.models import EventType
 from tests import factories
-from tests.test_engine import ECHO, Sent, start, statuses
+from tests.test_engine import ECHO, Sent, finish_task, start, statuses
 from tests.workers import purge_broker
 from workflows_app import engine
 from workflows_app.models import TaskRun, WorkflowRun
@@ -22,20 +22,7 @@ def sent() -> Sent:
 
 
 def finish(run: WorkflowRun, task: TaskRun, capture, *, ok: bool = True, result=None) -> None:
-    """Play what a worker does for one task row (a node's, or one instance of a mapped node)."""
-    event = task.current_event
-    started = engine.task_run_start(event_id=str(event.event_id), attempt=event.context["attempt"])
-    assert started
-    with capture(execute=True):
-        engine.task_run_finish(
-            trace_id=str(run.trace_id),
-            event_id=str(event.event_id),
-            succeeded=ok,
-            result=result,
-            error="boom",
-            event=event.as_message(),
-            run_payload=started.run_payload,
-        )
+    finish_task(run, task, capture, ok=ok, result=result)
 
 
 def node_row(run: WorkflowRun, key: str) -> TaskRun:
@@ -44,6 +31,17 @@ def node_row(run: WorkflowRun, key: str) -> TaskRun:
 
 def instances(run: WorkflowRun, key: str) -> list[TaskRun]:
     return list(TaskRun.objects.filter(run=run, node_key=key, map_index__isnull=False).order_by("map_index"))
+
+
+def started_map(capture, items: list, *, concurrency: int, done: int = 0) -> WorkflowRun:
+    """A run of `mapped_spec` over `items` on a type of that concurrency, its first `done` instances
+    finished with their index as result."""
+    workflow = factories.workflow(mapped_spec())
+    EventType.objects.filter(name="q_default").update(concurrency=concurrency)
+    run = start(workflow, {"items": items}, capture=capture)
+    for index in range(done):
+        finish(run, instances(run, "each")[index], capture, result=index)
+    return run
 
 
 def mapped_spec(map_over: str = "payload.items", **node) -> dict:
@@ -245,10 +243,7 @@ def test_a_lost_instance_is_failed_by_the_reconciler_and_ends_its_node(sent, dja
     from django.db.models.functions import Now
 
     cap = django_capture_on_commit_callbacks
-    wf = factories.workflow(mapped_spec())
-    EventType.objects.filter(name="q_default").update(concurrency=5)
-    run = start(wf, {"items": ["x", "y"]}, capture=cap)
-    finish(run, instances(run, "each")[0], cap, result="x done")
+    run = started_map(cap, ["x", "y"], concurrency=5, done=1)
     lost = instances(run, "each")[1]
     assert engine.task_run_start(event_id=str(lost.current_event_id), attempt=1)
     TaskRun.objects.filter(pk=lost.pk).update(lease_expires_at=Now() - timedelta(hours=1))
@@ -263,10 +258,7 @@ def test_a_lost_instance_is_failed_by_the_reconciler_and_ends_its_node(sent, dja
 
 def test_cancel_revokes_the_unfinished_instances_and_frees_their_slots(sent, django_capture_on_commit_callbacks):
     cap = django_capture_on_commit_callbacks
-    wf = factories.workflow(mapped_spec())
-    EventType.objects.filter(name="q_default").update(concurrency=2)
-    run = start(wf, {"items": [1, 2, 3, 4]}, capture=cap)
-    finish(run, instances(run, "each")[0], cap, result=1)
+    run = started_map(cap, [1, 2, 3, 4], concurrency=2, done=1)
     with cap(execute=True):
         engine.workflow_run_cancel(trace_id=str(run.trace_id))
     assert [t.status for t in instances(run, "each")] == ["SUCCESS", "REVOKED", "REVOKED", "REVOKED"]
@@ -285,10 +277,7 @@ def test_the_database_refuses_to_go_on_when_no_other_instance_is_open(sent, djan
     from workflows_app.engine.rules import RunContext
 
     cap = django_capture_on_commit_callbacks
-    wf = factories.workflow(mapped_spec())
-    EventType.objects.filter(name="q_default").update(concurrency=5)
-    run = start(wf, {"items": ["x", "y"]}, capture=cap)
-    finish(run, instances(run, "each")[0], cap, result="x")
+    run = started_map(cap, ["x", "y"], concurrency=5, done=1)
     last = instances(run, "each")[1]
     assert engine.task_run_start(event_id=str(last.current_event_id), attempt=1)
     graph = engine.graph_for_version(run.version_id)
@@ -311,10 +300,7 @@ def test_workflow_status_counts_a_mapped_nodes_instances_and_lists_those_running
     from django.core.management import call_command
 
     cap = django_capture_on_commit_callbacks
-    wf = factories.workflow(mapped_spec())
-    EventType.objects.filter(name="q_default").update(concurrency=2)
-    run = start(wf, {"items": ["a", "b", "c", "d"]}, capture=cap)
-    finish(run, instances(run, "each")[0], cap, result=0)
+    run = started_map(cap, ["a", "b", "c", "d"], concurrency=2, done=1)
     finish(run, instances(run, "each")[1], cap, ok=False)
     assert engine.task_run_start(event_id=str(instances(run, "each")[2].current_event_id), attempt=1)
     out = io.StringIO()

@@ -26,6 +26,19 @@ def instances_of(trace_id: str, key: str) -> list[TaskRun]:
     return list(found.select_related("current_event").order_by("map_index"))
 
 
+def fan(*, concurrency: int) -> None:
+    """each (one instance per element of the payload's items) -> collect, on the `e2e` type."""
+    factories.workflow(
+        factories.spec(
+            "fan",
+            [{"key": "each", "task": ITEM, "map_over": "payload.items"}, {"key": "collect", "task": ECHO}],
+            [["each", "collect"]],
+            event_type="e2e",
+            event_types={"e2e": {"concurrency": concurrency}},
+        )
+    )
+
+
 def most_at_once(tasks: list[TaskRun]) -> int:
     """The most tasks running at one instant, from their stored start and end times."""
     edges = sorted([(t.started_at, 1) for t in tasks] + [(t.finished_at, -1) for t in tasks])
@@ -78,15 +91,7 @@ def test_a_false_condition_skips_its_branch_and_a_failing_one_fails_its_target(w
 
 def test_a_map_of_200_holds_its_types_concurrency_and_hands_the_results_on_in_order(workers, api):
     # each (map_over payload.items, concurrency 3) -> collect
-    factories.workflow(
-        factories.spec(
-            "fan",
-            [{"key": "each", "task": ITEM, "map_over": "payload.items"}, {"key": "collect", "task": ECHO}],
-            [["each", "collect"]],
-            event_type="e2e",
-            event_types={"e2e": {"concurrency": 3}},
-        )
-    )
+    fan(concurrency=3)
     workers(["e2e"], concurrency=4)
     workers(["e2e"], concurrency=4)
     items = [f"img-{i}" for i in range(200)]
@@ -111,14 +116,7 @@ def test_a_map_of_200_holds_its_types_concurrency_and_hands_the_results_on_in_or
 
 
 def test_an_empty_map_skips_its_node_and_too_many_elements_fail_it(workers, api):
-    factories.workflow(
-        factories.spec(
-            "fan",
-            [{"key": "each", "task": ITEM, "map_over": "payload.items"}, {"key": "collect", "task": ECHO}],
-            [["each", "collect"]],
-            event_type="e2e",
-        )
-    )
+    fan(concurrency=1)
     workers(["e2e"], concurrency=2)
     empty, huge = trigger(api, "fan", {"items": []}), trigger(api, "fan", {"items": list(range(10_001))})
     assert wait_final([empty, huge]) == {empty: "SUCCESS", huge: "FAILED"}
@@ -130,15 +128,7 @@ def test_an_empty_map_skips_its_node_and_too_many_elements_fail_it(workers, api)
 
 
 def test_a_failed_instance_retried_through_the_api_runs_again_alone(workers, api):
-    factories.workflow(
-        factories.spec(
-            "fan",
-            [{"key": "each", "task": ITEM, "map_over": "payload.items"}, {"key": "collect", "task": ECHO}],
-            [["each", "collect"]],
-            event_type="e2e",
-            event_types={"e2e": {"concurrency": 4}},
-        )
-    )
+    fan(concurrency=4)
     workers(["e2e"], concurrency=4)
     flag = str(uuid.uuid4())
     _redis().set(f"broken:{flag}", 1, ex=300)
