@@ -69,7 +69,7 @@ def paginated(name: str, item: serializers.Serializer) -> serializers.Serializer
 
 class EventTypeSettingsSerializer(serializers.Serializer):
     concurrency = serializers.IntegerField(min_value=1, required=False)
-    description = serializers.CharField(required=False)
+    description = serializers.CharField(required=False, allow_blank=True)
 
     class Meta:
         ref_name = "DefinitionEventType"
