@@ -88,6 +88,14 @@ class Event(models.Model):
     timestamp = models.DateTimeField("timestamp", help_text="When the event was sent.")
     updated_at = models.DateTimeField("updated at", auto_now=True)
     # NULL, not "", for "no key": the partial unique constraint then ignores keyless events.
+    # NULL, not "", for "no key": the waiters' index then leaves keyless events out.
+    key = models.CharField(  # noqa: DJ001
+        "key",
+        max_length=200,
+        null=True,
+        blank=True,
+        help_text="Correlates a published event with the runs waiting for it (a wait_event node's event_key).",
+    )
     idempotency_key = models.CharField(  # noqa: DJ001
         "idempotency key",
         max_length=200,
@@ -103,6 +111,12 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["trace_id", "timestamp"], name="event_trace_time_idx"),
             models.Index(fields=["event_type", "-timestamp"], name="event_type_time_idx"),
+            # A waiter reached after its event was published finds it by type, key and time.
+            models.Index(
+                fields=["event_type", "key", "timestamp"],
+                condition=models.Q(key__isnull=False),
+                name="event_type_key_time_idx",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

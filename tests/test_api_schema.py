@@ -88,6 +88,7 @@ def known(admin_user, pipeline) -> dict[str, str]:
         "name": "product_pipeline",
         "event_type": "product_src",
         "task_id": str(intake.current_event_id),
+        "key": "intake",
     }
 
 
@@ -130,6 +131,8 @@ def test_schema_covers_every_endpoint_with_its_errors(api):
         "/api/runs/{trace_id}/events/",
         "/api/runs/{trace_id}/cancel/",
         "/api/runs/{trace_id}/retry/",
+        "/api/runs/{trace_id}/nodes/{key}/approve/",
+        "/api/runs/{trace_id}/nodes/{key}/reject/",
         "/api/events/",
         "/api/event-types/",
         "/api/event-types/{name}/",

@@ -148,6 +148,14 @@ def _check_expressions(nodes: list[dict], edges: list[tuple[str, str, str]], err
             for problem in expressions.check(when, names=expressions.WHEN_NAMES, upstream=preds[target], expect=bool):
                 errors.append(f"edge {source} -> {target}: when {problem}")
     for node in nodes:
+        if node["kind"] == "wait_event":
+            for name, names, gives in (
+                ("event_key", expressions.MAP_OVER_NAMES, None),
+                ("match", expressions.EVENT_NAMES, bool),
+            ):
+                if name in node:
+                    found = expressions.check(node[name], names=names, upstream=preds[node["key"]], expect=gives)
+                    errors.extend(f"node '{node['key']}': {name} {problem}" for problem in found)
         if "map_over" in node:
             found = expressions.check(
                 node["map_over"], names=expressions.MAP_OVER_NAMES, upstream=preds[node["key"]], expect=list
@@ -294,10 +302,15 @@ def workflow_version_sync(*, workflow: WorkflowDefinition) -> WorkflowVersion:
 
 
 def _node(workflow: WorkflowDefinition, spec: dict) -> Node:
-    """A node row from its spec: the fields every node has in columns, its kind's own in `options`."""
+    """A node row from its spec: the fields every node has in columns, its kind's own in `options`.
+    The event type of a kind that runs no worker (the events a wait_event waits for) is no queue: it is
+    kept in `options`, and no EventType row is made for it."""
     common = {k: v for k, v in spec.items() if k in COMMON_FIELDS and k != "event_type"}
     options = {k: v for k, v in spec.items() if k not in COMMON_FIELDS}
-    return Node(workflow=workflow, event_type_id=spec["event_type"], options=options, **common)
+    queue = spec["event_type"]
+    if queue and not kinds.kind_of(spec["kind"]).uses_worker:
+        options["event_type"], queue = queue, None
+    return Node(workflow=workflow, event_type_id=queue, options=options, **common)
 
 
 @transaction.atomic
@@ -336,7 +349,8 @@ def _definition_store(spec: dict, workflow: WorkflowDefinition | None = None) ->
         if defaults.get("concurrency", obj.concurrency) != obj.concurrency:
             # As the API and the admin change it: a raised limit admits waiting tasks at once.
             event_type_set_concurrency(name=et_name, concurrency=defaults["concurrency"])
-    for et_name in {n["event_type"] for n in spec["nodes"] if n["event_type"]} - set(spec["event_types"]):
+    queues = {n["event_type"] for n in spec["nodes"] if n["event_type"] and kinds.kind_of(n["kind"]).uses_worker}
+    for et_name in queues - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)
     if workflow is None:
         workflow, _ = WorkflowDefinition.objects.select_for_update().get_or_create(name=spec["name"])

@@ -244,6 +244,7 @@ class WorkflowRun(models.Model):
         ordering = ["-created_at"]
         verbose_name = "workflow run"
         verbose_name_plural = "workflow runs"
+        permissions = [("approve_workflowrun", "Can approve or reject a run's waiting approval")]
         indexes = [
             models.Index(fields=["-created_at"], name="run_created_idx"),
             models.Index(fields=["workflow", "-created_at"], name="run_workflow_created_idx"),
@@ -275,6 +276,7 @@ class TaskRun(models.Model):
     class Status(models.TextChoices):
         WAITING = "WAITING", "waiting"
         QUEUED = "QUEUED", "queued"
+        DEFERRED = "DEFERRED", "deferred"
         STARTED = "STARTED", "started"
         RETRY = "RETRY", "retry"
         SUCCESS = "SUCCESS", "success"
@@ -339,7 +341,26 @@ class TaskRun(models.Model):
         "due at",
         null=True,
         blank=True,
-        help_text="When its next attempt may start (a retry's backoff), on the database's clock.",
+        help_text=(
+            "When its next attempt may start (a retry's backoff), or when a waiting node's wait ends (its "
+            "timeout, a delay's end), on the database's clock."
+        ),
+    )
+    wait_type = models.CharField(
+        "waits for event type",
+        max_length=100,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="A wait_event node's event type.",
+    )
+    wait_key = models.CharField(
+        "waits for key",
+        max_length=200,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The key a wait_event node's event must carry.",
     )
     lease_expires_at = models.DateTimeField(
         "lease expires at",
@@ -375,6 +396,14 @@ class TaskRun(models.Model):
                 condition=models.Q(holds_slot=True),
                 name="task_run_slot_idx",
             ),
+            # The waiters of an event type and key: what a published event resumes.
+            models.Index(
+                fields=["wait_type", "wait_key"],
+                condition=models.Q(status="DEFERRED"),
+                name="task_run_waiting_idx",
+            ),
+            # Waiting nodes by the end of their wait: what the reconciler ends.
+            models.Index(fields=["due_at"], condition=models.Q(status="DEFERRED"), name="task_run_wait_due_idx"),
             # Slot holders by deadline: what the reconciler scans.
             models.Index(
                 fields=["lease_expires_at"],

@@ -134,6 +134,15 @@ class StrictRegexField(serializers.RegexField):
         return super().to_internal_value(data)
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of turning them into strings, as the schema says."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class StrictIntegerField(serializers.IntegerField):
     """An IntegerField that refuses strings, floats and booleans, as the schema says."""
 
@@ -453,7 +462,52 @@ class RunRetryApi(APIView):
         return Response(RunOutputSerializer(run, context={"request": request}).data)
 
 
+class NodeDecideApi(APIView):
+    """Approve or reject a run's waiting approval node."""
+
+    permission_classes = [require("workflows_app.approve_workflowrun")]
+    approve = True
+
+    class InputSerializer(serializers.Serializer):
+        comment = StrictCharField(required=False, allow_blank=True, default="", max_length=2000)
+
+        class Meta:
+            ref_name = "DecisionInput"
+
+    @extend_schema(
+        summary="Approve or reject a waiting approval",
+        description=(
+            "Approve: the node ends SUCCESS with {approved, by, comment, at}. Reject: it ends FAILURE with the "
+            "user and the comment in its error. A node that is not a waiting approval answers 409."
+        ),
+        request=InputSerializer,
+        responses={200: RunOutputSerializer, **errors(400, 401, 403, 404, 409, 413)},
+    )
+    def post(self, request: Request, trace_id: str, key: str) -> Response:
+        _run_or_404(trace_id)
+        serializer = self.InputSerializer(data=_reject_unknown(request.data, {"comment"}))
+        serializer.is_valid(raise_exception=True)
+        engine.task_run_decide(
+            trace_id=str(trace_id),
+            node=key,
+            approve=self.approve,
+            user=request.user,
+            comment=serializer.validated_data["comment"],
+        )
+        run = _run_or_404(trace_id)
+        return Response(RunOutputSerializer(run, context={"request": request}).data)
+
+
+class NodeRejectApi(NodeDecideApi):
+    approve = False
+
+
 # --------------------------------------------------------------------------- events and event types
+
+
+class ResumedSerializer(serializers.Serializer):
+    trace_id = serializers.UUIDField()
+    node = serializers.CharField()
 
 
 class EventPublishApi(APIView):
@@ -464,6 +518,12 @@ class EventPublishApi(APIView):
     class InputSerializer(serializers.Serializer):
         event_type = StrictRegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
         payload = PayloadField(required=False, default=dict, help_text="Any JSON object.")
+        key = StrictCharField(
+            required=False,
+            allow_null=True,
+            max_length=200,
+            help_text="Resumes the wait_event nodes waiting for this event type with this key.",
+        )
 
         class Meta:
             ref_name = "EventPublishInput"
@@ -473,6 +533,7 @@ class EventPublishApi(APIView):
         trace_ids = serializers.ListField(
             child=serializers.UUIDField(), help_text="The runs it started, by workflow name; empty when none listens."
         )
+        resumed = ResumedSerializer(many=True, help_text="The waiting nodes it resumed.")
 
         class Meta:
             ref_name = "Published"
@@ -493,7 +554,7 @@ class EventPublishApi(APIView):
         },
     )
     def post(self, request: Request) -> Response:
-        body = _reject_unknown(request.data, {"event_type", "payload"})
+        body = _reject_unknown(request.data, {"event_type", "payload", "key"})
         serializer = self.InputSerializer(data=body)
         serializer.is_valid(raise_exception=True)
         event, runs, created = engine.event_publish(
@@ -501,11 +562,14 @@ class EventPublishApi(APIView):
             payload=serializer.validated_data["payload"],
             user=request.user,
             idempotency_key=_idempotency_key(request),
+            key=serializer.validated_data.get("key"),
         )
-        return Response(
-            {"event_id": str(event.event_id), "trace_ids": [str(r.trace_id) for r in runs]},
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
-        )
+        body = {
+            "event_id": str(event.event_id),
+            "trace_ids": [str(r.trace_id) for r in runs],
+            "resumed": getattr(event, "resumed", []),  # an event published before resumed then
+        }
+        return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 class EventTypeOutputSerializer(ModelOutputSerializer):

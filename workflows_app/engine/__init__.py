@@ -4,7 +4,8 @@ Where each rule lives:
 - `rules`: the decisions, as plain functions: trigger rules (`trigger`), which successors become
   ready and what they become (`settle`, asking each node's kind), retries and their backoff
   (`retry_delay`), a run's end (`run_outcome`), admission's order and count (`admit`).
-- `kinds`: kinds of node (`task`, and any registered): what a node does once it may run.
+- `kinds`: kinds of node (`task`; `wait_event`, `approval` and `delay`, which wait DEFERRED without a
+  worker; and any registered): what a node does once it may run.
 - `events`: an attempt's Event (payload, context) and the message a task receives.
 - `graph`: a version's graph, and node defaults.
 - `transitions`: the services (`workflow_run_start`, `task_run_start`, `task_run_finish`,
@@ -23,6 +24,7 @@ from .transitions import (
     event_type_set_concurrency,
     event_types_recount,
     run_payload_check,
+    task_run_decide,
     task_run_finish,
     task_run_retrying,
     task_run_start,
@@ -46,6 +48,7 @@ __all__ = [
     "graph_for_version",
     "graph_from_spec",
     "run_payload_check",
+    "task_run_decide",
     "task_run_finish",
     "task_run_retrying",
     "task_run_start",

@@ -15,9 +15,10 @@ from cel_expr_python import cel
 # The names each place may read (SPEC, Expressions), with their types for the checker: the run's payload
 # and the predecessors' results are JSON objects whose fields' types are known only at run time.
 _JSON_OBJECT = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
-_NAMES = {"payload": _JSON_OBJECT, "upstream": _JSON_OBJECT, "result": cel.Type.DYN}
+_NAMES = {"payload": _JSON_OBJECT, "upstream": _JSON_OBJECT, "result": cel.Type.DYN, "event": _JSON_OBJECT}
 WHEN_NAMES = frozenset({"payload", "upstream", "result"})
-MAP_OVER_NAMES = frozenset({"payload", "upstream"})
+MAP_OVER_NAMES = frozenset({"payload", "upstream"})  # also a wait_event's `event_key`
+EVENT_NAMES = frozenset({"event"})  # a wait_event's `match`
 # What each place's expression must give; DYN (a field of a JSON value) is checked when evaluated.
 _GIVES = {bool: (cel.Type.BOOL, "a bool"), list: (cel.Type.LIST, "a list")}
 # Longest accepted source: an expression is a condition or a path, not a program.
@@ -99,9 +100,9 @@ def compiled(source: str, names: frozenset[str] = WHEN_NAMES) -> Expression:
     return Expression(source, names)
 
 
-def check(source: Any, *, names: frozenset[str], upstream: Collection[str], expect: type) -> list[str]:
+def check(source: Any, *, names: frozenset[str], upstream: Collection[str], expect: type | None) -> list[str]:
     """What is wrong with an expression for a place that offers `names`, under a node whose
-    predecessors are `upstream`, where it must give an `expect` (bool or list)."""
+    predecessors are `upstream`, where it must give an `expect` (bool or list; None: any value)."""
     if not isinstance(source, str) or not source.strip():
         return ["must be a non-empty CEL expression"]
     if len(source) > MAX_SOURCE:
@@ -111,8 +112,8 @@ def check(source: Any, *, names: frozenset[str], upstream: Collection[str], expe
     except ExpressionError as exc:
         return [f"{exc} (it may read {', '.join(sorted(names))})" if "undeclared reference" in str(exc) else str(exc)]
     errors = []
-    wanted, called = _GIVES[expect]
-    if expression.gives != cel.Type.DYN and not _assignable(wanted, expression.gives):
+    wanted, called = _GIVES.get(expect, (None, ""))
+    if wanted is not None and expression.gives != cel.Type.DYN and not _assignable(wanted, expression.gives):
         errors.append(f"`{source}` gives {expression.gives.name().lower()}, not {called}")
     not_upstream = sorted(expression.upstream_keys - set(upstream))
     if not_upstream:

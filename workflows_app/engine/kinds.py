@@ -96,3 +96,128 @@ def names() -> list[str]:
 
 
 register(TaskKind())
+
+
+# --------------------------------------------------------------------------- nodes that wait
+
+
+class WaitKind(NodeKind):
+    """A node that waits, holding no worker, no message and no slot: DEFERRED with an Event of its own
+    (its attempt, which the end of its wait resolves once), until an event, a person, or its `due_in`."""
+
+    on_timeout = True  # whether `timeout` and `on_timeout` apply
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        if node.get("task"):
+            errors.append(f"{where}: a {self.name} node runs no task")
+        if node.get("max_retries"):
+            errors.append(f"{where}: a {self.name} node is not retried (max_retries must be 0)")
+        if self.on_timeout and node.get("on_timeout", "fail") not in ("fail", "skip"):
+            errors.append(f"{where}: on_timeout must be fail or skip")
+
+    def wait(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> dict[str, Any]:
+        """The Step fields of the wait (`due_in`, `wait_type`, `wait_key`), or {"error": ...}."""
+        return {"due_in": node.timeout}
+
+    def ready(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> Step:
+        from .events import attempt_event
+        from .rules import S, Step
+
+        wait = self.wait(node, run, upstream)
+        if "error" in wait:
+            return Step(node.key, S.FAILURE, error=wait["error"])
+        event = attempt_event(run, node, attempt=1, upstream=upstream)
+        event["event_type"] = wait.get("wait_type", "")
+        return Step(node.key, S.DEFERRED, event=event, **wait)
+
+    def due(self, node: NodeSpec) -> Any:
+        """What the end of its wait (its `due_in` passed) makes of the node: an `rules.Outcome`."""
+        from .rules import Outcome, S
+
+        if node.options.get("on_timeout") == "skip":
+            return Outcome(S.SKIPPED, error=f"no outcome within its timeout of {node.timeout:g} s: skipped")
+        return Outcome(S.FAILURE, error=f"no outcome within its timeout of {node.timeout:g} s")
+
+
+class WaitEventKind(WaitKind):
+    """Succeeds on the first event of its `event_type` whose key is its `event_key`'s value and whose
+    `match` holds, published since its run started; its result is that event."""
+
+    name = "wait_event"
+    fields = frozenset({"event_key", "match", "on_timeout"})
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        super().check(node, where, errors, known_tasks)
+        event_type = node.get("event_type")
+        if not isinstance(event_type, str) or not EVENT_TYPE_RE.match(event_type):
+            errors.append(f"{where}: event_type must name the events it waits for")
+        if "event_key" not in node:
+            errors.append(f"{where}: event_key is required (a CEL expression on payload and upstream)")
+        # `event_key` and `match` are compiled with the definition's other expressions, which know
+        # each node's predecessors (`definitions._check_expressions`).
+
+    def wait(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> dict[str, Any]:
+        source = node.options["event_key"]
+        try:
+            value = expressions.compiled(source, expressions.MAP_OVER_NAMES).evaluate(
+                {"payload": run.payload, "upstream": upstream}
+            )
+        except expressions.ExpressionError as exc:
+            return {"error": f"event_key {exc}"}
+        if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+            return {"error": f"event_key `{source}` gave {value!r}, not a string or an integer"}
+        return {"due_in": node.timeout, "wait_type": node.event_type, "wait_key": str(value)}
+
+    @staticmethod
+    def matches(node: NodeSpec, event: Mapping[str, Any]) -> bool:
+        """Whether a published event (`event_id`, `event_type`, `key`, `payload`) meets the node's
+        `match`; one that fails to evaluate does not."""
+        source = node.options.get("match")
+        if not source:
+            return True
+        try:
+            return expressions.compiled(source, expressions.EVENT_NAMES).evaluate({"event": dict(event)}) is True
+        except expressions.ExpressionError:
+            return False
+
+
+class ApprovalKind(WaitKind):
+    """Waits for a person with `workflows_app.approve_workflowrun` to approve (SUCCESS) or reject
+    (FAILURE) it."""
+
+    name = "approval"
+    fields = frozenset({"on_timeout"})
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        super().check(node, where, errors, known_tasks)
+        if node.get("event_type"):
+            errors.append(f"{where}: an approval node has no event_type")
+
+
+class DelayKind(WaitKind):
+    """SUCCESS `seconds` after it was reached."""
+
+    name = "delay"
+    fields = frozenset({"seconds"})
+    on_timeout = False
+
+    def check(self, node: Mapping[str, Any], where: str, errors: list[str], known_tasks: set[str]) -> None:
+        super().check(node, where, errors, known_tasks)
+        seconds = node.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            errors.append(f"{where}: seconds must be a number >= 0")
+        if node.get("event_type") or node.get("timeout") is not None:
+            errors.append(f"{where}: a delay node has no event_type and no timeout")
+
+    def wait(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> dict[str, Any]:
+        return {"due_in": float(node.options["seconds"])}
+
+    def due(self, node: NodeSpec) -> Any:
+        from .rules import Outcome, S
+
+        return Outcome(S.SUCCESS, result={"waited": node.options["seconds"]})
+
+
+register(WaitEventKind())
+register(ApprovalKind())
+register(DelayKind())

@@ -29,8 +29,9 @@ FAILED = frozenset({S.FAILURE, S.UPSTREAM_FAILED, S.REVOKED})
 RUN_FAILS_ON = frozenset({S.FAILURE, S.UPSTREAM_FAILED})
 # Tasks a retry of a failed or canceled run runs again; successes and their results stay.
 RERUN = frozenset({S.FAILURE, S.UPSTREAM_FAILED, S.REVOKED, S.SKIPPED})
-# Statuses of an attempt that may still record an outcome.
+# Statuses of an attempt that may still record an outcome: those of a task's, and a waiting node's.
 LIVE = frozenset({S.QUEUED, S.STARTED, S.RETRY})
+RESOLVABLE = LIVE | {S.DEFERRED}
 # The order of an event type's waiting line: first ready, first admitted; `id` breaks ties.
 LINE_ORDER = ("queued_at", "id")
 # What a node whose trigger rule is met does next: whatever its kind says (`NodeKind.ready`).
@@ -138,6 +139,11 @@ class Step:
     # For a mapped node's row: how many instance rows it keeps (rows of an earlier expansion beyond
     # them go); None keeps them all (a retry re-running some).
     trim: int | None = None
+    # For a DEFERRED node: seconds until its wait ends (its timeout, a delay), and for a wait_event the
+    # event type and key it waits for.
+    due_in: float | None = None
+    wait_type: str = ""
+    wait_key: str = ""
 
     @property
     def event_type(self) -> str | None:

@@ -20,7 +20,7 @@ from events_app.models import Event, EventType
 
 from ..models import TaskRun, WorkflowRun
 from ..pgsql import columns
-from .rules import FINAL, LINE_ORDER, LIVE, RERUN, RUN_FAILS_ON, R, S
+from .rules import FINAL, LINE_ORDER, RERUN, RESOLVABLE, RUN_FAILS_ON, R, S
 
 TASK = TaskRun._meta.db_table
 RUN = WorkflowRun._meta.db_table
@@ -40,6 +40,12 @@ def _line_order(alias: str) -> str:
 def _seconds(parameter: str) -> str:
     return f"make_interval(secs => {parameter})"
 
+
+# The lock a waiter of an event type and key takes when it is reached, and a publisher of such an event
+# before it looks for waiters: one of the two sees the other.
+WAIT_LOCK = "hashtextextended({type} || E'\\n' || {key}, 0)"
+# The most events a waiter reached late reads back (the first that matches resumes it).
+WAIT_CANDIDATES = 100
 
 # What `eventflow_advance` answers in `code`.
 APPLIED, NOT_CURRENT, STALE, OTHER_VERSION, GONE = range(5)
@@ -125,6 +131,21 @@ SELECT moved.node_key, run.version_id, to_jsonb(event) FROM moved
 JOIN {RUN} AS run ON run.trace_id = moved.run_id JOIN {EVENT} AS event ON event.event_id = moved.current_event_id
 """
 
+# The waiters of a published event, under its type and key's lock: DEFERRED nodes of runs started before it.
+LOCK_WAIT = f"SELECT pg_advisory_xact_lock({WAIT_LOCK.format(type='%(type)s', key='%(key)s')})"
+WAITERS = f"""
+SELECT task.run_id, task.node_key, task.current_event_id, run.version_id FROM {TASK} AS task
+JOIN {RUN} AS run ON run.trace_id = task.run_id
+WHERE task.status = '{S.DEFERRED}' AND task.wait_type = %(type)s AND task.wait_key = %(key)s
+  AND run.created_at <= %(timestamp)s
+ORDER BY run.created_at, task.id
+"""
+# Waiting nodes whose wait ended on the database's clock (a timeout, a delay), oldest first.
+DUE = f"""
+SELECT run_id, current_event_id FROM {TASK}
+WHERE status = '{S.DEFERRED}' AND due_at <= now() ORDER BY due_at LIMIT %(limit)s
+"""
+
 # A retried run: its run row locked, then its nodes that ended without success WAITING again (a
 # mapped node's instances are kept: the plan says which run again).
 LOCK_RUN = f"SELECT status, version_id, payload FROM {RUN} WHERE trace_id = %(run_id)s FOR UPDATE"
@@ -161,7 +182,7 @@ ADMIT = "SELECT eventflow_admit(%(types)s::varchar[], %(released)s::integer[], '
 CANCEL = "SELECT * FROM eventflow_cancel_run(%(run_id)s, %(grace)s)"
 ADVANCE = """
 SELECT * FROM eventflow_advance(
-    %(run_id)s, %(version_id)s, %(event_id)s, %(lost)s, %(outcome)s, %(result)s, %(error)s, %(event_result)s,
+    %(run_id)s, %(version_id)s, %(event_id)s, %(lost)s, %(due)s, %(outcome)s, %(result)s, %(error)s, %(event_result)s,
     %(celery_result)s, %(retry_event)s, %(retry_in)s, %(expect)s, %(steps)s, %(events)s, %(instances)s,
     %(open)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[], %(ready_types)s::varchar[], %(types)s::varchar[],
     %(may_end)s, %(grace)s)
@@ -343,15 +364,18 @@ END
 # the run's lock, in a statement of their own: they see what the lock's previous holder wrote.
 ADVANCE_FUNCTION = (
     "eventflow_advance",
-    "p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_outcome varchar, p_result jsonb, "
+    "p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_due boolean, p_outcome varchar, p_result jsonb, "
     "p_error text, p_event_result jsonb, p_celery_result jsonb, p_retry_event uuid, "
     "p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_instances jsonb, p_open varchar, "
     "p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, "
-    "p_grace double precision, OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
+    "p_grace double precision, OUT code integer, OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar, "
+    "OUT waiting jsonb",
     "record",
     f"""
 DECLARE
     v_version bigint;
+    v_created timestamptz;
+    v_wait record;
     v_task bigint;
     v_holds boolean;
     v_type varchar;
@@ -362,7 +386,8 @@ DECLARE
 BEGIN
     clock := now();
     sent := '[]';
-    SELECT version_id INTO v_version FROM {RUN} WHERE trace_id = p_run FOR UPDATE;
+    waiting := '[]';
+    SELECT version_id, created_at INTO v_version, v_created FROM {RUN} WHERE trace_id = p_run FOR UPDATE;
     IF NOT FOUND THEN
         code := {GONE};
         RETURN;
@@ -383,8 +408,9 @@ BEGIN
         FROM jsonb_to_recordset(p_expect) AS e(node varchar, status varchar)
         JOIN {TASK} AS task ON task.run_id = p_run AND task.node_key = e.node AND task.map_index IS NULL
     ) AS expected LEFT JOIN {TASK} AS attempt
-        ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ({_in(LIVE)})
-        AND (NOT p_lost OR (attempt.status = '{S.STARTED}' AND attempt.lease_expires_at < now()));
+        ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ({_in(RESOLVABLE)})
+        AND (NOT p_lost OR (attempt.status = '{S.STARTED}' AND attempt.lease_expires_at < now()))
+        AND (NOT p_due OR (attempt.status = '{S.DEFERRED}' AND attempt.due_at <= now()));
     IF p_event IS NOT NULL AND v_task IS NULL THEN
         code := {NOT_CURRENT};
         RETURN;
@@ -410,7 +436,11 @@ BEGIN
         FROM jsonb_to_recordset(p_events) AS e({_EVENT_RECORD})
     ), attempt_event AS (
         UPDATE {EVENT}
-        SET status = CASE WHEN v_retry THEN '{Event.Status.FAILURE}' ELSE p_outcome END,
+        SET status = CASE
+                WHEN v_retry THEN '{Event.Status.FAILURE}'
+                WHEN p_outcome = '{S.SKIPPED}' THEN '{Event.Status.REVOKED}'
+                ELSE p_outcome
+            END,
             result = CASE WHEN p_outcome = '{S.SUCCESS}' THEN p_result ELSE p_event_result END
         WHERE event_id = p_event
     ), outcome AS (
@@ -447,9 +477,33 @@ BEGIN
     UPDATE {TASK} AS task
     SET status = s.status, result = s.result, error = coalesce(s.error, ''),
         started_at = CASE WHEN s.status = '{S.STARTED}' THEN now() ELSE task.started_at END,
-        finished_at = CASE WHEN s.status IN ({_in(FINAL)}) THEN now() END
-    FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, result jsonb, error text)
+        finished_at = CASE WHEN s.status IN ({_in(FINAL)}) THEN now() END,
+        queued_at = CASE WHEN s.status = '{S.DEFERRED}' THEN now() ELSE task.queued_at END,
+        attempts = CASE WHEN s.status = '{S.DEFERRED}' THEN 1 ELSE task.attempts END,
+        current_event_id = coalesce(s.event_id, task.current_event_id),
+        due_at = CASE WHEN s.due_in IS NOT NULL THEN now() + {_seconds("s.due_in")} END,
+        wait_type = coalesce(s.wait_type, ''), wait_key = coalesce(s.wait_key, '')
+    FROM jsonb_to_recordset(p_steps) AS s(
+        node varchar, status varchar, result jsonb, error text, event_id uuid, due_in double precision,
+        wait_type varchar, wait_key varchar)
     WHERE task.run_id = p_run AND task.node_key = s.node AND task.map_index IS NULL AND s.status <> '{S.QUEUED}';
+    -- A wait_event reached now: under its type and key's lock (which a publisher of such an event takes
+    -- too), the events of that type and key published since the run started, so none is missed.
+    FOR v_wait IN
+        SELECT s.node, s.event_id, s.wait_type, s.wait_key
+        FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, event_id uuid, wait_type varchar,
+            wait_key varchar)
+        WHERE s.status = '{S.DEFERRED}' AND coalesce(s.wait_type, '') <> '' ORDER BY s.wait_type, s.wait_key
+    LOOP
+        PERFORM pg_advisory_xact_lock({WAIT_LOCK.format(type="v_wait.wait_type", key="v_wait.wait_key")});
+        waiting := waiting || jsonb_build_object('node', v_wait.node, 'event_id', v_wait.event_id, 'events', (
+            SELECT coalesce(jsonb_agg(jsonb_build_object(
+                'event_id', e.event_id, 'event_type', e.event_type, 'key', e.key, 'payload', e.payload)
+                ORDER BY e.timestamp, e.event_id), '[]')
+            FROM (SELECT * FROM {EVENT}
+                  WHERE event_type = v_wait.wait_type AND key = v_wait.wait_key AND timestamp >= v_created
+                  ORDER BY timestamp, event_id LIMIT {WAIT_CANDIDATES}) AS e));
+    END LOOP;
     IF cardinality(p_types) > 0 THEN
         v_released := array_fill(0, ARRAY[cardinality(p_types)]);
         IF v_holds AND NOT v_retry AND v_type = ANY(p_types) THEN
@@ -472,7 +526,7 @@ START_RUN_FUNCTION = (
     "p_run jsonb, p_tasks jsonb, p_expect jsonb, p_steps jsonb, p_events jsonb, p_instances jsonb, "
     "p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, "
     "p_grace double precision, "
-    "OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar",
+    "OUT clock timestamptz, OUT sent jsonb, OUT run_status varchar, OUT waiting jsonb",
     "record",
     f"""
 DECLARE
@@ -486,10 +540,10 @@ BEGIN
         (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker)
     SELECT v_run, t.node_key, NULL, t.event_type, t.task_name, '{S.WAITING}', 0, false, '', ''
     FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar);
-    SELECT a.code, a.clock, a.sent, a.run_status INTO v_code, clock, sent, run_status
+    SELECT a.code, a.clock, a.sent, a.run_status, a.waiting INTO v_code, clock, sent, run_status, waiting
     FROM eventflow_advance(
-        v_run, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events, p_instances,
-        NULL, p_ready_nodes, p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
+        v_run, NULL, NULL, false, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events,
+        p_instances, NULL, p_ready_nodes, p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
 END
 """,
 )

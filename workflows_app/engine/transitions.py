@@ -24,8 +24,8 @@ from django.db.models.functions import Now
 from events_app.models import Event
 
 from .. import pgsql
-from ..models import WorkflowDefinition, WorkflowRun, WorkflowVersion
-from . import rules, sql
+from ..models import TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
+from . import kinds, rules, sql
 from .events import next_attempt_event
 from .graph import Graph, graph_for_version, version_id_named
 from .outbox import Outbox
@@ -101,7 +101,17 @@ def run_payload_check(payload: Any) -> dict:
 def _plan_params(plan: Plan) -> dict[str, Any]:
     """A plan as `eventflow_advance` and `eventflow_start_run` take it."""
     steps = [
-        {"node": step.node, "status": step.status, "result": step.result, "error": step.error, "keep": step.trim}
+        {
+            "node": step.node,
+            "status": step.status,
+            "result": step.result,
+            "error": step.error,
+            "keep": step.trim,
+            "event_id": step.event["event_id"] if step.status == S.DEFERRED else None,
+            "due_in": step.due_in,
+            "wait_type": step.wait_type,
+            "wait_key": step.wait_key,
+        }
         for step in plan.steps
     ]
     instances = [
@@ -201,12 +211,19 @@ def workflow_run_start(
         trigger_event=trigger_event,
     )
     plan = rules.plan_start(_context(str(run.trace_id), payload, graph))
-    tasks = [{"node_key": n.key, "event_type": n.event_type, "task_name": n.task} for n in graph.nodes.values()]
+    tasks = [
+        {
+            "node_key": n.key,
+            "event_type": n.event_type if kinds.kind_of(n.kind).uses_worker else None,
+            "task_name": n.task,
+        }
+        for n in graph.nodes.values()
+    ]
     params = {"run": pgsql.as_json(pgsql.new_row(run)), "tasks": pgsql.as_json(tasks), **_plan_params(plan)}
     try:
         # With a key, a savepoint: a concurrent request with the same key may win the run's insert.
         with transaction.atomic() if idempotency_key else contextlib.nullcontext():
-            clock, sent, ended = pgsql.fetch_one(sql.START_RUN, params)
+            clock, sent, ended, waiting = pgsql.fetch_one(sql.START_RUN, params)
     except IntegrityError:
         if existing := _existing_run(workflow, idempotency_key):
             return existing, False
@@ -216,6 +233,7 @@ def workflow_run_start(
     if ended:
         run.status, run.finished_at = ended, clock
     _send(sent, clock, plan=plan, version_id=version_id)
+    _resume_reached(str(run.trace_id), version_id, waiting)
     return run, True
 
 
@@ -299,7 +317,6 @@ def _trusted_version(event: Mapping[str, Any] | None) -> int | None:
         return None
 
 
-@_retry_on_conflict
 def task_run_finish(
     *,
     trace_id: str,
@@ -323,6 +340,37 @@ def task_run_finish(
     same transaction; True means it was, and Celery need not store it again. `lost`: the reconciler
     found the attempt's lease lapsed, which the database confirms.
     """
+    _, stored = _finish(
+        trace_id=trace_id,
+        event_id=event_id,
+        succeeded=succeeded,
+        result=result,
+        error=error,
+        lost=lost,
+        celery_result=celery_result,
+        event=event,
+        run_payload=run_payload,
+    )
+    return stored
+
+
+@_retry_on_conflict
+def _finish(
+    *,
+    trace_id: str,
+    event_id: str,
+    succeeded: bool = False,
+    result: Any = None,
+    error: str = "",
+    lost: bool = False,
+    due: bool = False,
+    celery_result: Mapping[str, Any] | None = None,
+    event: Mapping[str, Any] | None = None,
+    run_payload: Mapping[str, Any] | None = None,
+) -> tuple[bool, bool]:
+    """`task_run_finish`, answering (whether it was recorded, whether Celery's result was stored).
+    `due`: a waiting node's wait ended (the database confirms it), and its kind says what that makes
+    of it."""
     if succeeded:
         try:
             result = _json_safe(result)
@@ -344,12 +392,12 @@ def task_run_finish(
         if graph is None or payload is None or needs or read_instances:
             found = _read(trace_id, event_id, needs, node_key if read_instances else None)
             if found is None:
-                return False  # the run is gone
+                return False, False  # the run is gone
             if version_id != found.version_id:  # the Event named no version, or another than the run's
                 version_id, graph, event = found.version_id, graph_for_version(found.version_id), None
             if event is None:
                 if found.attempt is None:
-                    return False  # not its task's current attempt
+                    return False, False  # not its task's current attempt
                 event, node_key, attempt = found.attempt["event"], found.attempt["node"], found.attempt["attempts"]
                 map_index = found.attempt["map_index"]
             payload = found.payload
@@ -357,7 +405,10 @@ def task_run_finish(
             if read_instances:
                 instances, read_instances = found.instances, False
         node = graph.nodes[node_key]
-        outcome = rules.attempt_outcome(node, attempt=attempt, succeeded=succeeded, result=result, error=error)
+        if due:
+            outcome = kinds.kind_of(node.kind).due(node)
+        else:
+            outcome = rules.attempt_outcome(node, attempt=attempt, succeeded=succeeded, result=result, error=error)
         plan = rules.plan_finish(
             _context(trace_id, payload, graph), node_key, outcome, read, map_index=map_index, instances=instances
         )
@@ -365,7 +416,7 @@ def task_run_finish(
             needs = plan
             continue
         retry = next_attempt_event(event) if outcome.status == S.RETRY else None
-        code, clock, sent, _ = _advance(
+        code, clock, sent, _, waiting = _advance(
             trace_id,
             version_id,
             plan,
@@ -373,16 +424,18 @@ def task_run_finish(
             outcome=outcome,
             retry_event=retry,
             lost=lost,
+            due=due,
             celery_result=celery_result,
         )
         if code == sql.APPLIED:
             _send(sent, clock, plan=plan, version_id=version_id)
             if retry:
-                due = clock + timedelta(seconds=outcome.retry_in)
-                _send_retry({**retry, "timestamp": clock}, due, version_id=version_id, node=node_key)
-            return celery_result is not None and outcome.status == S.SUCCESS
+                eta = clock + timedelta(seconds=outcome.retry_in)
+                _send_retry({**retry, "timestamp": clock}, eta, version_id=version_id, node=node_key)
+            _resume_reached(trace_id, version_id, waiting)
+            return True, celery_result is not None and outcome.status == S.SUCCESS
         if code in (sql.NOT_CURRENT, sql.GONE):
-            return False
+            return False, False
         if code == sql.OTHER_VERSION:
             version_id_named.cache_clear()  # the workflow was created again under its name
             graph, version_id, event, read, instances = None, None, None, {}, None
@@ -409,10 +462,12 @@ def _advance(
     outcome: Outcome | None = None,
     retry_event: dict | None = None,
     lost: bool = False,
+    due: bool = False,
     celery_result: Mapping[str, Any] | None = None,
-) -> tuple[int, Any, list[dict], str | None]:
+) -> tuple[int, Any, list[dict], str | None, Any]:
     """Have `eventflow_advance` carry `plan` out, ending the attempt `event_id` with `outcome` if given;
-    answers its code, the database's clock, what admission sent, and the run's status if it ended."""
+    answers its code, the database's clock, what admission sent, the run's status if it ended, and the
+    wait_event nodes it reached with the events already published for them."""
     params = _plan_params(plan)
     if retry_event:
         params["events"] = pgsql.as_json([retry_event])
@@ -422,6 +477,7 @@ def _advance(
         version_id=version_id,
         event_id=event_id,
         lost=lost,
+        due=due,
         outcome=outcome.status if outcome else None,
         result=_jsonb(outcome.result) if succeeded else None,
         error=outcome.error if outcome else None,
@@ -462,8 +518,8 @@ def _stored_outcomes(event_ids: list[str]) -> dict[str, tuple[bool, Any, str]]:
 
 
 def task_runs_reconcile(*, limit: int = 200) -> int:
-    """Bring every slot holder past its deadline (on the database's clock) to a definite state;
-    returns how many it handled.
+    """Bring every slot holder past its deadline (on the database's clock) to a definite state, and
+    end the waits that are due (timeouts, delays); returns how many it handled.
 
     Started attempts whose lease lapsed (their worker died) take the outcome Celery stored, if any,
     else are retried or failed per the node's policy, freeing the slot. Sent tasks that never
@@ -484,8 +540,11 @@ def task_runs_reconcile(*, limit: int = 200) -> int:
     unstarted = [row[0] for row in overdue if row[3] in (S.QUEUED, S.RETRY)]
     if unstarted:
         task_runs_redispatch(ids=unstarted)
+    ended = pgsql.fetch_all(sql.DUE, {"limit": limit})
+    for trace_id, event_id in ended:
+        _finish(trace_id=str(trace_id), event_id=str(event_id), due=True)
     event_types_recount()
-    return len(overdue)
+    return len(overdue) + len(ended)
 
 
 def task_runs_redispatch(*, ids: list[int]) -> None:
@@ -571,8 +630,9 @@ def workflow_run_retry(*, trace_id: str) -> WorkflowRun:
                 instances.setdefault(key, []).append(NodeState(status, pgsql.loads(result)))
         graph = graph_for_version(version_id)
         plan = rules.plan_rerun(_context(trace_id, payload, graph), states, rerun or [], instances)
-        _, clock, sent, _ = _advance(trace_id, version_id, plan)
+        _, clock, sent, _, waiting = _advance(trace_id, version_id, plan)
         _send(sent, clock, plan=plan, version_id=version_id)
+        _resume_reached(trace_id, version_id, waiting)
     return WorkflowRun.objects.get(trace_id=trace_id)
 
 
@@ -596,6 +656,78 @@ def event_type_set_concurrency(*, name: str, concurrency: int) -> Any:
     return EventType.objects.get(name=name)
 
 
+# --------------------------------------------------------------------------- nodes that wait
+
+
+def _wait_event_result(event: Mapping[str, Any]) -> dict[str, Any]:
+    return {"event_id": str(event["event_id"]), "key": event["key"], "payload": event["payload"]}
+
+
+def _resume(trace_id: str, waiter_event_id: str, event: Mapping[str, Any]) -> bool:
+    """End a waiting wait_event node with the event it waited for; False if it was no longer waiting."""
+    applied, _ = _finish(trace_id=trace_id, event_id=waiter_event_id, succeeded=True, result=_wait_event_result(event))
+    return applied
+
+
+def _resume_reached(trace_id: str, version_id: int | None, waiting: Any) -> None:
+    """The wait_event nodes a transition reached, with the events of their type and key published since
+    their run started: each resumes on the first that matches, if any."""
+    waiting = pgsql.loads(waiting) or []
+    if not waiting:
+        return
+    graph = graph_for_version(version_id) if version_id else graph_for_version(_run_version(trace_id))
+    for reached in waiting:
+        node = graph.nodes[reached["node"]]
+        for event in reached["events"]:
+            if kinds.WaitEventKind.matches(node, event):
+                _resume(trace_id, str(reached["event_id"]), event)
+                break
+
+
+def _run_version(trace_id: str) -> int:
+    return WorkflowRun.objects.values_list("version_id", flat=True).get(trace_id=trace_id)
+
+
+def _waiters_resume(event: Event) -> list[dict[str, str]]:
+    """Resume the nodes waiting for `event` (its type and key, runs started before it, `match` holding),
+    in the transaction that stored it, under the lock a waiter reached meanwhile takes too."""
+    params = {"type": event.event_type, "key": event.key, "timestamp": event.timestamp}
+    pgsql.execute(sql.LOCK_WAIT, params)
+    resumed = []
+    message = {"event_id": str(event.event_id), "event_type": event.event_type, "key": event.key}
+    message["payload"] = event.payload
+    for trace_id, node_key, waiter_event_id, version_id in pgsql.fetch_all(sql.WAITERS, params):
+        node = graph_for_version(version_id).nodes[node_key]
+        if kinds.WaitEventKind.matches(node, message) and _resume(str(trace_id), str(waiter_event_id), message):
+            resumed.append({"trace_id": str(trace_id), "node": node_key})
+    return resumed
+
+
+def task_run_decide(*, trace_id: str, node: str, approve: bool, user: Any, comment: str = "") -> None:
+    """Approve (SUCCESS) or reject (FAILURE) a run's waiting approval, once: the user, the comment and
+    the database's time are its result, or its error. Anything but a waiting approval is a 409."""
+    row = (
+        TaskRun.objects.filter(run_id=trace_id, node_key=node, map_index=None)
+        .values_list("status", "current_event_id", "run__version_id")
+        .first()
+    )
+    if row is None:
+        raise EngineError(f"run {trace_id} has no node '{node}'", status=404)
+    status, event_id, version_id = row
+    spec = graph_for_version(version_id).nodes.get(node)
+    if spec is None or spec.kind != "approval" or status != S.DEFERRED:
+        raise EngineError(f"node '{node}' of run {trace_id} is not a waiting approval (it is {status})", status=409)
+    username = getattr(user, "get_username", lambda: "")()
+    (at,) = pgsql.fetch_one("SELECT statement_timestamp()", {})
+    result = {"approved": True, "by": username, "comment": comment, "at": at.isoformat().replace("+00:00", "Z")}
+    error = f"rejected by {username}" + (f": {comment}" if comment else "")
+    applied, _ = _finish(
+        trace_id=trace_id, event_id=str(event_id), succeeded=approve, result=result if approve else None, error=error
+    )
+    if not applied:
+        raise EngineError(f"node '{node}' of run {trace_id} was decided meanwhile", status=409)
+
+
 # --------------------------------------------------------------------------- events from outside
 
 
@@ -608,12 +740,14 @@ def _published(*, event_type: str, idempotency_key: str) -> tuple[Event, list[Wo
 
 
 def event_publish(
-    *, event_type: str, payload: Any, user: Any = None, idempotency_key: str | None = None
+    *, event_type: str, payload: Any, user: Any = None, idempotency_key: str | None = None, key: str | None = None
 ) -> tuple[Event, list[WorkflowRun], bool]:
-    """Store an outside event and start every active workflow subscribed to its type, all or nothing.
+    """Store an outside event, resume the wait_event nodes waiting for it (its type and `key`), and
+    start every active workflow subscribed to its type, all or nothing.
 
-    Returns (event, runs, created). With an idempotency key already used for this event type, returns
-    that event and the runs it started, and writes nothing. Its time is the database's.
+    Returns (event, runs, created); `event.resumed` lists the nodes it resumed. With an idempotency key
+    already used for this event type, returns that event and the runs it started, and writes nothing.
+    Its time is the database's.
     """
     payload = run_payload_check(payload)
     if idempotency_key:
@@ -629,6 +763,7 @@ def event_publish(
             context={"source": "api"},
             timestamp=Now(),
             idempotency_key=idempotency_key or None,
+            key=key or None,
         )
         try:
             with transaction.atomic():
@@ -641,6 +776,7 @@ def event_publish(
                 return (*existing, False)
             raise
         event.refresh_from_db(fields=["timestamp"])
+        event.resumed = _waiters_resume(event) if event.key else []
         subscribed = [
             w
             for w in WorkflowDefinition.objects.filter(is_active=True).order_by("name")
