@@ -222,3 +222,17 @@ def test_a_bad_wait_is_refused_naming_it(node, message):
     with pytest.raises(DefinitionError) as refused:
         definition_validate(waiting_spec(**node), known_tasks={ECHO})
     assert any(message in error for error in refused.value.errors), refused.value.errors
+
+
+def test_workflow_status_shows_what_a_waiting_node_waits_for(sent, django_capture_on_commit_callbacks):
+    import io
+
+    from django.core.management import call_command
+
+    cap = django_capture_on_commit_callbacks
+    run = start(factories.workflow(waiting_spec(timeout=600)), {"sku": "A-1"}, capture=cap)
+    run_task(run, "first", cap)
+    out = io.StringIO()
+    call_command("workflow_status", str(run.trace_id), stdout=out)
+    line = next(line for line in out.getvalue().splitlines() if line.startswith("moderated "))
+    assert "DEFERRED (waits for event marketplace.moderated with key A-1 until " in line

@@ -132,3 +132,13 @@ def definitions_load(path: str) -> list[Any]:
         return json.loads(json.dumps(definitions, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise CommandError(f"{path}: holds a value JSON cannot represent: {exc}") from None
+
+
+def waiting_for(task: Any, kind: str) -> str:
+    """What a DEFERRED node waits for, and until when (UTC), in a few words."""
+    what = {
+        "wait_event": f"event {task.wait_type} with key {task.wait_key}",
+        "approval": "an approval",
+        "delay": "its delay",
+    }.get(kind, kind)
+    return f"{what}" + (f" until {time_format(task.due_at)}" if task.due_at else "")

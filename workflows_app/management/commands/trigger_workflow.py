@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from workflows_app import engine, selectors
 from workflows_app.models import TaskRun, WorkflowRun
 
-from ._helpers import error_summary
+from ._helpers import error_summary, waiting_for
 
 # Seconds between two reads of the run while waiting: short enough to feel live, and one
 # indexed read per poll costs the database next to nothing.
@@ -80,6 +80,12 @@ class Command(BaseCommand):
                 tasks = selectors.run_tasks(run=run)
                 finished = sum(1 for t in tasks if t.status in TaskRun.FINAL)
                 progress = f"{finished}/{len(tasks)} tasks finished"
+                waiting = [t for t in tasks if t.status == TaskRun.Status.DEFERRED]
+                if waiting:
+                    graph = engine.graph_for_version(run.version_id)
+                    progress += "; " + "; ".join(
+                        f"{t.node_key} waits for {waiting_for(t, graph.nodes[t.node_key].kind)}" for t in waiting
+                    )
                 if progress != last_progress:
                     self._say(progress)
                     last_progress = progress

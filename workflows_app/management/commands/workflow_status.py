@@ -8,9 +8,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from workflows_app import selectors
+from workflows_app.engine import graph_for_version
 from workflows_app.models import TaskRun
 
-from ._helpers import error_summary, run_get_or_error, table_format, time_format
+from ._helpers import error_summary, run_get_or_error, table_format, time_format, waiting_for
 
 # The instances of a mapped node listed one by one: running, or ended without success.
 SHOWN_INSTANCES = {
@@ -47,8 +48,11 @@ class Command(BaseCommand):
         for task in tasks:
             if task.map_index is not None:
                 instances.setdefault(task.node_key, []).append(task)
+        graph = graph_for_version(run.version_id)
         for task in tasks:
             status = task.status
+            if task.status == TaskRun.Status.DEFERRED and task.node_key in graph.nodes:
+                status += f" (waits for {waiting_for(task, graph.nodes[task.node_key].kind)})"
             if task.map_index is None and task.node_key in instances:
                 counted = Counter(t.status for t in instances[task.node_key])
                 status += f" ({', '.join(f'{n} {s}' for s, n in sorted(counted.items()))})"
