@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import tests.kinds  # noqa: F401 - registers the `noop` kind
 from workflows_app.definitions import DefinitionError, definition_validate, find_cycle
-from workflows_app.engine import rules
+from workflows_app.engine import kinds, rules
 from workflows_app.engine.graph import graph_from_spec
 from workflows_app.engine.rules import FINAL, NodeState, RunContext, S, Waiting
 from workflows_app.models import TriggerRule
@@ -215,13 +215,16 @@ def dags(draw):
     nodes = [
         {
             "key": key,
-            "kind": draw(st.sampled_from(["task", "task", "task", "noop"])),
+            "kind": draw(st.sampled_from(["task", "task", "task", "noop", "delay", "approval"])),
             "trigger_rule": draw(st.sampled_from(sorted(rules.TRIGGER_RULES))),
             "max_retries": draw(st.integers(0, 2)),
             "event_type": draw(st.sampled_from(["q1", "q2"])),
         }
         for key in keys
     ]
+    for node in nodes:
+        if node["kind"] in ("delay", "approval"):  # they wait without a worker, and are not retried
+            node.update(event_type=None, max_retries=0, **({"seconds": 1} if node["kind"] == "delay" else {}))
     payload = {}
     for node in nodes:
         if node["kind"] == "task" and draw(st.integers(0, 3)) == 0:
@@ -302,7 +305,7 @@ def test_a_random_dag_with_random_outcomes_ends_with_every_node_final_as_the_rul
     graph, payload, go, outcomes, order = case
     sim = Simulated(graph, payload)
     sim.apply(rules.plan_start(sim.run))
-    while running := [(k, None) for k, s in sim.states.items() if s.status == S.QUEUED] + [
+    while running := [(k, None) for k, s in sim.states.items() if s.status in (S.QUEUED, S.DEFERRED)] + [
         (k, i) for k, states in sim.instances.items() for i, s in enumerate(states) if s.status == S.QUEUED
     ]:
         key, index = order.choice(running)
@@ -310,7 +313,11 @@ def test_a_random_dag_with_random_outcomes_ends_with_every_node_final_as_the_rul
         attempt = sim.attempts[handle]
         succeeded = outcomes[key][attempt - 1]
         result = {"go": go[key]} if index is None else index
-        outcome = rules.attempt_outcome(graph.nodes[key], attempt=attempt, succeeded=succeeded, result=result)
+        node = graph.nodes[key]
+        if node.kind == "delay":  # its wait ends: what its kind makes of that
+            outcome = kinds.kind_of("delay").due(node)
+        else:  # a task's attempt, or a person's decision on an approval
+            outcome = rules.attempt_outcome(node, attempt=max(attempt, 1), succeeded=succeeded, result=result)
         if outcome.status == S.RETRY:
             sim.attempts[handle] += 1
             continue
@@ -343,7 +350,7 @@ def test_a_random_dag_with_random_outcomes_ends_with_every_node_final_as_the_rul
                 assert (state.status, state.result) == (ended.status, ended.result)
         else:
             assert state.status in (S.SUCCESS, S.FAILURE)
-            assert state.status == S.SUCCESS or graph.nodes[key].kind == "task"
+            assert state.status == S.SUCCESS or graph.nodes[key].kind in ("task", "approval")
     statuses = [s.status for s in sim.states.values()]
     expected = "FAILED" if any(s in ("FAILURE", "UPSTREAM_FAILED") for s in statuses) else "SUCCESS"
     assert rules.run_outcome(statuses) == expected
