@@ -236,3 +236,25 @@ def test_workflow_status_shows_what_a_waiting_node_waits_for(sent, django_captur
     call_command("workflow_status", str(run.trace_id), stdout=out)
     line = next(line for line in out.getvalue().splitlines() if line.startswith("moderated "))
     assert "DEFERRED (waits for event marketplace.moderated with key A-1 until " in line
+
+
+def test_deciding_a_node_of_another_workflows_run_is_a_json_404_and_changes_nothing(
+    sent, django_capture_on_commit_callbacks, admin_user
+):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    cap = django_capture_on_commit_callbacks
+    factories.workflow(approval_spec())  # has a `review` node; the run below is of another workflow
+    other = start(factories.workflow(waiting_spec()), {"sku": "A-1"}, capture=cap)
+    run_task(other, "first", cap)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=admin_user).key}")
+    before = sorted(TaskRun.objects.filter(run=other).values_list("node_key", "status"))
+    answer = client.post(f"/api/runs/{other.trace_id}/nodes/review/approve/", {"comment": "x"}, format="json")
+    assert answer.status_code == 404 and "has no node 'review'" in answer.json()["detail"]
+    waiting = client.post(f"/api/runs/{other.trace_id}/nodes/moderated/approve/", {}, format="json")
+    assert waiting.status_code == 409 and "not a waiting approval" in waiting.json()["detail"]
+    bad = client.post(f"/api/runs/{other.trace_id}/nodes/moderated/approve/", {"comment": 3}, format="json")
+    assert bad.status_code == 400
+    assert sorted(TaskRun.objects.filter(run=other).values_list("node_key", "status")) == before

@@ -191,3 +191,34 @@ def test_cancel_ends_a_waiting_node_revoked_and_a_later_event_resumes_nothing(wo
     assert publish(api, "C-3")["resumed"] == []
     assert wait_final([trace_id]) == {trace_id: "CANCELED"}
     assert status_of(trace_id, "moderated") == "REVOKED"
+
+
+def test_two_events_racing_for_one_waiter_resume_it_once(workers, api):
+    """Two publishers of matching events at once, each in its own connection and transaction: one
+    resumes the node, the other resumes nothing, and the node's result is the winner's event."""
+    import threading
+
+    from django.db import connections
+
+    wait_workflow()
+    workers(["e2e"], concurrency=2)
+    trace_id = trigger(api, "moderation", {"sku": "R-1"})
+    wait_for(lambda: status_of(trace_id, "moderated") == "DEFERRED", timeout=30, what="the wait to be reached")
+    barrier, answers = threading.Barrier(2), []
+
+    def publish_at_once(n: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            answers.append(publish(api, "R-1", {"n": n}))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=publish_at_once, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(len(a["resumed"]) for a in answers) == [0, 1]
+    winner = next(a for a in answers if a["resumed"])
+    assert wait_final([trace_id]) == {trace_id: "SUCCESS"}
+    assert node(trace_id, "moderated").result["event_id"] == winner["event_id"]
