@@ -62,15 +62,16 @@ def _run_page(trace_id: Any) -> str:
 
 @admin.register(Event)
 class EventAdmin(admin.ModelAdmin):
-    list_display = ("event_id", "trace_id", "event_type", "task_name", "status", "timestamp", "page_link")
+    list_display = ("event_id", "trace_id", "event_type", "key", "task_name", "status", "timestamp", "page_link")
     list_filter = ("status", "event_type")
-    search_fields = ("event_id", "trace_id")
+    search_fields = ("event_id", "trace_id", "key")
     date_hierarchy = "timestamp"
     fields = (
         "event_id",
         "trace_id",
         "page_link",
         "event_type",
+        "key",
         "task_name",
         "status",
         "timestamp",
