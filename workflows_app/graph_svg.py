@@ -17,6 +17,8 @@ from django.utils.safestring import SafeString, mark_safe
 STATUS_COLOURS: dict[str, tuple[str, str]] = {
     "WAITING": ("#cfd4da", "#212529"),
     "QUEUED": ("#b9ddf7", "#0b3a5b"),
+    # A node that waits for an event, a person or a time: amber, and drawn dashed (WAIT_STROKE).
+    "DEFERRED": ("#fff3bf", "#5c3c00"),
     "STARTED": ("#1f6fd1", "#ffffff"),
     "RETRY": ("#f59f00", "#212529"),
     "SUCCESS": ("#2b8a3e", "#ffffff"),
@@ -33,6 +35,7 @@ STATUS_COLOURS: dict[str, tuple[str, str]] = {
 TASK_STATUSES = (
     "WAITING",
     "QUEUED",
+    "DEFERRED",
     "STARTED",
     "RETRY",
     "SUCCESS",
@@ -59,6 +62,8 @@ CHAR_W_LABEL = 6.3
 DASHED = ' stroke-dasharray="5 3"'
 # A mapped node is drawn as a stack of cards: the cards behind it, offset up and to the right.
 STACK_OFFSETS = (8, 4)
+# The outline of a waiting (DEFERRED) node: amber and dashed, so it reads apart from a running one.
+WAIT_STROKE = "#e8590c"
 
 
 @dataclass(frozen=True)
@@ -227,9 +232,12 @@ def _node_svg(node: SvgNode, x: float, y: float) -> str:
             f'<text x="10" y="{39 + i * 16}" class="dag-sub" font-size="11">{_e(_fit(line, room, CHAR_W_TEXT))}</text>'
         )
     stroke = "#495057" if node.status else "#868e96"
+    width = "1.2"
     # A skipped node is drawn as a dashed outline too, so it reads as "did not run" beside a waiting one.
     dash = ' stroke-dasharray="6 4"' if node.status == "SKIPPED" else ""
-    card = f'width="{NODE_W}" height="{NODE_H}" rx="7" fill="{fill}" stroke="{stroke}" stroke-width="1.2"{dash}'
+    if node.status == "DEFERRED":
+        stroke, width, dash = WAIT_STROKE, "2", ' stroke-dasharray="7 4"'
+    card = f'width="{NODE_W}" height="{NODE_H}" rx="7" fill="{fill}" stroke="{stroke}" stroke-width="{width}"{dash}'
     body = ""
     if node.mapped:
         body += "".join(f'<rect x="{d}" y="{-d}" class="dag-stack" {card}/>' for d in STACK_OFFSETS)
@@ -373,7 +381,8 @@ def timeline_svg(rows: Sequence[TimelineRow], *, start: datetime, end: datetime)
         ran_from = row.started_at
         if row.queued_at:
             waited_to = ran_from or row.finished_at or end
-            parts.append(_bar(x_at(row.queued_at), x_at(waited_to), y, STATUS_COLOURS["QUEUED"][0], row, "waiting"))
+            pale = STATUS_COLOURS["DEFERRED" if row.status == "DEFERRED" else "QUEUED"][0]
+            parts.append(_bar(x_at(row.queued_at), x_at(waited_to), y, pale, row, "waiting"))
         if ran_from:
             parts.append(_bar(x_at(ran_from), x_at(row.finished_at or end), y, fill, row, "running"))
     return format_html(
