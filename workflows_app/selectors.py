@@ -25,6 +25,7 @@ from django.db.models import (
 from events_app.models import Event, EventType
 
 from . import pgsql
+from .engine import graph_for_version
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 
@@ -289,6 +290,36 @@ def task_page_get(*, trace_id: str, node: str) -> TaskRun | None:
         .filter(run_id=trace_id, node_key=node, map_index__isnull=True)
         .first()
     )
+
+
+def approval_page_list() -> list[TaskRun]:
+    """Every waiting approval, newest first (by when it was reached), with its run and workflow.
+
+    One query, on the partial index of waiting nodes: an approval waits with no event type, as a delay
+    does, and its run's version graph (parsed once per process and version) tells the two apart.
+    """
+    rows = (
+        TaskRun.objects.filter(status=TaskRun.Status.DEFERRED, wait_type="", map_index__isnull=True)
+        .select_related("run__workflow")
+        .only(
+            "node_key",
+            "status",
+            "queued_at",
+            "due_at",
+            "run__trace_id",
+            "run__status",
+            "run__created_at",
+            "run__version_id",
+            "run__workflow_version",
+            "run__workflow__name",
+        )
+        .order_by("-queued_at", "-id")
+    )
+    return [
+        row
+        for row in rows
+        if getattr(graph_for_version(row.run.version_id).nodes.get(row.node_key), "kind", "") == "approval"
+    ]
 
 
 def task_neighbour_statuses(*, trace_id: str, nodes: list[str]) -> dict[str, str]:

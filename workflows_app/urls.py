@@ -1,4 +1,4 @@
-"""Status pages: runs, a run and its nodes (with cancel and retry), workflows, the queues."""
+"""Status pages: runs, a run and its nodes (with cancel, retry, approve and reject), approvals, workflows, queues."""
 
 from django.urls import path
 
@@ -16,8 +16,19 @@ urlpatterns = [
         name="run-live",
     ),
     path("runs/<uuid:trace_id>/nodes/<slug:key>/", views.RunNodeView.as_view(), name="run-node"),
+    path(
+        "runs/<uuid:trace_id>/nodes/<slug:key>/approve/",
+        views.NodeDecideView.as_view(),
+        name="run-node-approve",
+    ),
+    path(
+        "runs/<uuid:trace_id>/nodes/<slug:key>/reject/",
+        views.NodeRejectView.as_view(),
+        name="run-node-reject",
+    ),
     path("runs/<uuid:trace_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
     path("runs/<uuid:trace_id>/retry/", views.RunRetryView.as_view(), name="run-retry"),
+    path("approvals/", views.ApprovalListView.as_view(), name="approval-list"),
     path("workflows/", views.WorkflowListView.as_view(), name="workflow-list"),
     path(
         "workflows/<slug:name>/",

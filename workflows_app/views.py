@@ -1,4 +1,5 @@
-"""Server-rendered status pages: runs, a run (live fragment, node detail, cancel and retry), workflows, queues."""
+"""Server-rendered status pages: runs, a run (live fragment, node detail, cancel, retry, approve and reject),
+waiting approvals, workflows, queues."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
-from django.utils.http import urlencode
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.utils.safestring import SafeString, mark_safe
 from django.views import View
 from django.views.generic import TemplateView
@@ -41,6 +42,9 @@ DETAIL_CHARS = 50_000
 RELATIVE_SINCE = re.compile(r"^(\d{1,4})([mhd])$")
 RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 QUICK_RANGES = (("1h", "last hour"), ("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days"))
+# As long as the API takes (NodeDecideApi).
+COMMENT_MAX_CHARS = 2000
+APPROVE_PERMISSION = "workflows_app.approve_workflowrun"
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -102,6 +106,36 @@ INSTANCE_LABELS = (
 )
 # Statuses whose `error` says why a node did not run, rather than what went wrong in it.
 NOT_RUN = (TaskRun.Status.SKIPPED, TaskRun.Status.UPSTREAM_FAILED)
+REJECTED_BY = "rejected by "
+
+
+def waiting_for(task: TaskRun, kind: str) -> str:
+    """What a DEFERRED node waits for, in a few words (its deadline apart)."""
+    if kind == "wait_event":
+        return f"event {task.wait_type} with key {task.wait_key}"
+    return {"approval": "an approval", "delay": "its delay to end"}.get(kind, kind)
+
+
+def waiting_short(task: TaskRun, kind: str, tz: tzinfo) -> str:
+    """The same, short enough for the second line of its box in the drawing."""
+    if kind == "wait_event":
+        return f"waits for key {task.wait_key}"
+    if kind == "approval":
+        return "waits for an approval"
+    return f"until {task.due_at.astimezone(tz):%H:%M:%S}" if task.due_at else "waits"
+
+
+def approval_decision(task: TaskRun) -> dict[str, Any] | None:
+    """Who decided an approval, when, and their comment: from its result once approved, from its error
+    once rejected (usernames hold no ": "); None for an approval nobody decided (waiting, timed out)."""
+    result = task.result if isinstance(task.result, dict) else {}
+    if task.status == TaskRun.Status.SUCCESS and result.get("approved") is True:
+        at = parse_datetime(str(result.get("at") or "")) or task.finished_at
+        return {"approved": True, "by": result.get("by", ""), "comment": result.get("comment", ""), "at": at}
+    if task.status == TaskRun.Status.FAILURE and task.error.startswith(REJECTED_BY):
+        by, _, comment = task.error[len(REJECTED_BY) :].partition(": ")
+        return {"approved": False, "by": by, "comment": comment, "at": task.finished_at}
+    return None
 
 
 def instance_summary(counts: dict[str, int], sep: str = " ") -> str:
@@ -141,7 +175,18 @@ def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
             place = f' <span class="muted" data-line-position="{position}">{escape(row["place"])}</span>'
         if row["mapped"]:
             place += f' <span class="instances" data-instances="{row["instances"]}">{escape(row["summary"])}</span>'
+        if row["waits"]:
+            until = ""
+            if task.due_at:
+                local = task.due_at.astimezone(tz)
+                until = f' until <time datetime="{local.isoformat()}">{local:%Y-%m-%d %H:%M:%S}</time>'
+            kind, waits = escape(row["kind"]), escape(row["waits"])
+            place += f' <span class="waits" data-waits="{kind}">waits for {waits}{until}</span>'
         mapped = ' data-mapped="true"' if row["mapped"] else ""
+        # A node of a kind that runs no task (it waits) is named by its kind.
+        task_cell = (
+            f' class="mono">{escape(task.task_name)}' if task.task_name else f' class="muted">{escape(row["kind"])}'
+        )
         # Why a node did not run is no error of its own: shown as a reason, not in red.
         reason = "reason" if task.status in NOT_RUN else "error"
         duration = escape(row["duration"])
@@ -151,7 +196,7 @@ def task_rows_html(rows: list[dict[str, Any]]) -> SafeString:
             f'<tr id="task-{key}" data-node="{key}" data-status="{status}"{mapped}>'
             f'<td><a href="{escape(row["detail_url"])}" data-node-link="{key}"><strong>{key}</strong></a></td>'
             f"<td>{escape(task.event_type_id or '')}</td>"
-            f'<td class="mono">{escape(task.task_name)}</td>'
+            f"<td{task_cell}</td>"
             f'<td><span class="badge st-{status}">{status}</span>{place}</td>'
             f'<td class="num">{row["attempts"]}</td>'
             f"{_time_cell(task.queued_at, tz)}{_time_cell(task.started_at, tz)}{_time_cell(task.finished_at, tz)}"
@@ -403,10 +448,12 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
     instances = selectors.run_instance_counts(trace_id=trace_id)
     rows = []
     nodes = []
+    tz = timezone.get_current_timezone()
     for key, spec in graph.nodes.items():
         task = tasks.get(key)
         if task is None:
             continue
+        deferred = task.status == TaskRun.Status.DEFERRED
         # Mapped in this run: it has instances, or its version says it maps (and has none yet).
         mapped = key in instances or bool(spec.options.get("map_over"))
         counts = instances.get(key, {})
@@ -438,10 +485,19 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             or ("no instances" if task.status in TaskRun.FINAL else "no instances yet"),
             # A mapped node's own row never runs: its attempts are its instances'.
             "attempts": counts.get("attempts", 0) if mapped else task.attempts,
+            "kind": spec.kind,
+            "waits": waiting_for(task, spec.kind) if deferred else "",
         }
         rows.append(row)
         if mapped and summary:
             detail = summary
+        elif deferred:
+            detail = waiting_short(task, spec.kind, tz)
+        elif spec.kind == "approval" and task.status == TaskRun.Status.SUCCESS:
+            detail = "approved"
+        elif spec.kind == "approval" and task.error.startswith(REJECTED_BY):
+            # The error names who rejected it; the comment after it is in the row and the detail.
+            detail = task.error.partition(": ")[0]
         elif task.status in NOT_RUN and task.error:
             detail = _first_line(task.error)
         else:
@@ -458,6 +514,9 @@ def run_live_context(*, trace_id: str) -> dict[str, Any]:
             tooltip.append(f"map over {spec.options.get('map_over', '')}: {row['summary']}")
         if task.status in NOT_RUN and task.error:
             tooltip.append(task.error)
+        if deferred:
+            until = f" until {task.due_at.astimezone(tz):%Y-%m-%d %H:%M:%S}" if task.due_at else ""
+            tooltip.append(f"waits for {row['waits']}{until}")
         nodes.append(
             graph_svg.SvgNode(
                 key=key,
@@ -648,10 +707,15 @@ def node_detail_context(
         place = "sent to a worker"
     else:
         place = ""
+    kind = spec.kind if spec else "task"
     context = {
         "mapped": mapped,
         "map_over": spec.options.get("map_over", "") if spec else "",
         "not_run": task.status in NOT_RUN,
+        "kind": kind,
+        "waits_for": waiting_for(task, kind) if task.status == TaskRun.Status.DEFERRED else "",
+        "waiting_approval": kind == "approval" and task.status == TaskRun.Status.DEFERRED,
+        "decision": approval_decision(task) if kind == "approval" else None,
     }
     if mapped:
         context.update(
@@ -710,6 +774,7 @@ class RunNodeView(PageMixin, TemplateView):
                 instances_status=params.get("status", "").upper(),
             )
         )
+        context["can_decide"] = context["waiting_approval"] and can_decide(self.request)
         return context
 
     def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
@@ -757,6 +822,84 @@ class RunRetryView(RunActionView):
     def act(self, request: HttpRequest, run: WorkflowRun) -> None:
         engine.workflow_run_retry(trace_id=str(run.trace_id))
         messages.success(request, "Run restarted: failed, upstream-failed and revoked tasks run again; successes stay.")
+
+
+# --------------------------------------------------------------------------- approvals
+
+
+def can_decide(request: HttpRequest) -> bool:
+    return request.user.has_perm(APPROVE_PERMISSION)
+
+
+def _safe_next(request: HttpRequest, default: str) -> str:
+    """The page to go back to: the form's `next` when it is a page of this site, else `default`."""
+    target = request.POST.get("next", "")
+    allowed = url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return target if target and allowed else default
+
+
+class NodeDecideView(PermissionRequiredMixin, View):
+    """POST only: approve (or, in NodeRejectView, reject) a run's waiting approval through the engine,
+    with the form's optional `comment`, then back to `next` (the run page by default) with the outcome as
+    a message."""
+
+    permission_required = APPROVE_PERMISSION
+    permission_denied_message = (
+        "approving or rejecting needs the permission \u201cCan approve or reject a run\u2019s waiting approval\u201d, "
+        "given in the admin."
+    )
+    # A signed-in user without the permission, or an anonymous one, gets 403 rather than a login loop.
+    raise_exception = True
+    http_method_names = ["post"]
+    approve = True
+
+    def post(self, request: HttpRequest, trace_id: uuid.UUID, key: str) -> HttpResponse:
+        back = _safe_next(request, reverse("workflows_app:run-detail", args=[trace_id]))
+        comment = request.POST.get("comment", "").strip()
+        if len(comment) > COMMENT_MAX_CHARS:
+            messages.error(request, f"Nothing decided: a comment holds at most {COMMENT_MAX_CHARS:,} characters.")
+            return HttpResponseRedirect(back)
+        try:
+            engine.task_run_decide(
+                trace_id=str(trace_id), node=key, approve=self.approve, user=request.user, comment=comment
+            )
+        except EngineError as exc:
+            if exc.status == 404:
+                raise Http404(str(exc)) from None
+            # Decided by someone else (or timed out) since the page was drawn: a message, not an error page.
+            messages.warning(request, f"Nothing decided: {exc}.")
+            return HttpResponseRedirect(back)
+        verb = "Approved" if self.approve else "Rejected"
+        messages.success(request, f"{verb} {key} of run {trace_id}" + (f": \u201c{comment}\u201d" if comment else "."))
+        return HttpResponseRedirect(back)
+
+
+class NodeRejectView(NodeDecideView):
+    approve = False
+
+
+class ApprovalListView(PageMixin, TemplateView):
+    """Every waiting approval, newest first, with Approve and Reject for those allowed to decide."""
+
+    template_name = "workflows_app/approval_list.html"
+    nav = "approvals"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        now = timezone.now()
+        approvals = selectors.approval_page_list()
+        for task in approvals:
+            task.waited = format_duration(_between(task.queued_at, now))
+            task.run_url = reverse("workflows_app:run-detail", args=[task.run.trace_id])
+        context.update(
+            approvals=approvals,
+            now=now,
+            can_decide=can_decide(self.request),
+            here=reverse("workflows_app:approval-list"),
+        )
+        return context
 
 
 # --------------------------------------------------------------------------- workflows
