@@ -15,7 +15,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests import factories
-from tests.e2e import trigger
+from tests.e2e import trigger, wait_final, wait_for
 from workflows_app.graph_svg import STATUS_COLOURS
 from workflows_app.models import TaskRun
 
@@ -233,3 +233,93 @@ def test_run_page_shows_a_skipped_branch_with_its_reason_and_a_mapped_node_with_
     assert chrome.save_screenshot(str(path))
     with capsys.disabled():
         print(f"\nscreenshot of a run with a skipped branch and a mapped node's detail open: {path}")
+
+
+def test_an_approval_is_approved_on_the_run_page_and_another_rejected_on_the_approvals_page(
+    chrome, live_server, workers, api, admin_user, tmp_path, capsys
+):
+    """draft -> review (an approval) -> publish, twice: the first run approved from the review node's
+    detail on its run page goes on to SUCCESS; the second, rejected with a comment on /approvals/, FAILED."""
+    factories.workflow(
+        factories.spec(
+            "browser_review",
+            [
+                {"key": "draft", "task": SLEEP, "params": {"seconds": 0.5}},
+                {"key": "review", "kind": "approval", "event_type": None, "timeout": 3600},
+                {"key": "publish", "task": "workflows_app.tasks.echo"},
+            ],
+            [["draft", "review"], ["review", "publish"]],
+            event_type="browser_review",
+        )
+    )
+    workers(["browser_review"], concurrency=2)
+    # The live fragment replaces the elements a condition reads once a second: a stale one is read again.
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    sign_in(chrome, wait, live_server.url, admin_user)
+
+    approved = trigger(api, "browser_review", {"product": "lamp"})
+    run_url = f"{live_server.url}{reverse('workflows_app:run-detail', args=[approved])}"
+    chrome.get(run_url)
+    wait.until(lambda d: node_statuses(d).get("review") == "DEFERRED", message="the approval to be reached, seen live")
+    box = chrome.find_element(By.CSS_SELECTOR, 'svg.dag g.dag-node[data-node="review"] rect')
+    assert box.get_attribute("fill") == STATUS_COLOURS["DEFERRED"][0] and box.get_attribute("stroke-dasharray")
+    assert "waits for an approval" in chrome.find_element(By.CSS_SELECTOR, 'table.tasks tr[data-node="review"]').text
+
+    # Its detail, opened in place, says what it waits for and offers the two buttons.
+    box.click()
+    panel = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#node-panel .node-detail[data-node="review"]'))
+    assert "waits for" in panel.text and "an approval" in panel.text
+    panel.find_element(By.CSS_SELECTOR, "form.decide:has([data-action=approve]) input[name=comment]").send_keys(
+        "looks good"
+    )
+    path = tmp_path / f"run-{approved}-approval.png"
+    assert chrome.save_screenshot(str(path))
+    panel.find_element(By.CSS_SELECTOR, "button[data-action=approve]").click()
+
+    wait.until(lambda d: "Approved review" in d.find_element(By.CSS_SELECTOR, "ul.messages").text)
+    assert chrome.current_url == run_url
+    wait.until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#run-live").get_attribute("data-status") == "SUCCESS",
+        message="the approved run to go on to SUCCESS",
+    )
+    assert node_statuses(chrome) == {"draft": "SUCCESS", "review": "SUCCESS", "publish": "SUCCESS"}
+    result = TaskRun.objects.get(run_id=approved, node_key="review", map_index=None).result
+    assert (result["approved"], result["by"], result["comment"]) == (True, "admin", "looks good")
+
+    # The second run is rejected from the list of waiting approvals.
+    rejected = trigger(api, "browser_review", {"product": "desk"})
+    wait_for(
+        lambda: TaskRun.objects.filter(run_id=rejected, node_key="review", status="DEFERRED").exists(),
+        timeout=30,
+        what="the second approval to be reached",
+    )
+    chrome.get(f"{live_server.url}{reverse('workflows_app:approval-list')}")
+    row = chrome.find_element(By.CSS_SELECTOR, f'table.approvals tr[data-trace-id="{rejected}"]')
+    assert row.get_attribute("data-node") == "review"
+    assert len(chrome.find_elements(By.CSS_SELECTOR, "table.approvals tbody tr")) == 1
+    row.find_element(By.CSS_SELECTOR, "form.decide:has([data-action=reject]) input[name=comment]").send_keys(
+        "wrong price"
+    )
+    approvals_path = tmp_path / "approvals.png"
+    assert chrome.save_screenshot(str(approvals_path))
+    row.find_element(By.CSS_SELECTOR, "button[data-action=reject]").click()
+    wait.until(lambda d: "Rejected review" in d.find_element(By.CSS_SELECTOR, "ul.messages").text)
+    assert chrome.current_url == f"{live_server.url}{reverse('workflows_app:approval-list')}"
+    assert "No approval is waiting." in chrome.find_element(By.TAG_NAME, "main").text
+
+    assert wait_final([rejected]) == {rejected: "FAILED"}
+    chrome.get(f"{live_server.url}{reverse('workflows_app:run-detail', args=[rejected])}")
+    assert node_statuses(chrome) == {"draft": "SUCCESS", "review": "FAILURE", "publish": "UPSTREAM_FAILED"}
+    review_row = chrome.find_element(By.CSS_SELECTOR, 'table.tasks tr[data-node="review"]')
+    assert "rejected by admin: wrong price" in review_row.text
+    chrome.find_element(By.CSS_SELECTOR, 'table.tasks a[data-node-link="review"]').click()
+    panel = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#node-panel .node-detail[data-node="review"]'))
+    decision = panel.find_element(By.CSS_SELECTOR, "[data-decision]")
+    assert decision.get_attribute("data-decision") == "rejected"
+    assert "rejected by admin at" in decision.text and "wrong price" in decision.text
+
+    rejected_path = tmp_path / f"run-{rejected}-rejected.png"
+    assert chrome.save_screenshot(str(rejected_path))
+    with capsys.disabled():
+        print(f"\nscreenshots of a waiting approval's detail, /approvals/, and a rejected approval: {path}")
+        print(f"{approvals_path}\n{rejected_path}")
