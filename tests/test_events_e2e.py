@@ -92,7 +92,7 @@ def test_published_event_starts_exactly_its_subscribers_and_leads_their_events(w
         HTTP_IDEMPOTENCY_KEY="order-42-placed",
     )
     assert again.status_code == 200, again.content
-    assert again.json() == {"event_id": event_id, "trace_ids": trace_ids}
+    assert again.json() == {"event_id": event_id, "trace_ids": trace_ids, "resumed": []}
     assert (Event.objects.count(), WorkflowRun.objects.count(), TaskRun.objects.count()) == before
 
 
