@@ -6,10 +6,10 @@ from workflows_app.engine import sql
 
 # The digest of the definitions in workflows_app/engine/sql.py when this migration was written: the
 # suite fails when the code's differ from the latest migration's, until one installs them.
-DIGEST = '2a73da42ff8a4fa6'
+DIGEST = '6f23ad8057397295'
 
 
 class Migration(migrations.Migration):
-    dependencies = [("workflows_app", '0006_edge_when')]
+    dependencies = [("workflows_app", '0006_conditions_maps_waits')]
 
     operations = [migrations.RunPython(sql.install_functions, sql.drop_functions)]
