@@ -307,9 +307,9 @@ def _node(workflow: WorkflowDefinition, spec: dict) -> Node:
     kept in `options`, and no EventType row is made for it."""
     common = {k: v for k, v in spec.items() if k in COMMON_FIELDS and k != "event_type"}
     options = {k: v for k, v in spec.items() if k not in COMMON_FIELDS}
-    queue = spec["event_type"]
-    if queue and not kinds.kind_of(spec["kind"]).uses_worker:
-        options["event_type"], queue = queue, None
+    queue = kinds.queue_of(spec["kind"], spec["event_type"])
+    if spec["event_type"] and not queue:
+        options["event_type"] = spec["event_type"]
     return Node(workflow=workflow, event_type_id=queue, options=options, **common)
 
 
@@ -349,7 +349,7 @@ def _definition_store(spec: dict, workflow: WorkflowDefinition | None = None) ->
         if defaults.get("concurrency", obj.concurrency) != obj.concurrency:
             # As the API and the admin change it: a raised limit admits waiting tasks at once.
             event_type_set_concurrency(name=et_name, concurrency=defaults["concurrency"])
-    queues = {n["event_type"] for n in spec["nodes"] if n["event_type"] and kinds.kind_of(n["kind"]).uses_worker}
+    queues = {kinds.queue_of(n["kind"], n["event_type"]) for n in spec["nodes"]} - {None}
     for et_name in queues - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)
     if workflow is None:

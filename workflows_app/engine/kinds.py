@@ -91,6 +91,12 @@ def kind_of(name: str) -> NodeKind:
     return _KINDS[name]
 
 
+def queue_of(kind: str, event_type: str | None) -> str | None:
+    """A node's queue, whose slots it holds: its event type, for a kind that runs on a worker; none for a
+    kind that does not (a wait_event's event type names the events it waits for)."""
+    return event_type if event_type and kind_of(kind).uses_worker else None
+
+
 def names() -> list[str]:
     return sorted(_KINDS)
 

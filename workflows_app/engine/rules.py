@@ -209,7 +209,15 @@ def settle(run: RunContext, view: Mapping[str, NodeState], frontier: Iterable[st
 
 def _ready(run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState]) -> Step:
     """What a WAITING node whose predecessors are all final becomes. A predecessor that succeeded
-    along an edge whose `when` is false counts as SKIPPED; a `when` that fails fails the node."""
+    along an edge whose `when` is false counts as SKIPPED; a `when` that fails fails the node. A mapped
+    node's row keeps only the instances its step makes (a retried run may hold older ones)."""
+    step = _decide(run, node, preds)
+    if mapped(node) and step.trim is None:
+        step.trim = len(step.instances)
+    return step
+
+
+def _decide(run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState]) -> Step:
     graph, key = run.graph, node.key
     upstream = {p: state.result if state.status == S.SUCCESS else None for p, state in preds.items()}
     statuses, why = [], []
@@ -220,7 +228,7 @@ def _ready(run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState]) -> S
             try:
                 taken = expressions.when(condition, payload=run.payload, upstream=upstream, result=state.result)
             except expressions.ExpressionError as exc:
-                return _trimmed(node, Step(key, S.FAILURE, error=f"edge {p} -> {key}: when {exc}"))
+                return Step(key, S.FAILURE, error=f"edge {p} -> {key}: when {exc}")
             if not taken:
                 status = S.SKIPPED
                 upstream[p] = None
@@ -230,15 +238,8 @@ def _ready(run: RunContext, node: NodeSpec, preds: Mapping[str, NodeState]) -> S
         statuses.append(status)
     decision = trigger(node.trigger_rule, statuses)
     if decision != RUN:
-        return _trimmed(node, Step(key, decision, error=f"trigger rule {node.trigger_rule} not met: {'; '.join(why)}"))
-    return _trimmed(node, kinds.kind_of(node.kind).ready(node, run, upstream))
-
-
-def _trimmed(node: NodeSpec, step: Step) -> Step:
-    """A mapped node's row keeps only the instances this step makes (a retried run may hold older ones)."""
-    if mapped(node) and step.trim is None:
-        step.trim = len(step.instances)
-    return step
+        return Step(key, decision, error=f"trigger rule {node.trigger_rule} not met: {'; '.join(why)}")
+    return kinds.kind_of(node.kind).ready(node, run, upstream)
 
 
 def expand(run: RunContext, node: NodeSpec, upstream: Mapping[str, Any], *, first: Callable[[int, Any], Step]) -> Step:
@@ -371,16 +372,17 @@ def plan_finish(
     """
     graph = run.graph
     node = graph.nodes[node_key]
-    freed = node.event_type if kinds.kind_of(node.kind).uses_worker else None
+    freed = kinds.queue_of(node.kind, node.event_type)
     if outcome.status == S.RETRY:
         return Plan(types=[], may_end=False)
     ended = NodeState(outcome.status, outcome.result, outcome.error)
     if map_index is not None:
-        states = list(instances) if instances is not None else None
-        if states is not None and map_index < len(states):
-            states[map_index] = ended
-        ended = map_outcome(states) if states is not None else None
-        if ended is None:
+        if instances is not None:
+            states = list(instances)
+            if map_index < len(states):
+                states[map_index] = ended
+            ended = map_outcome(states)
+        if instances is None or ended is None:  # another instance is (taken to be) unfinished
             return Plan(types=[freed] if freed else [], open=node_key)
     view = {
         **dict.fromkeys(graph.descendants[node_key], WAITING),

@@ -214,7 +214,7 @@ def workflow_run_start(
     tasks = [
         {
             "node_key": n.key,
-            "event_type": n.event_type if kinds.kind_of(n.kind).uses_worker else None,
+            "event_type": kinds.queue_of(n.kind, n.event_type),
             "task_name": n.task,
         }
         for n in graph.nodes.values()
@@ -669,13 +669,13 @@ def _resume(trace_id: str, waiter_event_id: str, event: Mapping[str, Any]) -> bo
     return applied
 
 
-def _resume_reached(trace_id: str, version_id: int | None, waiting: Any) -> None:
+def _resume_reached(trace_id: str, version_id: int, waiting: Any) -> None:
     """The wait_event nodes a transition reached, with the events of their type and key published since
     their run started: each resumes on the first that matches, if any."""
     waiting = pgsql.loads(waiting) or []
     if not waiting:
         return
-    graph = graph_for_version(version_id) if version_id else graph_for_version(_run_version(trace_id))
+    graph = graph_for_version(version_id)
     for reached in waiting:
         node = graph.nodes[reached["node"]]
         for event in reached["events"]:
@@ -684,18 +684,18 @@ def _resume_reached(trace_id: str, version_id: int | None, waiting: Any) -> None
                 break
 
 
-def _run_version(trace_id: str) -> int:
-    return WorkflowRun.objects.values_list("version_id", flat=True).get(trace_id=trace_id)
-
-
 def _waiters_resume(event: Event) -> list[dict[str, str]]:
     """Resume the nodes waiting for `event` (its type and key, runs started before it, `match` holding),
     in the transaction that stored it, under the lock a waiter reached meanwhile takes too."""
     params = {"type": event.event_type, "key": event.key, "timestamp": event.timestamp}
     pgsql.execute(sql.LOCK_WAIT, params)
     resumed = []
-    message = {"event_id": str(event.event_id), "event_type": event.event_type, "key": event.key}
-    message["payload"] = event.payload
+    message = {
+        "event_id": str(event.event_id),
+        "event_type": event.event_type,
+        "key": event.key,
+        "payload": event.payload,
+    }
     for trace_id, node_key, waiter_event_id, version_id in pgsql.fetch_all(sql.WAITERS, params):
         node = graph_for_version(version_id).nodes[node_key]
         if kinds.WaitEventKind.matches(node, message) and _resume(str(trace_id), str(waiter_event_id), message):
