@@ -109,3 +109,15 @@ def _kill_worker_after_body(sender=None, **_: object) -> None:
     marker.write_text("")
     os.kill(os.getppid(), signal.SIGKILL)
     os._exit(1)
+
+
+@shared_task(name="tests.e2e_tasks.gate")
+def gate(event: dict) -> dict:
+    """Hold the attempt until the test sets the Redis key `open:<trace_id>` (at most 60 s), so a test
+    can look at tasks while they run and wait; fails when the key never came."""
+    deadline = time.monotonic() + 60
+    while not _redis().exists(f"open:{event['trace_id']}"):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gate was never opened")
+        time.sleep(0.02)
+    return {"opened": True}

@@ -250,6 +250,10 @@ EVENTFLOW = {
     "DB_RETRY_SECONDS": env.float("EVENTFLOW_DB_RETRY_SECONDS", default=120.0),
     # How often each worker looks for lapsed leases.
     "RECONCILE_SECONDS": env.float("EVENTFLOW_RECONCILE_SECONDS", default=5.0),
+    # GET /metrics needs `Authorization: Bearer <this>` when set; unset, it is open.
+    "METRICS_TOKEN": env("EVENTFLOW_METRICS_TOKEN", default=""),
+    # The histograms of /metrics describe the task attempts that ended within this many seconds.
+    "METRICS_WINDOW_SECONDS": env.float("EVENTFLOW_METRICS_WINDOW_SECONDS", default=300.0),
 }
 
 LOGGING = {
