@@ -2,7 +2,9 @@
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
+
+from workflows_app import logs as _logs
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -11,3 +13,10 @@ app = Celery("config", task_cls="workflows_app.celery_task:EventTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 app.steps["worker"].add("workflows_app.leases:LeaseKeeper")
+
+# Celery's loggers write through Django's LOGGING, so LOG_FORMAT=json holds in workers too, and the
+# tracer's lines about a task's end (succeeded in, raised) name its attempt.
+signals.after_setup_logger.connect(_logs.celery_after_setup_logger, weak=False)
+signals.after_setup_task_logger.connect(_logs.celery_after_setup_task_logger, weak=False)
+signals.task_prerun.connect(_logs.celery_task_prerun, weak=False)
+signals.task_postrun.connect(_logs.celery_task_postrun, weak=False)

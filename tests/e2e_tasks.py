@@ -121,3 +121,22 @@ def gate(event: dict) -> dict:
             raise RuntimeError("the gate was never opened")
         time.sleep(0.02)
     return {"opened": True}
+
+
+@shared_task(name="tests.e2e_tasks.chatty")
+def chatty(event: dict) -> dict:
+    """Log through the standard `logging` module, Celery's task logger and an exception's traceback,
+    as a user's task would, then fail when the payload says so."""
+    import logging
+
+    from celery.utils.log import get_task_logger
+
+    logging.getLogger("shop.tasks").info("plain logging from %s", event["context"]["node"])
+    get_task_logger(__name__).warning("celery task logger from %s", event["context"]["node"])
+    try:
+        raise ValueError("a handled error")
+    except ValueError:
+        logging.getLogger("shop.tasks").exception("with a traceback")
+    if event["payload"].get("fail"):
+        raise RuntimeError("chatty fails as asked")
+    return {"said": 3}

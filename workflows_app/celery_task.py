@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 from celery import Task, states
 from celery.exceptions import Ignore, Retry
 
+from .logs import attempt_context
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -134,6 +136,13 @@ class EventTask(Task):
         event = event_of(args, request.id) if not request.called_directly else None
         if event is None:
             return super().__call__(*args, **kwargs)
+        # Every line logged from here to the outcome's record names the attempt (workflows_app/logs.py).
+        with attempt_context(event):
+            return self._attempt(event, args, kwargs)
+
+    def _attempt(self, event: dict, args: Any, kwargs: Any) -> Any:
+        """Start the attempt, run the body, record the outcome."""
+        request = self.request
         start = self._start(event, request.hostname or "")
         if not start:
             raise Ignore()
