@@ -8,12 +8,12 @@ files between the processes of one host only. The task and run rows already hold
 
 What each scrape costs (four statements, whatever the number of runs stored):
 
-- `eventflow_runs_total` counts the run table grouped by (workflow, status): an index-only scan of
-  `run_workflow_status_idx`; `eventflow_runs_running` comes from the same statement.
+- `eventflow_runs_total` counts the run table grouped by (workflow, status), a scan of the table or
+  of its (workflow, status) index; `eventflow_runs_running` comes from the same statement.
 - `eventflow_tasks_total` counts finished task rows grouped by (event type, status). No index holds
-  both columns, so this is the one statement whose cost grows with the history kept: a scan of the
-  task table (bench/metrics.py times it). `purge_runs` bounds that history; an index on
-  (event_type, status), or counters kept by the engine, would make it constant.
+  both columns, so it scans the task table. These two grow with the history kept (bench/metrics.py
+  times each part; `purge_runs` bounds the history). Constant cost needs counts kept by the engine
+  in the statements that end tasks and runs, which this module may not add.
 - The gauges are the queue page's own selector (`selectors.event_type_queue_list`), which counts
   occupied slots and the waiting line through their partial indexes.
 - The histograms cannot be cumulative over all history at a bounded cost: that would read every
