@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from django.contrib.postgres.fields import ArrayField
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 
@@ -29,6 +30,36 @@ class EventType(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Most tasks of this type running at once, across every worker and host.",
     )
+    # NULL, not "", for "no limit": the API and definitions say null.
+    rate_limit = models.CharField(  # noqa: DJ001
+        "rate limit",
+        max_length=30,
+        null=True,
+        blank=True,
+        help_text="At most N tasks handed to Celery in any window of a second, minute or hour, across every "
+        'worker and host: "N/second", "N/minute" or "N/hour". Empty: no limit.',
+    )
+    fairness_key = models.TextField(  # noqa: DJ001
+        "fairness key",
+        null=True,
+        blank=True,
+        help_text="A CEL expression on the run (e.g. payload.shop_id) whose value groups its tasks: the line serves "
+        "the groups in turn. Applies to runs started after it is set.",
+    )
+    per_key_concurrency = models.PositiveIntegerField(
+        "per-key concurrency",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Most tasks of one fairness key running at once. Empty: no limit beyond concurrency.",
+    )
+    queue_timeout = models.PositiveIntegerField(
+        "queue timeout",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Seconds a task may wait for a slot; past it, it fails without retries. Empty: no limit.",
+    )
     description = models.TextField("description", blank=True, default="")
     # Kept by admission under this row's lock, so admitting reads one number, not every slot held.
     held = models.PositiveIntegerField(
@@ -37,6 +68,11 @@ class EventType(models.Model):
         editable=False,
         help_text="Tasks of this type holding a slot (sent and not finished), as admission counts them.",
     )
+    # Admission's own state, written only under this row's lock: the dispatches of the rate window
+    # (times, and how many at each), and when a line the rate holds back is next due to be admitted from.
+    rate_times = ArrayField(models.DateTimeField(), default=list, db_default=[], blank=True, editable=False)
+    rate_counts = ArrayField(models.IntegerField(), default=list, db_default=[], blank=True, editable=False)
+    rate_wake_at = models.DateTimeField("rate wake at", null=True, blank=True, editable=False)
     created_at = models.DateTimeField("created at", auto_now_add=True)
     updated_at = models.DateTimeField("updated at", auto_now=True)
 
@@ -48,11 +84,51 @@ class EventType(models.Model):
             models.CheckConstraint(
                 condition=models.Q(concurrency__gte=1),
                 name="event_type_concurrency_positive",
-            )
+            ),
+            models.CheckConstraint(
+                condition=models.Q(per_key_concurrency__gte=1) | models.Q(per_key_concurrency__isnull=True),
+                name="event_type_per_key_concurrency_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(queue_timeout__gte=1) | models.Q(queue_timeout__isnull=True),
+                name="event_type_queue_timeout_positive",
+            ),
         ]
 
     def __str__(self) -> str:
         return self.name
+
+
+class EventTypeKey(models.Model):
+    """One fairness key of an event type, as admission keeps it: its slots held, the priority of its best
+    waiting task while it may be served (NULL when it has none waiting or holds its share), and the turn
+    it was last served at. Admission picks keys through these rows, so its cost depends neither on the
+    number of keys nor on their lines' lengths. Written only under its type's row lock."""
+
+    event_type = models.ForeignKey(EventType, on_delete=models.CASCADE, related_name="keys", db_index=False)
+    key = models.CharField("key", max_length=200, blank=True)
+    held = models.PositiveIntegerField("slots held", default=0)
+    head_priority = models.SmallIntegerField("priority of its head", null=True, blank=True)
+    turn = models.BigIntegerField("last served at turn", default=0)
+
+    class Meta:
+        verbose_name = "fairness key"
+        verbose_name_plural = "fairness keys"
+        constraints = [models.UniqueConstraint(fields=["event_type", "key"], name="event_type_key_unique")]
+        indexes = [
+            # The keys that may be served, best first: what admission picks from.
+            models.Index(
+                "event_type",
+                models.F("head_priority").desc(),
+                "turn",
+                "key",
+                condition=models.Q(head_priority__isnull=False),
+                name="event_type_key_next_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type_id}:{self.key}"
 
 
 class Event(models.Model):

@@ -14,7 +14,7 @@ import tests.kinds  # noqa: F401 - registers the `noop` kind
 from workflows_app.definitions import DefinitionError, definition_validate, find_cycle
 from workflows_app.engine import kinds, rules
 from workflows_app.engine.graph import graph_from_spec
-from workflows_app.engine.rules import FINAL, NodeState, RunContext, S, Waiting
+from workflows_app.engine.rules import FINAL, NodeState, RunContext, S
 from workflows_app.models import TriggerRule
 
 KNOWN = {"t.echo"}
@@ -99,11 +99,11 @@ def test_run_outcome():
     assert rules.run_outcome(["SUCCESS", "QUEUED"]) is None
 
 
-def test_admission_takes_the_free_slots_first_ready_first():
-    line = [Waiting(3, 30), Waiting(1, 10), Waiting(1, 5), Waiting(2, 1)]
-    assert rules.admit(concurrency=3, held=3, released=1, line=line) == [Waiting(1, 5)]
-    assert rules.admit(concurrency=5, held=1, released=0, line=line) == sorted(line)
-    assert rules.admit(concurrency=1, held=4, released=1, line=line) == []
+def test_admission_counts_the_slots_free_and_held():
+    assert rules.free_slots(concurrency=3, held=3, released=1) == 1
+    assert rules.free_slots(concurrency=5, held=1, released=0, room=2) == 2
+    assert rules.free_slots(concurrency=1, held=4, released=1) == 0
+    assert rules.free_slots(concurrency=4, held=0, released=0, room=-1) == 0
     assert rules.held_after(held=1, released=2, admitted=0) == 0
 
 

@@ -14,7 +14,7 @@ from django.db.models.functions import Now
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from events_app.models import Event, EventType
+from events_app.models import Event, EventType, EventTypeKey
 from tests import factories
 from workflows_app import engine, pgsql
 from workflows_app.engine import rules, sql
@@ -83,71 +83,175 @@ def test_a_start_that_fails_part_way_writes_nothing_and_leaves_the_connection_us
     assert created and TaskRun.objects.filter(run=run).count() == 2
 
 
-def _line(workflow, rng: random.Random, size: int) -> tuple[list[TaskRun], list[TaskRun]]:
-    """A run whose first `size` tasks wait in the line (QUEUED, no slot), each ready at a random
-    instant (ties included), and whose others wait for predecessors."""
-    run, _ = engine.workflow_run_start(workflow=workflow, payload={})
-    tasks = list(TaskRun.objects.filter(run=run).order_by("node_key"))
-    for i, task in enumerate(tasks):
-        task.status = TaskRun.Status.QUEUED if i < size else TaskRun.Status.WAITING
-        task.holds_slot = False
+KEYS = ["", "A", "B", "C"]
+
+
+def _tasks(workflow, rng: random.Random, runs: int) -> list[TaskRun]:
+    """`runs` runs' tasks, WAITING, each with a random priority, run start and fairness key."""
+    tasks = []
+    for _ in range(runs):
+        run, _ = engine.workflow_run_start(workflow=workflow, payload={})
+        tasks.extend(TaskRun.objects.filter(run=run).order_by("node_key"))
+    for task in tasks:
+        task.status, task.holds_slot = TaskRun.Status.WAITING, False
+        task.priority = rng.choice([0, 5, 5, 9])
+        task.run_created_at = task.run.created_at - timedelta(seconds=rng.randint(0, 3))
         task.queued_at = task.run.created_at - timedelta(seconds=rng.randint(0, 5))
-    TaskRun.objects.bulk_update(tasks, ["status", "holds_slot", "queued_at"])
-    return tasks[:size], tasks[size:]
+        task.fair_key = rng.choice(KEYS)
+    return tasks
 
 
 @pytest.mark.django_db
 def test_admission_in_the_database_takes_whom_rules_admit_takes():
-    workflow = factories.workflow(factories.spec("line", [(f"n{i}", ECHO) for i in range(8)], event_type="diff"))
+    """Random lines over fairness keys (priorities, run ages, readiness, shares held, turns, a rate
+    window, slots given back, tasks joining): `eventflow_admit` hands out the tasks `rules.admit` picks,
+    in its order, and leaves the counts `rules` says."""
+    workflow = factories.workflow(factories.spec("line", [(f"n{i}", ECHO) for i in range(4)], event_type="diff"))
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=80, deadline=None)
     @given(
-        concurrency=st.integers(1, 6),
-        held=st.integers(0, 7),
-        released=st.integers(0, 2),
-        waiting=st.integers(0, 8),
-        ready=st.integers(0, 8),
+        concurrency=st.integers(1, 8),
+        held=st.integers(0, 9),
+        per_key=st.one_of(st.none(), st.integers(1, 3)),
+        rate=st.one_of(st.none(), st.integers(1, 6)),
+        rate_used=st.integers(0, 7),
+        released_key=st.one_of(st.none(), st.sampled_from(KEYS)),
+        waiting=st.integers(0, 10),
+        ready=st.integers(0, 4),
         seed=st.integers(0, 10**6),
     )
-    def check(concurrency, held, released, waiting, ready, seed):
-        """`waiting` tasks in the line, and up to `ready` others becoming ready in the same call."""
+    def check(concurrency, held, per_key, rate, rate_used, released_key, waiting, ready, seed):
+        rng = random.Random(seed)
         with transaction.atomic():
-            EventType.objects.filter(name="diff").update(concurrency=1, held=1)  # the start admits nobody
-            line, others = _line(workflow, random.Random(seed), waiting)
-            fresh = others[:ready]
+            EventType.objects.filter(name="diff").update(concurrency=1, held=1)  # the starts admit nobody
+            tasks = _tasks(workflow, rng, 4)
+            EventTypeKey.objects.filter(event_type="diff").delete()
+            line, fresh = tasks[:waiting], tasks[waiting : waiting + ready]
+            for task in line:
+                task.status = TaskRun.Status.QUEUED
+            TaskRun.objects.bulk_update(
+                tasks, ["status", "holds_slot", "priority", "run_created_at", "queued_at", "fair_key"]
+            )
             events = {t.pk: uuid.uuid4() for t in fresh}
             Event.objects.bulk_create(
                 Event(event_id=e, event_type="diff", task_name=ECHO, timestamp=Now()) for e in events.values()
             )
-            EventType.objects.filter(name="diff").update(concurrency=concurrency, held=held)
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT now()")
-                (now,) = cursor.fetchone()
-            expected = rules.admit(
+            # Each key's state: its shares held, its last turn, and its head's priority while it may be served.
+            states = {k: rules.KeyState(rng.randint(0, 3), rng.randint(0, 20)) for k in KEYS}
+            for key, state in states.items():
+                heads = [t.priority for t in line if t.fair_key == key]
+                servable = heads and (per_key is None or state.held < per_key)
+                EventTypeKey.objects.create(
+                    event_type_id="diff",
+                    key=key,
+                    held=state.held,
+                    turn=state.turn,
+                    head_priority=max(heads) if servable else None,
+                )
+            (clock,) = pgsql.fetch_one("SELECT clock_timestamp()", {})
+            log = rules.RateLog((clock - timedelta(seconds=0.2),), (rate_used,)) if rate_used else rules.RateLog()
+            EventType.objects.filter(name="diff").update(
                 concurrency=concurrency,
                 held=held,
-                released=released,
-                line=[rules.Waiting(t.queued_at, t.pk) for t in line] + [rules.Waiting(now, pk) for pk in events],
+                per_key_concurrency=per_key,
+                rate_limit=f"{rate}/second" if rate else None,
+                rate_times=list(log.times),
+                rate_counts=list(log.counts),
+            )
+            (now,) = pgsql.fetch_one("SELECT now()", {})
+            released = 1 if released_key is not None else 0
+            if released_key is not None:
+                states[released_key] = states[released_key]._replace(held=max(states[released_key].held - 1, 0))
+            room = None if rate is None else rate - rate_used
+            expected = rules.admit(
+                free=rules.free_slots(concurrency=concurrency, held=held, released=released, room=room),
+                line=[rules.Waiting(t.priority, t.run_created_at, t.queued_at, t.pk, t.fair_key) for t in line]
+                + [rules.Waiting(t.priority, t.run_created_at, now, t.pk, t.fair_key) for t in fresh],
+                keys=states,
+                per_key=per_key,
+                turn=max(s.turn for s in states.values()),
             )
             (sent,) = pgsql.fetch_one(
-                "SELECT eventflow_admit(%(types)s, %(released)s, %(ready)s, %(events)s, %(ready_types)s, 60)",
+                "SELECT eventflow_admit("
+                "%(types)s, %(released)s, %(ready)s, %(events)s, %(ready_types)s, NULL, NULL, 60)",
                 {
                     "types": ["diff"],
-                    "released": [released],
+                    "released": pgsql.as_json(
+                        [{"type": "diff", "key": released_key, "n": 1}] if released_key is not None else []
+                    ),
                     "ready": list(events),
                     "events": list(events.values()),
                     "ready_types": ["diff"] * len(events),
                 },
             )
-            admitted = [str(e["event"]["event_id"] if "event" in e else e["event_id"]) for e in pgsql.loads(sent)]
+            answered = pgsql.loads(sent)
+            admitted = [
+                str(e["event"]["event_id"] if "event" in e else e["event_id"]) for e in answered if "wake" not in e
+            ]
             by_id = {t.pk: str(t.current_event_id) for t in line} | {pk: str(e) for pk, e in events.items()}
             assert admitted == [by_id[w.id] for w in expected]
+            chosen = {w.id for w in expected}
             fresh_now = TaskRun.objects.filter(pk__in=events)
-            assert all(t.status == "QUEUED" and t.holds_slot == (t.pk in {w.id for w in expected}) for t in fresh_now)
+            assert all(t.status == "QUEUED" and t.holds_slot == (t.pk in chosen) for t in fresh_now)
             assert EventType.objects.get(name="diff").held == rules.held_after(
                 held=held, released=released, admitted=len(expected)
             )
+            for key, state in states.items():
+                taken = sum(1 for w in expected if w.key == key)
+                assert EventTypeKey.objects.get(event_type="diff", key=key).held == state.held + taken
+            woken = [e for e in answered if "wake" in e]
+            if rate is not None and len(expected) < len(line) + len(fresh) and rate_used + len(expected) >= rate:
+                if concurrency - (held - released) - len(expected) > 0 and any(
+                    per_key is None
+                    or states[w.fair_key].held + sum(1 for x in expected if x.key == w.fair_key) < per_key
+                    for w in [*line, *fresh]
+                    if w.pk not in chosen
+                ):
+                    assert woken and woken[0]["wake"] == "diff"
             transaction.set_rollback(True)
+
+    check()
+
+
+@pytest.mark.django_db
+def test_the_rate_window_in_the_database_is_what_rules_say():
+    """`eventflow_rate_used`, `_opens` and `_record` against their `rules` counterparts on random records."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        entries=st.lists(st.tuples(st.integers(-3000, 1000), st.integers(1, 4)), max_size=12),
+        count=st.integers(1, 8),
+        period=st.sampled_from([1, 60]),
+        at_ms=st.integers(0, 2000),
+        add=st.integers(0, 3),
+    )
+    def check(entries, count, period, at_ms, add):
+        (now,) = pgsql.fetch_one("SELECT now()", {})
+        rate = rules.Rate(count, period)
+        log = rules.rate_record(rules.RateLog(), now - timedelta(hours=2), now - timedelta(hours=2), 0, rate)
+        for ms, n in sorted(entries):
+            log = rules.RateLog((*log.times, now + timedelta(milliseconds=ms)), (*log.counts, n))
+        at = now + timedelta(milliseconds=at_ms)
+        params = {
+            "times": list(log.times),
+            "counts": list(log.counts),
+            "now": now,
+            "at": at,
+            "count": count,
+            "period": timedelta(seconds=period),
+            "add": add,
+        }
+        (used,) = pgsql.fetch_one("SELECT eventflow_rate_used(%(times)s, %(counts)s, %(now)s, %(period)s)", params)
+        assert used == rules.rate_used(log, now, rate)
+        (opens,) = pgsql.fetch_one(
+            "SELECT eventflow_rate_opens(%(times)s, %(counts)s, %(at)s, %(count)s, %(period)s)", params
+        )
+        assert opens == rules.rate_opens(log, at, rate)
+        times, counts = pgsql.fetch_one(
+            "SELECT * FROM eventflow_rate_record(%(times)s, %(counts)s, %(now)s, %(at)s, %(add)s, %(period)s)", params
+        )
+        expected = rules.rate_record(log, now, at, add, rate)
+        assert sorted(zip(times, counts, strict=True)) == sorted(zip(expected.times, expected.counts, strict=True))
 
     check()
 

@@ -3,7 +3,7 @@
 import uuid
 
 from django.conf import settings
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
 # A node's key; the definition format checks it too.
@@ -237,6 +237,13 @@ class WorkflowRun(models.Model):
         verbose_name="trigger event",
         help_text="The published event that started this run, if an event did.",
     )
+    priority = models.PositiveSmallIntegerField(
+        "priority",
+        default=5,
+        db_default=5,
+        validators=[MaxValueValidator(9)],
+        help_text="0 to 9: its tasks go before those of runs with a lower one in every line.",
+    )
     created_at = models.DateTimeField("created at", auto_now_add=True)
     finished_at = models.DateTimeField("finished at", null=True, blank=True)
 
@@ -362,6 +369,14 @@ class TaskRun(models.Model):
         db_default="",
         help_text="The key a wait_event node's event must carry.",
     )
+    # Its place in its type's line: its run's priority and start, copied so one index orders the line,
+    # and its fairness key (its type's `fairness_key` on the run's payload when the run started).
+    priority = models.PositiveSmallIntegerField("priority", default=5, db_default=5)
+    run_created_at = models.DateTimeField("run started at", null=True, blank=True)
+    fair_key = models.CharField("fairness key", max_length=200, blank=True, default="", db_default="")
+    dispatched_at = models.DateTimeField(
+        "dispatched at", null=True, blank=True, help_text="When its latest attempt was handed to Celery."
+    )
     lease_expires_at = models.DateTimeField(
         "lease expires at",
         null=True,
@@ -384,11 +399,23 @@ class TaskRun(models.Model):
         indexes = [
             models.Index(fields=["run", "status"], name="task_run_run_status_idx"),
             models.Index(fields=["event_type"], name="task_run_event_type_idx"),
-            # The waiting line of an event type, in FIFO order; only rows still waiting are indexed.
+            # The waiting line of an event type by age (queue timeouts, the oldest wait); only rows still
+            # waiting are indexed.
             models.Index(
                 fields=["event_type", "queued_at", "id"],
                 condition=models.Q(status="QUEUED", holds_slot=False),
                 name="task_run_line_idx",
+            ),
+            # Each fairness key's line in admission's order: priority, the run's start, readiness.
+            models.Index(
+                "event_type",
+                "fair_key",
+                models.F("priority").desc(),
+                "run_created_at",
+                "queued_at",
+                "id",
+                condition=models.Q(status="QUEUED", holds_slot=False),
+                name="task_run_key_line_idx",
             ),
             # Occupied slots of an event type: what the reconciler recounts `EventType.held` from.
             models.Index(

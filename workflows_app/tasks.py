@@ -52,3 +52,10 @@ def reconcile() -> int:
     while settled := engine.task_runs_reconcile():
         total += settled
     return total
+
+
+@shared_task(name="workflows_app.tasks.admit", eventflow_internal=True, ignore_result=True)
+def admit(event_type: str) -> None:
+    """Admit from an event type's line once its rate window has room again; sent by admission itself,
+    due then. A lost one is made up by the reconciler (`EventType.rate_wake_at`)."""
+    engine.event_type_admit(name=event_type)

@@ -17,11 +17,14 @@ Where each rule lives:
 
 from .graph import Graph, NodeSpec, graph_for_version, graph_from_spec
 from .transitions import (
+    ADMISSION_FIELDS,
     EngineError,
     Start,
     event_publish,
     event_type_admit,
     event_type_set_concurrency,
+    event_type_settings_check,
+    event_type_update,
     event_types_recount,
     run_payload_check,
     task_run_decide,
@@ -42,8 +45,11 @@ __all__ = [
     "NodeSpec",
     "Start",
     "event_publish",
+    "ADMISSION_FIELDS",
     "event_type_admit",
     "event_type_set_concurrency",
+    "event_type_settings_check",
+    "event_type_update",
     "event_types_recount",
     "graph_for_version",
     "graph_from_spec",

@@ -19,6 +19,7 @@ _NAMES = {"payload": _JSON_OBJECT, "upstream": _JSON_OBJECT, "result": cel.Type.
 WHEN_NAMES = frozenset({"payload", "upstream", "result"})
 MAP_OVER_NAMES = frozenset({"payload", "upstream"})  # also a wait_event's `event_key`
 EVENT_NAMES = frozenset({"event"})  # a wait_event's `match`
+FAIRNESS_NAMES = frozenset({"payload"})  # an event type's `fairness_key`, on the run
 # What each place's expression must give; DYN (a field of a JSON value) is checked when evaluated.
 _GIVES = {bool: (cel.Type.BOOL, "a bool"), list: (cel.Type.LIST, "a list")}
 # Longest accepted source: an expression is a condition or a path, not a program.
@@ -171,3 +172,12 @@ def map_items(source: str, *, payload: Mapping[str, Any], upstream: Mapping[str,
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ExpressionError(f"`{source}` gave elements that are not JSON: {exc}") from None
+
+
+def fairness_value(source: str, *, payload: Mapping[str, Any]) -> Any:
+    """An event type's `fairness_key` on a run's payload; None when it fails (a field the payload lacks):
+    such a run shares the key of runs without one rather than failing."""
+    try:
+        return compiled(source, FAIRNESS_NAMES).evaluate({"payload": payload})
+    except ExpressionError:
+        return None

@@ -14,6 +14,9 @@ from .graph import graph_for_version
 
 logger = logging.getLogger(__name__)
 
+# The task that admits from a line when its rate window has room again, and the engine's own queue.
+ADMIT_TASK = "workflows_app.tasks.admit"
+ENGINE_QUEUE = "celery"
 # Seconds between a node's soft time limit and the hard kill.
 HARD_LIMIT_GRACE = 10
 
@@ -52,6 +55,16 @@ class Outbox:
                 event = (known or {})[str(item["event_id"])]
                 self.add_event({**event, "timestamp": clock}, version_id=version_id, node=event["context"]["node"])
 
+    def add_wake(self, event_type: str, at: datetime) -> None:
+        """Admit from `event_type`'s line again at `at` (the database's time), when its rate window
+        next has room: a message to the engine's own queue, due then."""
+        self.messages.append(
+            (
+                {"task_name": ADMIT_TASK, "event_type": event_type},
+                {"queue": ENGINE_QUEUE, "eta": at, "args": [event_type]},
+            )
+        )
+
     def add_event(self, event: Mapping[str, Any], *, version_id: int, node: str, eta: datetime | None = None) -> None:
         self.add(events.message(event), timeout=graph_for_version(version_id).nodes[node].timeout, eta=eta)
 
@@ -70,6 +83,9 @@ def publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
         try:
             with app.producer_or_acquire() as producer:
                 for message, options in messages:
+                    if message["task_name"] == ADMIT_TASK:
+                        app.send_task(ADMIT_TASK, producer=producer, **options)
+                        continue
                     app.send_task(
                         message["task_name"],
                         args=[message],

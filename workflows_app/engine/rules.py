@@ -10,6 +10,7 @@ built from the constants here and checked against these functions by the test su
 from __future__ import annotations
 
 import operator
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -460,23 +461,207 @@ def run_retryable(status: str) -> bool:
 
 # --------------------------------------------------------------------------- admission
 
+# A rate limit's windows, in seconds, by the unit its text names.
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600}
+# A rate window's dispatch times are kept at this fraction of the window apart at least (a dispatch
+# recorded within it of another moves that entry later): the record stays a bounded size whatever N,
+# and a dispatch can only be counted longer than it happened, never shorter, so the limit holds.
+RATE_RESOLUTION = 50
+
+
+class Rate(NamedTuple):
+    """A rate limit: at most `count` tasks handed to Celery in any window of `period` seconds."""
+
+    count: int
+    period: int
+
+    @property
+    def text(self) -> str:
+        unit = next(name for name, seconds in RATE_UNITS.items() if seconds == self.period)
+        return f"{self.count}/{unit}"
+
+
+# A rate limit's text: N from 1 to 9999999, written without leading zeros.
+RATE_PATTERN = r"^[1-9][0-9]{0,6}/(second|minute|hour)$"
+
+
+def rate_parse(text: str | None) -> Rate | None:
+    """`"N/second"`, `"N/minute"` or `"N/hour"` (N a whole number from 1 to 9999999), or None for no
+    limit; a ValueError naming what is wrong otherwise."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError('must be a string like "5/second", or null')
+    count, slash, unit = text.partition("/")
+    if not slash or unit not in RATE_UNITS:
+        raise ValueError(f'"{text}" is not N/second, N/minute or N/hour')
+    if not re.match(RATE_PATTERN, text):
+        raise ValueError(f'"{text}": N must be a whole number from 1 to 9999999')
+    return Rate(int(count), RATE_UNITS[unit])
+
+
+class RateLog(NamedTuple):
+    """The dispatches a rate window counts: at each time (ascending), how many."""
+
+    times: tuple = ()
+    counts: tuple = ()
+
+
+def rate_used(log: RateLog, now: Any, rate: Rate) -> int:
+    """Dispatches counted against a window ending at `now`: every one later than `now` less the period,
+    those recorded ahead of `now` (a retry's due time) included."""
+    since = now - _period(rate)
+    return sum(c for t, c in zip(log.times, log.counts, strict=True) if t > since)
+
+
+def rate_opens(log: RateLog, at: Any, rate: Rate) -> Any:
+    """The earliest time from `at` on at which one more dispatch keeps every window within the limit:
+    when the window that ends then counts at most `count - 1` of those recorded."""
+    total = 0
+    for t, c in sorted(zip(log.times, log.counts, strict=True), reverse=True):
+        total += c
+        if total >= rate.count:
+            return max(at, t + _period(rate))
+    return at
+
+
+def rate_record(log: RateLog, now: Any, at: Any, count: int, rate: Rate) -> RateLog:
+    """The log with `count` dispatches at `at` (now, or a retry's due time), entries no window from
+    `now` on counts dropped, and the new ones merged into an entry at most a `RATE_RESOLUTION`th of
+    the period before `at`, whose time moves to `at`."""
+    period = _period(rate)
+    entries = [(t, c) for t, c in zip(log.times, log.counts, strict=True) if t > now - period]
+    if count:
+        near = [i for i, (t, _) in enumerate(entries) if at - period / RATE_RESOLUTION <= t <= at]
+        if near:
+            i = near[-1]
+            entries[i] = (at, entries[i][1] + count)
+        else:
+            entries.append((at, count))
+    entries.sort(key=operator.itemgetter(0))
+    return RateLog(tuple(t for t, _ in entries), tuple(c for _, c in entries))
+
+
+def _period(rate: Rate) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=rate.period)
+
 
 class Waiting(NamedTuple):
-    """A task in an event type's line, or becoming ready now."""
+    """A task in an event type's line, or becoming ready now: its run's priority and start, when it
+    became ready, its id, and its fairness key."""
 
+    priority: int
+    run_created_at: Any
     queued_at: Any
     id: int
+    key: str = ""
 
 
-def admit(*, concurrency: int, held: int, released: int, line: Iterable[Waiting]) -> list[Waiting]:
-    """Who is handed to Celery from an event type's line: at most as many as the slots free (its
-    `concurrency` less the slots `held`, counting those this transition `released`), first in
-    `LINE_ORDER`. The line includes the tasks becoming ready in the same transition."""
+def line_order(task: Waiting) -> tuple:
+    """A key's line: higher priority first, then older runs (so runs under way finish before new ones
+    begin), then the first ready; `id` breaks ties."""
+    return (-task.priority, task.run_created_at, task.queued_at, task.id)
+
+
+# The line's order as the database sorts it (the index `task_run_key_line_idx`), `line_order`'s columns.
+LINE_ORDER = ("priority DESC", "run_created_at", "queued_at", "id")
+
+
+class KeyState(NamedTuple):
+    """A fairness key as admission keeps it: its slots held, the turn it was last served at."""
+
+    held: int = 0
+    turn: int = 0
+
+
+def admit(
+    *,
+    free: int,
+    line: Iterable[Waiting],
+    keys: Mapping[str, KeyState] | None = None,
+    per_key: int | None = None,
+    turn: int = 0,
+) -> list[Waiting]:
+    """Who is handed to Celery from an event type's line, in order, given the slots `free` (its
+    concurrency and rate window allowing). Keys are served in turn: the one whose best waiting task
+    has the highest priority, then the one served longest ago (a key never served first), then by
+    name; from each, the head of its line (`line_order`), while it holds fewer than `per_key`.
+    `keys` holds each key's state after the slots given back; `turn` is the type's last turn."""
+    keys = dict(keys or {})
+    lines: dict[str, list[Waiting]] = {}
+    for task in sorted(line, key=line_order):
+        lines.setdefault(task.key, []).append(task)
+    admitted = []
+    while free > 0:
+        open_keys = [k for k, q in lines.items() if q and (per_key is None or keys.get(k, KeyState()).held < per_key)]
+        if not open_keys:
+            break
+        key = min(open_keys, key=lambda k: (-lines[k][0].priority, keys.get(k, KeyState()).turn, k))
+        admitted.append(lines[key].pop(0))
+        turn += 1
+        keys[key] = KeyState(keys.get(key, KeyState()).held + 1, turn)
+        free -= 1
+    return admitted
+
+
+def free_slots(*, concurrency: int, held: int, released: int, room: int | None = None) -> int:
+    """Slots admission may hand out: its `concurrency` less the slots `held`, counting those this
+    transition `released`, and no more than the rate window's `room` when the type has a rate limit."""
     free = max(concurrency - (held - released), 0)
-    return sorted(line, key=operator.attrgetter(*LINE_ORDER))[:free]
+    return free if room is None else max(min(free, room), 0)
 
 
 def held_after(*, held: int, released: int, admitted: int) -> int:
     """The type's count of held slots after admission; never below zero, so a count that drifted low
     (the reconciler recounts it) cannot fail a transition."""
     return max(held - released + admitted, 0)
+
+
+def fairness_key_of(value: Any) -> str:
+    """A fairness key's stored form: the expression's value as text (its first 200 characters), the
+    shared key "" when it gave nothing."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)[:200]
+
+
+def queue_timeout_outcome(*, waited: int, event_type: str) -> Outcome:
+    """A task that waited past its type's `queue_timeout` fails, without retries."""
+    return Outcome(S.FAILURE, error=f"waited {waited} s for a slot of {event_type}")
+
+
+class WaitReason(NamedTuple):
+    """Why a QUEUED task is not running yet: `code` (`key_share`, `rate_window`, `concurrency`,
+    `place`) and a sentence for people."""
+
+    code: str
+    text: str
+
+
+def wait_reason(
+    *,
+    concurrency: int,
+    held: int,
+    rate: Rate | None = None,
+    rate_used: int = 0,
+    rate_opens: Any = None,
+    per_key: int | None = None,
+    key: str = "",
+    key_held: int = 0,
+    place: int | None = None,
+) -> WaitReason:
+    """The first reason that holds, in the order admission checks them: its key's share, the type's
+    slots, the rate window, else its place (those ahead of it go first)."""
+    if per_key is not None and key_held >= per_key:
+        return WaitReason("key_share", f"its key {key!r} already runs {key_held} of its {per_key}")
+    if held >= concurrency:
+        return WaitReason("concurrency", f"concurrency full: {held} of {concurrency} running")
+    if rate is not None and rate_used >= rate.count:
+        when = f"; the next slot opens at {rate_opens:%H:%M:%S.%f}"[:-3] if rate_opens is not None else ""
+        return WaitReason("rate_window", f"rate window full: {rate_used} of {rate.text}{when}")
+    ahead = f"{place - 1} ahead of it" if place else "its turn comes next"
+    return WaitReason("place", f"place {place or 1} in line: {ahead}")

@@ -16,17 +16,18 @@ from typing import Any
 
 from django_celery_results.models import TaskResult
 
-from events_app.models import Event, EventType
+from events_app.models import Event, EventType, EventTypeKey
 
 from ..models import TaskRun, WorkflowRun
 from ..pgsql import columns
-from .rules import FINAL, LINE_ORDER, RERUN, RESOLVABLE, RUN_FAILS_ON, R, S
+from .rules import FINAL, LINE_ORDER, RATE_RESOLUTION, RERUN, RESOLVABLE, RUN_FAILS_ON, R, S
 
 TASK = TaskRun._meta.db_table
 RUN = WorkflowRun._meta.db_table
 EVENT = Event._meta.db_table
 EVENT_TYPE = EventType._meta.db_table
 CELERY_RESULT = TaskResult._meta.db_table
+KEY = EventTypeKey._meta.db_table
 
 
 def _in(statuses: Iterable[str]) -> str:
@@ -35,6 +36,21 @@ def _in(statuses: Iterable[str]) -> str:
 
 def _line_order(alias: str) -> str:
     return ", ".join(f"{alias}.{column}" for column in LINE_ORDER)
+
+
+# A key's line (`task_run_key_line_idx`): its type's QUEUED tasks of that key not holding a slot.
+def _key_line(task: str, type_: str, key: str) -> str:
+    return (
+        f"{task}.event_type_id = {type_} AND {task}.fair_key = {key} AND {task}.status = '{S.QUEUED}' "
+        f"AND NOT {task}.holds_slot"
+    )
+
+
+def _key_head(type_: str, key: str) -> str:
+    """The priority of a key's best waiting task, or NULL."""
+    return (
+        f"(SELECT h.priority FROM {TASK} AS h WHERE {_key_line('h', type_, key)} ORDER BY {_line_order('h')} LIMIT 1)"
+    )
 
 
 def _seconds(parameter: str) -> str:
@@ -178,11 +194,78 @@ RETURNING held
 """
 LOCK_TYPE = f"SELECT held FROM {EVENT_TYPE} WHERE name = %(name)s FOR UPDATE"
 
-ADMIT = "SELECT eventflow_admit(%(types)s::varchar[], %(released)s::integer[], '{}', '{}', '{}', %(grace)s)"
+# Event types whose fairness keys' counts disagree with their tasks: a key's slots held, a key missing
+# for tasks holding slots or waiting, or a key that may be served but is not marked so.
+KEYS_DRIFTED = f"""
+WITH held AS (
+    SELECT event_type_id AS type, fair_key AS key, count(*) AS n FROM {TASK} WHERE holds_slot GROUP BY 1, 2
+), waiting AS (
+    SELECT DISTINCT event_type_id AS type, fair_key AS key FROM {TASK}
+    WHERE status = '{S.QUEUED}' AND NOT holds_slot AND event_type_id IS NOT NULL
+)
+SELECT DISTINCT type FROM (
+    SELECT k.event_type_id AS type FROM {KEY} AS k
+    LEFT JOIN held AS h ON h.type = k.event_type_id AND h.key = k.key WHERE k.held <> coalesce(h.n, 0)
+    UNION ALL
+    SELECT h.type FROM held AS h LEFT JOIN {KEY} AS k ON k.event_type_id = h.type AND k.key = h.key WHERE k.id IS NULL
+    UNION ALL
+    SELECT w.type FROM waiting AS w JOIN {EVENT_TYPE} AS et ON et.name = w.type
+    LEFT JOIN {KEY} AS k ON k.event_type_id = w.type AND k.key = w.key
+    WHERE k.id IS NULL
+       OR (k.head_priority IS NULL AND (et.per_key_concurrency IS NULL OR k.held < et.per_key_concurrency))
+) AS drifted
+"""
+# A type's fairness keys set to what its tasks say (under the type's lock): how many keys changed.
+RECOUNT_KEYS = f"""
+WITH found AS (
+    SELECT key FROM {KEY} WHERE event_type_id = %(name)s
+    UNION
+    SELECT fair_key FROM {TASK}
+    WHERE event_type_id = %(name)s AND (holds_slot OR status = '{S.QUEUED}')
+), counted AS (
+    SELECT f.key, (SELECT count(*) FROM {TASK} AS t WHERE t.event_type_id = %(name)s AND t.fair_key = f.key
+                   AND t.holds_slot)::integer AS held
+    FROM found AS f
+), fixed AS (
+    INSERT INTO {KEY} AS k (event_type_id, key, held, head_priority, turn)
+    SELECT %(name)s, c.key, c.held, CASE
+            WHEN et.per_key_concurrency IS NULL OR c.held < et.per_key_concurrency THEN {_key_head("%(name)s", "c.key")}
+        END, 0
+    FROM counted AS c JOIN {EVENT_TYPE} AS et ON et.name = %(name)s
+    ON CONFLICT (event_type_id, key) DO UPDATE SET held = EXCLUDED.held, head_priority = EXCLUDED.head_priority
+    WHERE k.held IS DISTINCT FROM EXCLUDED.held OR k.head_priority IS DISTINCT FROM EXCLUDED.head_priority
+    RETURNING 1
+)
+SELECT count(*) FROM fixed
+"""
+# A type's keys after its `per_key_concurrency` changed (under the type's lock): which may be served.
+RESHARE_KEYS = f"""
+UPDATE {KEY} AS k SET head_priority = CASE
+    WHEN et.per_key_concurrency IS NULL OR k.held < et.per_key_concurrency THEN {_key_head("k.event_type_id", "k.key")}
+END
+FROM {EVENT_TYPE} AS et WHERE et.name = %(name)s AND k.event_type_id = %(name)s
+"""
+# Types whose rate-held line was due to be woken and was not (its message lost, or a worker whose clock
+# runs behind took it early).
+RATE_OVERDUE = f"SELECT name FROM {EVENT_TYPE} WHERE rate_wake_at < now() ORDER BY name"
+# Tasks that waited QUEUED past their type's `queue_timeout`, oldest first (`task_run_line_idx`).
+EXPIRED = f"""
+SELECT t.run_id, t.current_event_id, et.name, et.queue_timeout FROM {EVENT_TYPE} AS et
+CROSS JOIN LATERAL (
+    SELECT run_id, current_event_id FROM {TASK}
+    WHERE event_type_id = et.name AND status = '{S.QUEUED}' AND NOT holds_slot
+      AND queued_at <= now() - {_seconds("et.queue_timeout")}
+    ORDER BY queued_at, id LIMIT %(limit)s
+) AS t
+WHERE et.queue_timeout IS NOT NULL
+"""
+
+ADMIT = "SELECT eventflow_admit(%(types)s::varchar[], '[]', '{}', '{}', '{}', NULL, NULL, %(grace)s)"
 CANCEL = "SELECT * FROM eventflow_cancel_run(%(run_id)s, %(grace)s)"
 ADVANCE = """
 SELECT * FROM eventflow_advance(
-    %(run_id)s, %(version_id)s, %(event_id)s, %(lost)s, %(due)s, %(outcome)s, %(result)s, %(error)s, %(event_result)s,
+    %(run_id)s, %(version_id)s, %(event_id)s, %(lost)s, %(due)s, %(expired)s, %(outcome)s, %(result)s, %(error)s,
+    %(event_result)s,
     %(celery_result)s, %(retry_event)s, %(retry_in)s, %(expect)s, %(steps)s, %(events)s, %(instances)s,
     %(open)s, %(ready_nodes)s::varchar[], %(ready_events)s::uuid[], %(ready_types)s::varchar[], %(types)s::varchar[],
     %(may_end)s, %(grace)s)
@@ -220,105 +303,243 @@ _EVENT_RECORD = (
     "context jsonb, status varchar"
 )
 
-# Admission: the one place a task is handed a slot. For each event type (locked in name order, so
-# concurrent transitions never wait on each other's types): the slots free are its `concurrency` less
-# its count of held slots (`EventType.held`, written only here and by the recount, under that lock),
-# counting the slots the caller gave back (`p_released`); the candidates are the head of its line
-# (QUEUED tasks not holding a slot, read through a partial index in `rules.LINE_ORDER`, so the cost
-# depends neither on the line's length nor on the slots held) and the tasks becoming ready in the
-# caller's transition (`p_ready`, with their new Events and types), which join the line; the first
-# ones take the free slots. Each task is written once: QUEUED, holding a slot or not. The line is read
-# after the lock, in a statement of its own, so it sees the tasks the previous holder of the lock
-# admitted. Answers the admitted tasks, in order: with the Event of each already waiting in the line
-# (to send once the transaction commits), and the Event id of each the caller made ready.
+# A rate window's arithmetic (`rules.rate_used`, `rate_opens`, `rate_record`) on a type's record of
+# dispatches: `p_times` ascending, `p_counts` how many at each.
+RATE_USED_FUNCTION = (
+    "eventflow_rate_used",
+    "p_times timestamptz[], p_counts integer[], p_now timestamptz, p_period interval",
+    "integer",
+    """
+BEGIN
+    RETURN (SELECT coalesce(sum(u.c), 0) FROM unnest(p_times, p_counts) AS u(t, c) WHERE u.t > p_now - p_period);
+END
+""",
+)
+RATE_OPENS_FUNCTION = (
+    "eventflow_rate_opens",
+    "p_times timestamptz[], p_counts integer[], p_at timestamptz, p_count integer, p_period interval",
+    "timestamptz",
+    """
+BEGIN
+    RETURN GREATEST(p_at, (
+        SELECT s.t + p_period FROM (
+            SELECT u.t, sum(u.c) OVER (ORDER BY u.t DESC ROWS UNBOUNDED PRECEDING) AS total
+            FROM unnest(p_times, p_counts) AS u(t, c)
+        ) AS s WHERE s.total >= p_count ORDER BY s.t DESC LIMIT 1));
+END
+""",
+)
+RATE_RECORD_FUNCTION = (
+    "eventflow_rate_record",
+    "p_times timestamptz[], p_counts integer[], p_now timestamptz, p_at timestamptz, p_count integer, "
+    "p_period interval, OUT times timestamptz[], OUT counts integer[]",
+    "record",
+    f"""
+DECLARE
+    v_i integer;
+BEGIN
+    SELECT coalesce(array_agg(u.t ORDER BY u.t), '{{}}'), coalesce(array_agg(u.c ORDER BY u.t), '{{}}')
+    INTO times, counts
+    FROM unnest(p_times, p_counts) AS u(t, c) WHERE u.t > p_now - p_period;
+    IF p_count > 0 THEN
+        SELECT max(u.n) INTO v_i FROM unnest(times) WITH ORDINALITY AS u(t, n)
+        WHERE u.t BETWEEN p_at - p_period / {RATE_RESOLUTION} AND p_at;
+        IF v_i IS NOT NULL THEN
+            times[v_i] := p_at;
+            counts[v_i] := counts[v_i] + p_count;
+        ELSE
+            SELECT array_agg(u.t ORDER BY u.t), array_agg(u.c ORDER BY u.t) INTO times, counts
+            FROM (SELECT * FROM unnest(times, counts) UNION ALL SELECT p_at, p_count) AS u(t, c);
+        END IF;
+    END IF;
+END
+""",
+)
+
+# Admission: the one place a task is handed a slot (`rules.admit`, `rules.free_slots`). For each event
+# type (locked in name order, so concurrent transitions never wait on each other's types; its row read
+# after the lock, in a statement of its own, so it sees what the lock's previous holder wrote):
+# 1. the slots the caller gave back (`p_released`: type, fairness key, count) leave their keys' counts;
+# 2. a retry of this type (`p_retry`, due in `p_retry_in` seconds) is due once its backoff ends and the
+#    rate window has room, and counts in it from then;
+# 3. the tasks becoming ready in the caller's transition (`p_ready`, with their new Events and types)
+#    join the line, and their keys become servable;
+# 4. the free slots (its `concurrency` less its count of held slots, `EventType.held`, and no more than
+#    its rate window's room) go to its keys in turn (`EventTypeKey`, found through a partial index of
+#    the keys that may be served, so the cost depends neither on the number of keys nor on the lines'
+#    lengths), each to the head of its key's line (`task_run_key_line_idx`);
+# 5. a line held back by the rate window alone asks to be woken when the window next has room.
+# Answers, in order: the admitted tasks (with the Event of each already waiting in the line, to send
+# once the transaction commits, and the Event id of each the caller made ready), `{"retry_at"}` for a
+# retry's due time, and `{"wake", "at"}` for a line to admit from again then.
 ADMIT_FUNCTION = (
     "eventflow_admit",
-    "p_types varchar[], p_released integer[], p_ready bigint[], p_ready_events uuid[], p_ready_types varchar[], "
-    "p_grace double precision",
+    "p_types varchar[], p_released jsonb, p_ready bigint[], p_ready_events uuid[], p_ready_types varchar[], "
+    "p_retry bigint, p_retry_in double precision, p_grace double precision",
     "jsonb",
     f"""
 DECLARE
-    v_names varchar[];
-    v_frees integer[];
-    v_i integer;
-    v_name varchar;
-    v_free integer;
+    v_type record;
+    v_clock timestamptz;
+    v_cap integer;
+    v_rate integer;
+    v_period interval;
+    v_times timestamptz[];
+    v_counts integer[];
     v_released integer;
-    v_head bigint[];
+    v_free integer;
+    v_turn bigint;
     v_fresh bigint[];
+    v_key record;
+    v_head record;
+    v_skip varchar[];
     v_ids bigint[];
-    v_taken integer;
-    v_batch jsonb;
+    v_at timestamptz;
+    v_wake timestamptz;
     v_sent jsonb := '[]';
 BEGIN
-    -- A row locked FOR UPDATE is read as the lock's previous holder left it.
-    SELECT array_agg(t.name ORDER BY t.name), array_agg(t.concurrency - t.held ORDER BY t.name)
-    INTO v_names, v_frees
-    FROM (SELECT name, concurrency, held FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name FOR UPDATE) AS t;
-    FOR v_i IN 1 .. coalesce(cardinality(v_names), 0) LOOP
-        v_name := v_names[v_i];
-        v_released := coalesce(p_released[array_position(p_types, v_name)], 0);
-        v_free := v_frees[v_i] + v_released;
-        v_head := ARRAY(
-            SELECT id FROM {TASK}
-            WHERE event_type_id = v_name AND status = '{S.QUEUED}' AND holds_slot = false
-            ORDER BY {_line_order(TASK)} LIMIT GREATEST(v_free, 0) FOR UPDATE SKIP LOCKED);
-        IF cardinality(p_ready) < 2 THEN  -- the common case, without a query
-            v_fresh := CASE WHEN p_ready_types[1] = v_name THEN p_ready ELSE '{{}}' END;
-        ELSE
-            v_fresh := ARRAY(
-                SELECT r.id FROM unnest(p_ready, p_ready_types) AS r(id, t) WHERE r.t = v_name ORDER BY r.id);
+    PERFORM 1 FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name FOR UPDATE;
+    FOR v_type IN SELECT * FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name LOOP
+        v_clock := clock_timestamp();
+        v_cap := v_type.per_key_concurrency;
+        -- Turns are the clock's microseconds, unique within a call: later than any earlier call's.
+        v_turn := (extract(epoch FROM v_clock) * 1000000)::bigint;
+        v_rate := NULL;
+        v_times := v_type.rate_times;
+        v_counts := v_type.rate_counts;
+        IF v_type.rate_limit IS NOT NULL THEN
+            v_rate := split_part(v_type.rate_limit, '/', 1)::integer;
+            v_period := make_interval(secs => CASE split_part(v_type.rate_limit, '/', 2)
+                WHEN 'second' THEN 1 WHEN 'minute' THEN 60 ELSE 3600 END);
         END IF;
-        -- Tasks becoming ready now share their `queued_at`: they come after the line's head, in id
-        -- order, unless the head holds a task that joined it in this very transaction: then the
-        -- line's order decides.
-        IF cardinality(v_head) = 0 OR cardinality(v_fresh) = 0 OR NOT EXISTS (
-            SELECT 1 FROM {TASK} WHERE id = ANY(v_head) AND queued_at >= now()
-        ) THEN
-            v_ids := v_head || v_fresh;
-        ELSE
-            v_ids := ARRAY(
-                SELECT u.id FROM (
-                    SELECT id, queued_at FROM {TASK} WHERE id = ANY(v_head)
-                    UNION ALL
-                    SELECT id, now() FROM unnest(v_fresh) AS id
-                ) AS u ORDER BY {_line_order("u")});
+        -- 1. Slots given back.
+        v_released := 0;
+        IF jsonb_array_length(p_released) > 0 THEN
+            WITH given AS (
+                SELECT r.key, sum(r.n)::integer AS n
+                FROM jsonb_to_recordset(p_released) AS r(type varchar, key varchar, n integer)
+                WHERE r.type = v_type.name GROUP BY r.key
+            ), back AS (
+                UPDATE {KEY} AS k
+                SET held = GREATEST(k.held - g.n, 0),
+                    head_priority = CASE
+                        WHEN v_cap IS NOT NULL AND k.held - g.n >= v_cap THEN NULL
+                        WHEN k.head_priority IS NOT NULL THEN k.head_priority
+                        ELSE {_key_head("v_type.name", "g.key")}
+                    END
+                FROM given AS g WHERE k.event_type_id = v_type.name AND k.key = g.key
+            )
+            SELECT coalesce(sum(g.n), 0) INTO v_released FROM given AS g;
         END IF;
-        IF cardinality(v_ids) = 0 THEN
-            IF v_released > 0 THEN
-                UPDATE {EVENT_TYPE} SET held = GREATEST(held - v_released, 0) WHERE name = v_name;
+        -- 2. A retry of this type.
+        IF p_retry IS NOT NULL AND v_rate IS NOT NULL
+           AND EXISTS (SELECT 1 FROM {TASK} WHERE id = p_retry AND event_type_id = v_type.name) THEN
+            v_at := eventflow_rate_opens(v_times, v_counts, v_clock + {_seconds("p_retry_in")}, v_rate, v_period);
+            SELECT r.times, r.counts INTO v_times, v_counts
+            FROM eventflow_rate_record(v_times, v_counts, v_clock, v_at, 1, v_period) AS r;
+            UPDATE {TASK}
+            SET due_at = v_at, dispatched_at = v_at, lease_expires_at = v_at + {_seconds("p_grace")}
+            WHERE id = p_retry;
+            v_sent := v_sent || jsonb_build_object('retry_at', v_at);
+        END IF;
+        v_free := v_type.concurrency - v_type.held + v_released;
+        IF v_rate IS NOT NULL THEN
+            v_free := LEAST(v_free, v_rate - eventflow_rate_used(v_times, v_counts, v_clock, v_period));
+        END IF;
+        -- 3. Tasks becoming ready join the line.
+        v_fresh := '{{}}';
+        IF v_type.name = ANY(p_ready_types) THEN
+            WITH joined AS (
+                UPDATE {TASK} AS task
+                SET status = '{S.QUEUED}', queued_at = now(), current_event_id = f.event_id, holds_slot = false
+                FROM unnest(p_ready, p_ready_events, p_ready_types) AS f(id, event_id, type)
+                WHERE f.type = v_type.name AND task.id = f.id
+                RETURNING task.id, task.fair_key, task.priority
+            ), keyed AS (
+                INSERT INTO {KEY} AS k (event_type_id, key, held, head_priority, turn)
+                SELECT v_type.name, j.fair_key, 0, max(j.priority), 0 FROM joined AS j GROUP BY j.fair_key
+                ON CONFLICT (event_type_id, key) DO UPDATE
+                SET head_priority = CASE
+                    WHEN v_cap IS NOT NULL AND k.held >= v_cap THEN NULL
+                    ELSE GREATEST(k.head_priority, EXCLUDED.head_priority)
+                END
+            )
+            SELECT array_agg(j.id) INTO v_fresh FROM joined AS j;
+        END IF;
+        -- 4. The free slots, to the keys in turn.
+        v_skip := '{{}}';
+        v_ids := '{{}}';
+        WHILE v_free > 0 LOOP
+            SELECT k.key, k.head_priority, k.held INTO v_key FROM {KEY} AS k
+            WHERE k.event_type_id = v_type.name AND k.head_priority IS NOT NULL AND k.key <> ALL(v_skip)
+            ORDER BY k.head_priority DESC, k.turn, k.key LIMIT 1;
+            EXIT WHEN NOT FOUND;
+            IF v_cap IS NOT NULL AND v_key.held >= v_cap THEN  -- its share was lowered meanwhile
+                UPDATE {KEY} SET head_priority = NULL WHERE event_type_id = v_type.name AND key = v_key.key;
+                CONTINUE;
             END IF;
-            CONTINUE;
+            SELECT t.id, t.priority INTO v_head FROM {TASK} AS t
+            WHERE {_key_line("t", "v_type.name", "v_key.key")}
+            ORDER BY {_line_order("t")} LIMIT 1 FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN
+                IF EXISTS (SELECT 1 FROM {TASK} AS t WHERE {_key_line("t", "v_type.name", "v_key.key")}) THEN
+                    v_skip := v_skip || v_key.key;  -- its head is another transaction's: not this time
+                ELSE
+                    UPDATE {KEY} SET head_priority = NULL WHERE event_type_id = v_type.name AND key = v_key.key;
+                END IF;
+                CONTINUE;
+            END IF;
+            IF v_head.priority < v_key.head_priority THEN  -- its best task left the line meanwhile
+                UPDATE {KEY} SET head_priority = v_head.priority WHERE event_type_id = v_type.name AND key = v_key.key;
+                CONTINUE;
+            END IF;
+            v_turn := v_turn + 1;
+            UPDATE {TASK}
+            SET holds_slot = true, lease_expires_at = now() + {_seconds("p_grace")}, dispatched_at = v_clock
+            WHERE id = v_head.id;
+            UPDATE {KEY} AS k
+            SET held = k.held + 1, turn = v_turn,
+                head_priority = CASE
+                    WHEN v_cap IS NOT NULL AND k.held + 1 >= v_cap THEN NULL
+                    ELSE {_key_head("v_type.name", "v_key.key")}
+                END
+            WHERE k.event_type_id = v_type.name AND k.key = v_key.key;
+            v_ids := v_ids || v_head.id;
+            v_free := v_free - 1;
+        END LOOP;
+        -- 5. What was admitted, the type's counts, and a wake-up for a line the rate holds back.
+        IF cardinality(v_ids) > 0 THEN
+            v_sent := v_sent || (
+                SELECT jsonb_agg(CASE WHEN t.id = ANY(v_fresh)
+                    THEN jsonb_build_object('event_id', t.current_event_id)
+                    ELSE jsonb_build_object(
+                        'node', t.node_key,
+                        'version_id', (SELECT version_id FROM {RUN} WHERE trace_id = t.run_id),
+                        'event', (SELECT to_jsonb(event) FROM {EVENT} AS event
+                                  WHERE event.event_id = t.current_event_id))
+                    END ORDER BY c.n)
+                FROM unnest(v_ids) WITH ORDINALITY AS c(id, n) JOIN {TASK} AS t ON t.id = c.id);
+            IF v_rate IS NOT NULL THEN
+                SELECT r.times, r.counts INTO v_times, v_counts
+                FROM eventflow_rate_record(v_times, v_counts, v_clock, v_clock, cardinality(v_ids), v_period) AS r;
+            END IF;
         END IF;
-        -- Rows are found by id (`= ANY` of an array: index lookups whatever the plan guesses).
-        WITH written AS (
-            UPDATE {TASK} AS task
-            SET status = '{S.QUEUED}',
-                queued_at = CASE WHEN c.id = ANY(v_fresh) THEN now() ELSE task.queued_at END,
-                current_event_id = CASE
-                    WHEN c.id = ANY(v_fresh) THEN p_ready_events[array_position(p_ready, c.id)]
-                    ELSE task.current_event_id
-                END,
-                holds_slot = c.n <= v_free,
-                lease_expires_at = CASE WHEN c.n <= v_free THEN now() + {_seconds("p_grace")} END
-            FROM unnest(v_ids) WITH ORDINALITY AS c(id, n)
-            WHERE task.id = c.id AND task.id = ANY(v_ids) AND (c.id = ANY(v_fresh) OR c.n <= v_free)
-            RETURNING task.id, task.run_id, task.node_key, task.current_event_id, task.holds_slot, c.n
-        ), counted AS (
+        v_wake := CASE WHEN v_type.rate_wake_at > v_clock THEN v_type.rate_wake_at END;
+        IF v_rate IS NOT NULL AND eventflow_rate_used(v_times, v_counts, v_clock, v_period) >= v_rate
+           AND v_type.held - v_released + cardinality(v_ids) < v_type.concurrency
+           AND EXISTS (SELECT 1 FROM {KEY} WHERE event_type_id = v_type.name AND head_priority IS NOT NULL) THEN
+            v_at := eventflow_rate_opens(v_times, v_counts, v_clock, v_rate, v_period);
+            IF v_wake IS NULL OR v_wake > v_at THEN
+                v_wake := v_at;
+                v_sent := v_sent || jsonb_build_object('wake', v_type.name, 'at', v_at);
+            END IF;
+        END IF;
+        IF cardinality(v_ids) <> v_released OR v_rate IS NOT NULL OR v_wake IS DISTINCT FROM v_type.rate_wake_at THEN
             UPDATE {EVENT_TYPE}
-            SET held = GREATEST(held - v_released + (SELECT count(*) FROM written WHERE holds_slot), 0)
-            WHERE name = v_name AND (SELECT count(*) FROM written WHERE holds_slot) <> v_released
-        )
-        SELECT count(*), coalesce(jsonb_agg(CASE WHEN w.id = ANY(v_fresh)
-            THEN jsonb_build_object('event_id', w.current_event_id)
-            ELSE jsonb_build_object(
-                'node', w.node_key,
-                'version_id', (SELECT version_id FROM {RUN} WHERE trace_id = w.run_id),
-                'event', (SELECT to_jsonb(event) FROM {EVENT} AS event WHERE event.event_id = w.current_event_id))
-            END ORDER BY w.n), '[]')
-        INTO v_taken, v_batch
-        FROM written AS w WHERE w.holds_slot;
-        v_sent := v_sent || v_batch;
+            SET held = GREATEST(held - v_released + cardinality(v_ids), 0),
+                rate_times = v_times, rate_counts = v_counts, rate_wake_at = v_wake
+            WHERE name = v_type.name;
+        END IF;
     END LOOP;
     RETURN v_sent;
 END
@@ -364,7 +585,8 @@ END
 # the run's lock, in a statement of their own: they see what the lock's previous holder wrote.
 ADVANCE_FUNCTION = (
     "eventflow_advance",
-    "p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_due boolean, p_outcome varchar, p_result jsonb, "
+    "p_run uuid, p_version bigint, p_event uuid, p_lost boolean, p_due boolean, p_expired boolean, p_outcome varchar, "
+    "p_result jsonb, "
     "p_error text, p_event_result jsonb, p_celery_result jsonb, p_retry_event uuid, "
     "p_retry_in double precision, p_expect jsonb, p_steps jsonb, p_events jsonb, p_instances jsonb, p_open varchar, "
     "p_ready_nodes varchar[], p_ready_events uuid[], p_ready_types varchar[], p_types varchar[], p_may_end boolean, "
@@ -375,19 +597,24 @@ ADVANCE_FUNCTION = (
 DECLARE
     v_version bigint;
     v_created timestamptz;
+    v_priority smallint;
     v_wait record;
     v_task bigint;
     v_holds boolean;
     v_type varchar;
+    v_key varchar;
     v_agrees boolean;
     v_ready bigint[];
-    v_released integer[];
+    v_ready_events uuid[];
+    v_ready_types varchar[];
+    v_released jsonb := '[]';
     v_retry boolean := p_outcome = '{S.RETRY}';
 BEGIN
     clock := now();
     sent := '[]';
     waiting := '[]';
-    SELECT version_id, created_at INTO v_version, v_created FROM {RUN} WHERE trace_id = p_run FOR UPDATE;
+    SELECT version_id, created_at, priority INTO v_version, v_created, v_priority
+    FROM {RUN} WHERE trace_id = p_run FOR UPDATE;
     IF NOT FOUND THEN
         code := {GONE};
         RETURN;
@@ -398,9 +625,9 @@ BEGIN
     END IF;
     -- The nodes the plan read or writes (its ready nodes among them, expected WAITING), each in one
     -- lookup: whether each still has the status read, and the ready ones' rows.
-    SELECT attempt.id, attempt.holds_slot, attempt.event_type_id,
+    SELECT attempt.id, attempt.holds_slot, attempt.event_type_id, attempt.fair_key,
         expected.agreeing = jsonb_array_length(p_expect), coalesce(expected.ready, '{{}}')
-    INTO v_task, v_holds, v_type, v_agrees, v_ready
+    INTO v_task, v_holds, v_type, v_key, v_agrees, v_ready
     FROM (
         SELECT count(*) FILTER (WHERE task.status = e.status) AS agreeing,
             array_agg(task.id ORDER BY array_position(p_ready_nodes, e.node))
@@ -410,7 +637,9 @@ BEGIN
     ) AS expected LEFT JOIN {TASK} AS attempt
         ON attempt.run_id = p_run AND attempt.current_event_id = p_event AND attempt.status IN ({_in(RESOLVABLE)})
         AND (NOT p_lost OR (attempt.status = '{S.STARTED}' AND attempt.lease_expires_at < now()))
-        AND (NOT p_due OR (attempt.status = '{S.DEFERRED}' AND attempt.due_at <= now()));
+        AND (NOT p_due OR (attempt.status = '{S.DEFERRED}' AND attempt.due_at <= now()))
+        AND (NOT p_expired OR (attempt.status = '{S.QUEUED}' AND NOT attempt.holds_slot AND attempt.queued_at <= now()
+            - {_seconds(f"(SELECT queue_timeout FROM {EVENT_TYPE} WHERE name = attempt.event_type_id)")}));
     IF p_event IS NOT NULL AND v_task IS NULL THEN
         code := {NOT_CURRENT};
         RETURN;
@@ -451,7 +680,8 @@ BEGIN
             holds_slot = v_retry AND holds_slot,
             current_event_id = CASE WHEN v_retry THEN p_retry_event ELSE current_event_id END,
             due_at = CASE WHEN v_retry THEN now() + {_seconds("p_retry_in")} END,
-            lease_expires_at = CASE WHEN v_retry THEN now() + {_seconds("p_retry_in + p_grace")} END
+            lease_expires_at = CASE WHEN v_retry THEN now() + {_seconds("p_retry_in + p_grace")} END,
+            dispatched_at = CASE WHEN v_retry THEN now() + {_seconds("p_retry_in")} ELSE dispatched_at END
         WHERE id = v_task
     ), celery_result AS (
         INSERT INTO {CELERY_RESULT} ({", ".join(CELERY_RESULT_COLUMNS)})
@@ -459,17 +689,6 @@ BEGIN
             NULL::{CELERY_RESULT}, p_celery_result || jsonb_build_object('date_created', now(), 'date_done', now()))
         WHERE p_celery_result IS NOT NULL AND NOT v_retry
         ON CONFLICT (task_id) DO UPDATE SET {_CELERY_RESULT_REPLACED}
-    ), instances AS (
-        INSERT INTO {TASK} AS task
-            (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker,
-             queued_at, current_event_id)
-        SELECT p_run, i.node, i.map_index, i.event_type, i.task_name, '{S.QUEUED}', 0, false, '', '', now(), i.event_id
-        FROM jsonb_to_recordset(p_instances)
-            AS i(node varchar, map_index integer, event_type varchar, task_name varchar, event_id uuid)
-        ON CONFLICT (run_id, node_key, map_index) DO UPDATE
-        SET status = '{S.QUEUED}', attempts = 0, holds_slot = false, error = '', worker = '', queued_at = now(),
-            current_event_id = EXCLUDED.current_event_id, result = NULL, started_at = NULL, finished_at = NULL,
-            lease_expires_at = NULL, due_at = NULL
     ), trimmed AS (
         DELETE FROM {TASK} AS task USING jsonb_to_recordset(p_steps) AS s(node varchar, keep integer)
         WHERE s.keep IS NOT NULL AND task.run_id = p_run AND task.node_key = s.node AND task.map_index >= s.keep
@@ -487,6 +706,34 @@ BEGIN
         node varchar, status varchar, result jsonb, error text, event_id uuid, due_in double precision,
         wait_type varchar, wait_key varchar)
     WHERE task.run_id = p_run AND task.node_key = s.node AND task.map_index IS NULL AND s.status <> '{S.QUEUED}';
+    -- Instances, new or started again, WAITING with their Events: admission makes them QUEUED with the
+    -- other tasks becoming ready. Each takes its node row's fairness key.
+    IF jsonb_array_length(p_instances) > 0 THEN
+        WITH instances AS (
+            INSERT INTO {TASK} AS task
+                (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker,
+                 current_event_id, priority, run_created_at, fair_key)
+            SELECT p_run, i.node, i.map_index, i.event_type, i.task_name, '{S.WAITING}', 0, false, '', '', i.event_id,
+                v_priority, v_created, coalesce((
+                    SELECT n.fair_key FROM {TASK} AS n
+                    WHERE n.run_id = p_run AND n.node_key = i.node AND n.map_index IS NULL
+                ), '')
+            FROM jsonb_to_recordset(p_instances)
+                AS i(node varchar, map_index integer, event_type varchar, task_name varchar, event_id uuid)
+            ON CONFLICT (run_id, node_key, map_index) DO UPDATE
+            SET status = '{S.WAITING}', attempts = 0, holds_slot = false, error = '', worker = '', queued_at = NULL,
+                current_event_id = EXCLUDED.current_event_id, result = NULL, started_at = NULL, finished_at = NULL,
+                lease_expires_at = NULL, due_at = NULL, dispatched_at = NULL
+            RETURNING task.id, task.current_event_id, task.event_type_id, task.map_index, task.node_key
+        )
+        SELECT v_ready || array_agg(id ORDER BY node_key, map_index),
+            p_ready_events || array_agg(current_event_id ORDER BY node_key, map_index),
+            p_ready_types || array_agg(event_type_id ORDER BY node_key, map_index)
+        INTO v_ready, v_ready_events, v_ready_types FROM instances;
+    ELSE
+        v_ready_events := p_ready_events;
+        v_ready_types := p_ready_types;
+    END IF;
     -- A wait_event reached now: under its type and key's lock (which a publisher of such an event takes
     -- too), the events of that type and key published since the run started, so none is missed.
     FOR v_wait IN
@@ -505,11 +752,11 @@ BEGIN
                   ORDER BY timestamp, event_id LIMIT {WAIT_CANDIDATES}) AS e));
     END LOOP;
     IF cardinality(p_types) > 0 THEN
-        v_released := array_fill(0, ARRAY[cardinality(p_types)]);
-        IF v_holds AND NOT v_retry AND v_type = ANY(p_types) THEN
-            v_released[array_position(p_types, v_type)] := 1;
+        IF v_holds AND NOT v_retry THEN
+            v_released := jsonb_build_array(jsonb_build_object('type', v_type, 'key', v_key, 'n', 1));
         END IF;
-        sent := eventflow_admit(p_types, v_released, v_ready, p_ready_events, p_ready_types, p_grace);
+        sent := eventflow_admit(p_types, v_released, v_ready, v_ready_events, v_ready_types,
+            CASE WHEN v_retry THEN v_task END, p_retry_in, p_grace);
     END IF;
     IF p_may_end THEN
         run_status := eventflow_end_run(p_run);
@@ -537,12 +784,14 @@ BEGIN
     SELECT {columns(WorkflowRun)}
     FROM jsonb_populate_record(NULL::{RUN}, p_run || jsonb_build_object('created_at', now()));
     INSERT INTO {TASK}
-        (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker)
-    SELECT v_run, t.node_key, NULL, t.event_type, t.task_name, '{S.WAITING}', 0, false, '', ''
-    FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar);
+        (run_id, node_key, map_index, event_type_id, task_name, status, attempts, holds_slot, error, worker,
+         priority, run_created_at, fair_key)
+    SELECT v_run, t.node_key, NULL, t.event_type, t.task_name, '{S.WAITING}', 0, false, '', '',
+        coalesce((p_run ->> 'priority')::smallint, 5), now(), coalesce(t.fair_key, '')
+    FROM jsonb_to_recordset(p_tasks) AS t(node_key varchar, event_type varchar, task_name varchar, fair_key varchar);
     SELECT a.code, a.clock, a.sent, a.run_status, a.waiting INTO v_code, clock, sent, run_status, waiting
     FROM eventflow_advance(
-        v_run, NULL, NULL, false, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events,
+        v_run, NULL, NULL, false, false, false, NULL, NULL, NULL, NULL, NULL, NULL, NULL, p_expect, p_steps, p_events,
         p_instances, NULL, p_ready_nodes, p_ready_events, p_ready_types, p_types, p_may_end, p_grace) AS a;
 END
 """,
@@ -558,7 +807,7 @@ CANCEL_FUNCTION = (
     f"""
 DECLARE
     v_types varchar[];
-    v_released integer[];
+    v_released jsonb;
 BEGIN
     sent := '[]';
     revoked := '{{}}';
@@ -567,7 +816,7 @@ BEGIN
         RETURN;
     END IF;
     WITH open AS (
-        SELECT id, event_type_id, current_event_id, holds_slot FROM {TASK}
+        SELECT id, event_type_id, fair_key, current_event_id, holds_slot FROM {TASK}
         WHERE run_id = p_run AND status NOT IN ({_in(FINAL)}) FOR UPDATE
     ), ended AS (
         UPDATE {TASK}
@@ -577,24 +826,33 @@ BEGIN
         UPDATE {EVENT} SET status = '{Event.Status.REVOKED}'
         WHERE event_id IN (SELECT current_event_id FROM open)
           AND status NOT IN ('{Event.Status.SUCCESS}', '{Event.Status.FAILURE}')
-    ), per_type AS (
-        SELECT event_type_id AS name, count(*) FILTER (WHERE holds_slot)::integer AS freed
-        FROM open WHERE event_type_id IS NOT NULL GROUP BY event_type_id
+    ), freed AS (
+        SELECT event_type_id AS type, fair_key AS key, count(*)::integer AS n
+        FROM open WHERE holds_slot AND event_type_id IS NOT NULL GROUP BY event_type_id, fair_key
     )
     SELECT (SELECT coalesce(array_agg(current_event_id), '{{}}') FROM open WHERE current_event_id IS NOT NULL),
-           (SELECT array_agg(name ORDER BY name) FROM per_type),
-           (SELECT array_agg(freed ORDER BY name) FROM per_type)
+           (SELECT array_agg(DISTINCT type ORDER BY type) FROM freed),
+           (SELECT coalesce(jsonb_agg(to_jsonb(freed)), '[]') FROM freed)
     INTO revoked, v_types, v_released;
     UPDATE {RUN} SET status = '{R.CANCELED}', finished_at = now() WHERE trace_id = p_run;
     run_status := '{R.CANCELED}';
     IF v_types IS NOT NULL THEN
-        sent := eventflow_admit(v_types, v_released, '{{}}', '{{}}', '{{}}', p_grace);
+        sent := eventflow_admit(v_types, v_released, '{{}}', '{{}}', '{{}}', NULL, NULL, p_grace);
     END IF;
 END
 """,
 )
 
-FUNCTIONS = (ADMIT_FUNCTION, END_RUN_FUNCTION, ADVANCE_FUNCTION, START_RUN_FUNCTION, CANCEL_FUNCTION)
+FUNCTIONS = (
+    RATE_USED_FUNCTION,
+    RATE_OPENS_FUNCTION,
+    RATE_RECORD_FUNCTION,
+    ADMIT_FUNCTION,
+    END_RUN_FUNCTION,
+    ADVANCE_FUNCTION,
+    START_RUN_FUNCTION,
+    CANCEL_FUNCTION,
+)
 
 
 # PL/pgSQL plans each statement of a function anew at every call while it finds a custom plan cheaper

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models.functions import Now
 
-from events_app.models import Event
+from events_app.models import Event, EventType
 
 from .. import pgsql
 from ..models import TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
-from . import kinds, rules, sql
+from . import expressions, kinds, rules, sql
 from .events import next_attempt_event
 from .graph import Graph, graph_for_version, version_id_named
 from .outbox import Outbox
@@ -98,6 +99,15 @@ def run_payload_check(payload: Any) -> dict:
     return json.loads(text)
 
 
+def run_priority_check(priority: Any) -> int:
+    """A run's priority: an integer from 0 to 9 (None: 5), or an EngineError naming the field."""
+    if priority is None:
+        return 5
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
+        raise EngineError(f"priority must be an integer from 0 to 9, not {priority!r}")
+    return priority
+
+
 def _plan_params(plan: Plan) -> dict[str, Any]:
     """A plan as `eventflow_advance` and `eventflow_start_run` take it."""
     steps = [
@@ -142,16 +152,57 @@ def _plan_params(plan: Plan) -> dict[str, Any]:
 
 def _send(
     sent: Any, clock: Any, *, plan: Plan | None = None, version_id: int | None = None, revokes: Iterable[str] = ()
-) -> None:
-    """Send after commit what admission answered; the Events the `plan` composed are not read back."""
+) -> Any:
+    """Send after commit what admission answered, and schedule the wake-ups it asked for; the Events
+    the `plan` composed are not read back. Answers a retry's due time if admission set one."""
     known = {event["event_id"]: event for event in plan.events} if plan else {}
     outbox = Outbox()
-    outbox.add_sent(pgsql.loads(sent), clock, known=known, version_id=version_id)
+    retry_at = None
+    tasks = []
+    for item in pgsql.loads(sent):
+        if "wake" in item:
+            outbox.add_wake(item["wake"], _timestamp(item["at"]))
+        elif "retry_at" in item:
+            retry_at = _timestamp(item["retry_at"])
+        else:
+            tasks.append(item)
+    outbox.add_sent(tasks, clock, known=known, version_id=version_id)
     outbox.revokes.extend(str(e) for e in revokes)
     outbox.flush_on_commit()
+    return retry_at
+
+
+def _timestamp(value: str) -> datetime:
+    """A timestamp as PostgreSQL's JSON gives it."""
+    return datetime.fromisoformat(value)
 
 
 # --------------------------------------------------------------------------- starting a run
+
+# How long a process keeps an event type's `fairness_key` before reading it again: a change made
+# elsewhere applies to runs started from then on, within this many seconds.
+FAIRNESS_KEY_TTL = 2.0
+_fairness_keys: dict[str, tuple[float, str | None]] = {}
+
+
+def _fairness_sources(names: Iterable[str]) -> dict[str, str | None]:
+    names = set(names)
+    now = time.monotonic()
+    stale = [n for n in names if n not in _fairness_keys or now - _fairness_keys[n][0] > FAIRNESS_KEY_TTL]
+    if stale:
+        found = dict(EventType.objects.filter(name__in=stale).values_list("name", "fairness_key"))
+        _fairness_keys.update((n, (now, found.get(n))) for n in stale)
+    return {n: _fairness_keys[n][1] for n in names}
+
+
+def _fair_keys(graph: Graph, payload: Mapping[str, Any]) -> dict[str, str]:
+    """Each node's fairness key: its event type's `fairness_key` on the run's payload."""
+    queues = {key: kinds.queue_of(n.kind, n.event_type) for key, n in graph.nodes.items()}
+    sources = _fairness_sources(q for q in queues.values() if q)
+    values = {
+        q: rules.fairness_key_of(expressions.fairness_value(src, payload=payload)) for q, src in sources.items() if src
+    }
+    return {key: values.get(q, "") for key, q in queues.items()}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -186,14 +237,17 @@ def workflow_run_start(
     user: Any = None,
     source: str = "api",
     trigger_event: Event | None = None,
+    priority: int | None = None,
 ) -> tuple[WorkflowRun, bool]:
     """Start a run on the workflow's current version; returns (run, created).
 
     With an idempotency key already used for this workflow, returns that run and starts nothing.
     `trigger_event` is the published event that started it, listed first among the run's events.
+    `priority` (0 to 9, default 5) orders its tasks before those of lower ones in every line.
     The run, its tasks, its first steps and their admission are one call of `eventflow_start_run`.
     """
     payload = run_payload_check(payload)
+    priority = run_priority_check(priority)
     if not workflow.is_active:
         raise EngineError(f"workflow '{workflow.name}' is inactive", status=409)
     if existing := _existing_run(workflow, idempotency_key):
@@ -209,13 +263,16 @@ def workflow_run_start(
         created_by=user if getattr(user, "is_authenticated", False) else None,
         source=source,
         trigger_event=trigger_event,
+        priority=priority,
     )
     plan = rules.plan_start(_context(str(run.trace_id), payload, graph))
+    keys = _fair_keys(graph, payload)
     tasks = [
         {
             "node_key": n.key,
             "event_type": kinds.queue_of(n.kind, n.event_type),
             "task_name": n.task,
+            "fair_key": keys[n.key],
         }
         for n in graph.nodes.values()
     ]
@@ -364,13 +421,15 @@ def _finish(
     error: str = "",
     lost: bool = False,
     due: bool = False,
+    expired: tuple[int, str] | None = None,
     celery_result: Mapping[str, Any] | None = None,
     event: Mapping[str, Any] | None = None,
     run_payload: Mapping[str, Any] | None = None,
 ) -> tuple[bool, bool]:
     """`task_run_finish`, answering (whether it was recorded, whether Celery's result was stored).
     `due`: a waiting node's wait ended (the database confirms it), and its kind says what that makes
-    of it."""
+    of it. `expired`: a QUEUED task waited past its type's `queue_timeout` (seconds, type), which the
+    database confirms."""
     if succeeded:
         try:
             result = _json_safe(result)
@@ -407,6 +466,8 @@ def _finish(
         node = graph.nodes[node_key]
         if due:
             outcome = kinds.kind_of(node.kind).due(node)
+        elif expired:
+            outcome = rules.queue_timeout_outcome(waited=expired[0], event_type=expired[1])
         else:
             outcome = rules.attempt_outcome(node, attempt=attempt, succeeded=succeeded, result=result, error=error)
         plan = rules.plan_finish(
@@ -416,6 +477,8 @@ def _finish(
             needs = plan
             continue
         retry = next_attempt_event(event) if outcome.status == S.RETRY else None
+        if retry and retry["event_type"] not in plan.types:  # its due time may wait for its rate window
+            plan.types = sorted([*plan.types, retry["event_type"]])
         code, clock, sent, _, waiting = _advance(
             trace_id,
             version_id,
@@ -425,12 +488,13 @@ def _finish(
             retry_event=retry,
             lost=lost,
             due=due,
+            expired=expired is not None,
             celery_result=celery_result,
         )
         if code == sql.APPLIED:
-            _send(sent, clock, plan=plan, version_id=version_id)
+            retry_at = _send(sent, clock, plan=plan, version_id=version_id)
             if retry:
-                eta = clock + timedelta(seconds=outcome.retry_in)
+                eta = retry_at or clock + timedelta(seconds=outcome.retry_in)
                 _send_retry({**retry, "timestamp": clock}, eta, version_id=version_id, node=node_key)
             _resume_reached(trace_id, version_id, waiting)
             return True, celery_result is not None and outcome.status == S.SUCCESS
@@ -463,6 +527,7 @@ def _advance(
     retry_event: dict | None = None,
     lost: bool = False,
     due: bool = False,
+    expired: bool = False,
     celery_result: Mapping[str, Any] | None = None,
 ) -> tuple[int, Any, list[dict], str | None, Any]:
     """Have `eventflow_advance` carry `plan` out, ending the attempt `event_id` with `outcome` if given;
@@ -478,6 +543,7 @@ def _advance(
         event_id=event_id,
         lost=lost,
         due=due,
+        expired=expired,
         outcome=outcome.status if outcome else None,
         result=_jsonb(outcome.result) if succeeded else None,
         error=outcome.error if outcome else None,
@@ -543,8 +609,13 @@ def task_runs_reconcile(*, limit: int = 200) -> int:
     ended = pgsql.fetch_all(sql.DUE, {"limit": limit})
     for trace_id, event_id in ended:
         _finish(trace_id=str(trace_id), event_id=str(event_id), due=True)
+    expired = pgsql.fetch_all(sql.EXPIRED, {"limit": limit})
+    for trace_id, event_id, name, timeout in expired:
+        _finish(trace_id=str(trace_id), event_id=str(event_id), expired=(timeout, name))
+    for (name,) in pgsql.fetch_all(sql.RATE_OVERDUE, {}):
+        event_type_admit(name=name)
     event_types_recount()
-    return len(overdue) + len(ended)
+    return len(overdue) + len(ended) + len(expired)
 
 
 def task_runs_redispatch(*, ids: list[int]) -> None:
@@ -579,6 +650,14 @@ def event_types_recount() -> None:
                 "event type %s counted %d slots held, its tasks hold %d: recounted", name, before[0], recounted[0]
             )
             _admit([name])
+    for (name,) in pgsql.fetch_all(sql.KEYS_DRIFTED, {}):
+        with transaction.atomic():
+            if pgsql.fetch_one(sql.LOCK_TYPE, {"name": name}) is None:
+                continue
+            (fixed,) = pgsql.fetch_one(sql.RECOUNT_KEYS, {"name": name})
+            if fixed:
+                logger.warning("event type %s: %d fairness key(s) recounted from its tasks", name, fixed)
+            _admit([name])
 
 
 # --------------------------------------------------------------------------- runs and types
@@ -586,7 +665,7 @@ def event_types_recount() -> None:
 
 def _admit(names: Iterable[str]) -> None:
     types = sorted(set(names))
-    params = {"types": types, "released": [0] * len(types), "grace": _config("DISPATCH_GRACE_SECONDS")}
+    params = {"types": types, "grace": _config("DISPATCH_GRACE_SECONDS")}
     (sent,) = pgsql.fetch_one(sql.ADMIT, params)
     _send(sent, None)
 
@@ -643,17 +722,80 @@ def event_type_admit(*, name: str) -> None:
         _admit([name])
 
 
+# An event type's settings that change how its line is admitted from, live.
+ADMISSION_FIELDS = ("concurrency", "rate_limit", "fairness_key", "per_key_concurrency", "queue_timeout")
+
+
+# The most each whole-number setting may be.
+ADMISSION_MAXIMUM = {"concurrency": 100_000, "per_key_concurrency": 100_000, "queue_timeout": 30 * 86_400}
+
+
+def _whole(value: Any, *, most: int, nullable: bool) -> str | None:
+    if value is None and nullable:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        return f"must be an integer from 1 to {most}" + (", or null" if nullable else "")
+    return None
+
+
+def event_type_settings_check(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """An event type's admission settings as given (any of `ADMISSION_FIELDS`): the values to store,
+    and what is wrong with each field that is wrong. The one check for the API, the admin and imports."""
+    clean: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in ADMISSION_FIELDS:
+        if name not in data:
+            continue
+        value = data[name]
+        if name in ADMISSION_MAXIMUM:
+            error = _whole(value, most=ADMISSION_MAXIMUM[name], nullable=name != "concurrency")
+        elif name == "rate_limit":
+            value = None if value in (None, "") else value
+            try:
+                rate = rules.rate_parse(value)
+                value, error = (rate.text if rate else None), None
+            except ValueError as exc:
+                error = str(exc)
+        else:  # fairness_key
+            value = None if value in (None, "") else value
+            problems = (
+                expressions.check(value, names=expressions.FAIRNESS_NAMES, upstream=(), expect=None)
+                if value is not None
+                else []
+            )
+            error = "; ".join(problems) or None
+        if error:
+            errors[name] = error
+        else:
+            clean[name] = value
+    return clean, errors
+
+
+@_retry_on_conflict
+def event_type_update(*, name: str, **settings_: Any) -> Any:
+    """Change a type's admission settings live, all or none: a raised limit admits waiting tasks at
+    once; a lowered one lets running tasks end. An EngineError names each field that is wrong."""
+    clean, errors = event_type_settings_check(settings_)
+    unknown = sorted(set(settings_) - set(ADMISSION_FIELDS))
+    if unknown:
+        errors.update({field_name: "is not an admission setting" for field_name in unknown})
+    if errors:
+        raise EngineError("; ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
+    with transaction.atomic():
+        if pgsql.fetch_one(sql.LOCK_TYPE, {"name": name}) is None:
+            raise EngineError(f"event type '{name}' does not exist", status=404)
+        EventType.objects.filter(name=name).update(**clean, updated_at=Now())
+        if "per_key_concurrency" in clean:
+            pgsql.execute(sql.RESHARE_KEYS, {"name": name})
+        _admit([name])
+    _fairness_keys.pop(name, None)
+    return EventType.objects.get(name=name)
+
+
 def event_type_set_concurrency(*, name: str, concurrency: int) -> Any:
     """Change a type's limit live: raising it dispatches waiting tasks at once; lowering lets running
     ones end."""
-    from events_app.models import EventType
-
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise EngineError("concurrency must be an integer >= 1")
-    with transaction.atomic():
-        EventType.objects.filter(name=name).update(concurrency=concurrency)
-        event_type_admit(name=name)
-    return EventType.objects.get(name=name)
+    return event_type_update(name=name, concurrency=concurrency)
 
 
 # --------------------------------------------------------------------------- nodes that wait
