@@ -16,12 +16,59 @@ from workflows_app import engine, selectors
 from .models import Event, EventType
 
 
+class EventTypeForm(forms.ModelForm):
+    """The admission settings checked as the API and imports check them (`engine.event_type_settings_check`)."""
+
+    class Meta:
+        model = EventType
+        fields = (
+            "name",
+            "concurrency",
+            "rate_limit",
+            "fairness_key",
+            "per_key_concurrency",
+            "queue_timeout",
+            "description",
+        )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        given = {name: data.get(name) for name in engine.ADMISSION_FIELDS if name in self.fields and name in data}
+        clean, errors = engine.event_type_settings_check(given)
+        for name, error in errors.items():
+            self.add_error(name, error)
+        data.update(clean)
+        return data
+
+
 @admin.register(EventType)
 class EventTypeAdmin(admin.ModelAdmin):
-    list_display = ("name", "concurrency", "running", "queued", "description", "updated_at")
-    list_editable = ("concurrency",)
+    form = EventTypeForm
+    list_display = (
+        "name",
+        "concurrency",
+        "rate_limit",
+        "per_key_concurrency",
+        "queue_timeout",
+        "running",
+        "queued",
+        "updated_at",
+    )
+    list_editable = ("concurrency", "rate_limit", "per_key_concurrency", "queue_timeout")
     search_fields = ("name", "description")
-    fields = ("name", "concurrency", "running", "queued", "description", "created_at", "updated_at")
+    fields = (
+        "name",
+        "concurrency",
+        "rate_limit",
+        "fairness_key",
+        "per_key_concurrency",
+        "queue_timeout",
+        "running",
+        "queued",
+        "description",
+        "created_at",
+        "updated_at",
+    )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[EventType]:
         # The same counts as the API and the queues page, read from the partial indexes only.
@@ -46,11 +93,12 @@ class EventTypeAdmin(admin.ModelAdmin):
             return
         # Only what the form changed is written: the row's count of held slots is admission's, kept
         # under the row's lock, and the copy this form was built from may be behind it by now.
-        obj.save(update_fields=[*(name for name in form.changed_data if name != "concurrency"), "updated_at"])
-        if "concurrency" in form.changed_data:
-            # As PATCH /api/event-types/{name}/ does: raising the limit hands waiting tasks to Celery
-            # now, in the admin's transaction, and the messages leave on its commit.
-            engine.event_type_set_concurrency(name=obj.name, concurrency=obj.concurrency)
+        admission = [name for name in form.changed_data if name in engine.ADMISSION_FIELDS]
+        obj.save(update_fields=[*(name for name in form.changed_data if name not in admission), "updated_at"])
+        if admission:
+            # As PATCH /api/event-types/{name}/ does: a raised limit hands waiting tasks to Celery now,
+            # in the admin's transaction, and the messages leave on its commit.
+            engine.event_type_update(name=obj.name, **{name: getattr(obj, name) for name in admission})
 
 
 def _run_page(trace_id: Any) -> str:

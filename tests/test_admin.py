@@ -559,15 +559,15 @@ def test_changing_concurrency_in_the_list_admits_waiting_tasks(admin_client):
 
 @pytest.fixture
 def limit_changes(monkeypatch) -> list[dict]:
-    """The calls of engine.event_type_set_concurrency, which still does its work."""
+    """The calls of engine.event_type_update, which still does its work."""
     calls: list[dict] = []
-    original = engine.event_type_set_concurrency
+    original = engine.event_type_update
 
     def recorded(**kwargs: Any) -> EventType:
         calls.append(kwargs)
         return original(**kwargs)
 
-    monkeypatch.setattr(engine, "event_type_set_concurrency", recorded)
+    monkeypatch.setattr(engine, "event_type_update", recorded)
     return calls
 
 

@@ -111,6 +111,7 @@ def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
         "status",
         "attempts",
         "queued_at",
+        "dispatched_at",
         "started_at",
         "finished_at",
         "result",
@@ -119,6 +120,7 @@ def test_run_detail_lists_every_node_with_iso_times(api, pipeline):
         "result_url",
     }
     assert intake["queued_at"].endswith("Z") and intake["started_at"] is None
+    assert intake["dispatched_at"].endswith("Z")
     assert {t["map_index"] for t in body["tasks"]} == {None}
     # The latest attempt's event id is its Celery task id; result_url is where its stored result is read.
     assert intake["event_id"] == str(
@@ -182,16 +184,23 @@ def test_event_types_show_counts_and_take_a_new_limit(api, pipeline):
     assert types["product_src"] == {
         "name": "product_src",
         "concurrency": 5,
+        "rate_limit": None,
+        "fairness_key": None,
+        "per_key_concurrency": None,
+        "queue_timeout": None,
         "description": "",
         "running": 1,
         "queued": 0,
         "oldest_queued_at": None,
         "oldest_wait_seconds": None,
+        "rate_window": None,
+        "next": [],
     }
     EventType.objects.filter(name="product_src").update(concurrency=1)
     api.post("/api/workflows/product_pipeline/runs/", {}, format="json")
     waiting = api.get("/api/event-types/product_src/").json()
     assert (waiting["running"], waiting["queued"]) == (1, 1)
+    assert [(t["place"], t["reason"]) for t in waiting["next"]] == [(1, "concurrency")]
     assert waiting["oldest_queued_at"].endswith("Z") and waiting["oldest_wait_seconds"] >= 0
     response = api.patch("/api/event-types/product_image/", {"concurrency": 7}, format="json")
     assert response.status_code == 200 and response.json()["concurrency"] == 7

@@ -42,6 +42,9 @@ def check(case, app, token: str) -> None:
         # A definition that fits the schema can still be refused with a 400 naming the problem: an
         # unregistered task, an edge to a missing node, a cycle. No schema can say which tasks exist.
         excluded.append(positive_data_acceptance)
+    if case.path.startswith("/api/event-types/") and case.method == "PATCH":
+        # Likewise a fairness_key: a string the schema takes may not be a CEL expression that compiles.
+        excluded.append(positive_data_acceptance)
     case.call_and_validate(app=app, headers={"Authorization": f"Token {token}"}, excluded_checks=excluded)
 
 

@@ -11,7 +11,7 @@ from django.db import IntegrityError, transaction
 
 from events_app.models import EVENT_TYPE_NAME, EventType
 
-from .engine import event_type_set_concurrency, expressions, kinds
+from .engine import ADMISSION_FIELDS, event_type_settings_check, event_type_update, expressions, kinds
 from .engine.graph import COMMON_FIELDS, NODE_DEFAULTS, edge_parts, edge_spec
 from .models import NODE_KEY, Edge, Node, TriggerRule, WorkflowDefinition, WorkflowVersion
 
@@ -203,10 +203,13 @@ def definition_validate(data: Any, *, known_tasks: set[str] | None = None) -> di
     for et_name, et in event_types.items():
         if not EVENT_TYPE_RE.match(str(et_name)):
             errors.append(f"event type '{et_name}': name must use letters, digits, '.', '_' or '-'")
-        if not isinstance(et, dict) or set(et) - {"concurrency", "description"}:
-            errors.append(f"event type '{et_name}': must be an object with concurrency (and description)")
-        elif "concurrency" in et and (not _is_int(et["concurrency"]) or et["concurrency"] < 1):
-            errors.append(f"event type '{et_name}': concurrency must be an integer >= 1")
+        if not isinstance(et, dict) or set(et) - {*ADMISSION_FIELDS, "description"}:
+            fields = ", ".join(ADMISSION_FIELDS)
+            errors.append(f"event type '{et_name}': must be an object with any of {fields} and description")
+        else:
+            # The one check of these settings, as the API and the admin make it.
+            _, wrong = event_type_settings_check(et)
+            errors.extend(f"event type '{et_name}': {field} {error}" for field, error in sorted(wrong.items()))
     is_active = data.get("is_active", True)
     if not isinstance(is_active, bool):
         errors.append("is_active must be true or false")
@@ -274,13 +277,16 @@ def definition_export(workflow: WorkflowDefinition) -> dict:
     """The export shape: what import_workflows and POST /api/workflows/ take back unchanged."""
     spec = definition_spec(workflow)
     type_names = sorted({n["event_type"] for n in spec["nodes"] if n["event_type"]})
-    concurrency = dict(EventType.objects.filter(name__in=type_names).values_list("name", "concurrency"))
+    settings = {
+        row["name"]: {k: v for k, v in row.items() if k != "name" and (k == "concurrency" or v is not None)}
+        for row in EventType.objects.filter(name__in=type_names).values("name", *ADMISSION_FIELDS)
+    }
     return {
         "name": spec["name"],
         "description": spec["description"],
         "is_active": workflow.is_active,
         "trigger_event_types": spec["trigger_event_types"],
-        "event_types": {name: {"concurrency": concurrency[name]} for name in type_names},
+        "event_types": {name: settings[name] for name in type_names},
         "nodes": spec["nodes"],
         "edges": spec["edges"],
     }
@@ -340,15 +346,17 @@ def workflow_definition_create(*, data: Any, known_tasks: set[str] | None = None
 def _definition_store(spec: dict, workflow: WorkflowDefinition | None = None) -> WorkflowDefinition:
     """Write a validated spec over `workflow`, or over the workflow of its name, created if new."""
     for et_name, et in spec["event_types"].items():
-        defaults = {k: v for k, v in et.items() if k in ("concurrency", "description")}
+        admission, _ = event_type_settings_check(et)
+        defaults = {**admission, **({"description": et["description"]} if "description" in et else {})}
         obj, created = EventType.objects.get_or_create(name=et_name, defaults=defaults)
         if created:
             continue
-        if "description" in defaults:
-            EventType.objects.filter(pk=obj.pk).update(description=defaults["description"])
-        if defaults.get("concurrency", obj.concurrency) != obj.concurrency:
-            # As the API and the admin change it: a raised limit admits waiting tasks at once.
-            event_type_set_concurrency(name=et_name, concurrency=defaults["concurrency"])
+        if "description" in et:
+            EventType.objects.filter(pk=obj.pk).update(description=et["description"])
+        changed = {k: v for k, v in admission.items() if getattr(obj, k) != v}
+        if changed:
+            # As the API and the admin change them: a raised limit admits waiting tasks at once.
+            event_type_update(name=et_name, **changed)
     queues = {kinds.queue_of(n["kind"], n["event_type"]) for n in spec["nodes"]} - {None}
     for et_name in queues - set(spec["event_types"]):
         EventType.objects.get_or_create(name=et_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.db import connections
 from django.db.models import (
@@ -21,11 +22,13 @@ from django.db.models import (
     When,
     Window,
 )
+from django.db.models.expressions import RawSQL
+from django.utils import timezone
 
-from events_app.models import Event, EventType
+from events_app.models import Event, EventType, EventTypeKey
 
 from . import pgsql
-from .engine import graph_for_version
+from .engine import graph_for_version, rules
 from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 
@@ -170,33 +173,27 @@ def run_page_list(
     return page[:limit], len(page) > limit
 
 
-def _line_position() -> Case:
-    """1-based place of a waiting task in its event type's FIFO line, NULL for tasks not waiting.
+_TASK = TaskRun._meta.db_table
+# Tasks ahead of a waiting one in its key's line (`rules.line_order`): those of a higher priority, then
+# those of its own priority before it. Two range scans of the key's line index: the cost follows its
+# place, not the line's length.
+_AHEAD = f"""
+CASE WHEN {_TASK}.status = 'QUEUED' AND NOT {_TASK}.holds_slot THEN 1
+    + (SELECT count(*) FROM {_TASK} AS a
+       WHERE a.event_type_id = {_TASK}.event_type_id AND a.fair_key = {_TASK}.fair_key AND a.status = 'QUEUED'
+         AND NOT a.holds_slot AND a.priority > {_TASK}.priority)
+    + (SELECT count(*) FROM {_TASK} AS a
+       WHERE a.event_type_id = {_TASK}.event_type_id AND a.fair_key = {_TASK}.fair_key AND a.status = 'QUEUED'
+         AND NOT a.holds_slot AND a.priority = {_TASK}.priority
+         AND (a.run_created_at, a.queued_at, a.id) < ({_TASK}.run_created_at, {_TASK}.queued_at, {_TASK}.id))
+END
+"""
 
-    Counts the tasks ahead of it in the order admission uses (queued_at, id); the partial index
-    on that line makes each count a short index range scan.
-    """
-    ahead = (
-        TaskRun.objects.filter(
-            event_type_id=OuterRef("event_type_id"),
-            status=TaskRun.Status.QUEUED,
-            holds_slot=False,
-        )
-        .filter(Q(queued_at__lt=OuterRef("queued_at")) | Q(queued_at=OuterRef("queued_at"), id__lt=OuterRef("id")))
-        .order_by()
-        # COUNT as a plain function keeps GROUP BY out of the subquery, so no match still gives 0.
-        .annotate(n=Func(F("id"), function="COUNT"))
-        .values("n")
-    )
-    return Case(
-        When(
-            status=TaskRun.Status.QUEUED,
-            holds_slot=False,
-            then=Subquery(ahead, output_field=IntegerField()) + 1,
-        ),
-        default=None,
-        output_field=IntegerField(),
-    )
+
+def _line_position() -> RawSQL:
+    """1-based place of a waiting task in its key's line (its event type's, without a fairness key), in
+    admission's order; NULL for tasks not waiting."""
+    return RawSQL(_AHEAD, (), output_field=IntegerField())
 
 
 def run_page_get(*, trace_id: str) -> WorkflowRun | None:
@@ -369,4 +366,132 @@ def event_type_queue_page_list(*, since: datetime) -> QuerySet[EventType]:
         failed_since=Subquery(
             failed.annotate(n=Func(F("id"), function="COUNT")).values("n"), output_field=IntegerField()
         ),
+    )
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def _rate_state(event_type: EventType) -> tuple[rules.Rate | None, int, Any]:
+    """The type's rate limit, the dispatches its current window counts, and when its next slot opens."""
+    rate = rules.rate_parse(event_type.rate_limit)
+    if rate is None:
+        return None, 0, None
+    log = rules.RateLog(tuple(event_type.rate_times or ()), tuple(event_type.rate_counts or ()))
+    now = timezone.now()
+    used = rules.rate_used(log, now, rate)
+    return rate, used, rules.rate_opens(log, now, rate) if used >= rate.count else None
+
+
+def event_types_admission(event_types: list[EventType], *, limit: int = 10) -> dict[str, dict[str, Any]]:
+    """For each type: its limits, its rate window, and the next `limit` tasks admission will hand out,
+    in order, each with why it still waits: what `rules.admit` does with the heads of the first `limit`
+    keys that may be served. Two queries for all the types, each reading indexes only as far as it
+    takes `limit` rows: the cost depends neither on the lines' lengths nor on the number of keys."""
+    names = [t.name for t in event_types]
+    keys: dict[str, list[tuple[str, int, int]]] = {name: [] for name in names}
+    line: dict[str, list[rules.Waiting]] = {name: [] for name in names}
+    rows: dict[int, tuple] = {}
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT k.event_type_id, k.key, k.held, k.turn FROM unnest(%s::varchar[]) AS t(name)
+            CROSS JOIN LATERAL (
+                SELECT * FROM {EventTypeKey._meta.db_table} AS k
+                WHERE k.event_type_id = t.name AND k.head_priority IS NOT NULL
+                ORDER BY k.head_priority DESC, k.turn, k.key LIMIT %s
+            ) AS k
+            """,
+            [names, limit],
+        )
+        for name, key, held, turn in cursor.fetchall():
+            keys[name].append((key, held, turn))
+        pairs = [(name, key) for name in names for key, _, _ in keys[name]]
+        # Even with no key to read: the pages' query counts stay the same whatever they show.
+        cursor.execute(
+            f"""
+            SELECT t.id, t.event_type_id, t.priority, t.run_created_at, t.queued_at, t.fair_key, t.run_id,
+                t.node_key, t.map_index
+            FROM unnest(%s::varchar[], %s::varchar[]) AS k(name, key) CROSS JOIN LATERAL (
+                SELECT * FROM {_TASK} AS t
+                WHERE t.event_type_id = k.name AND t.fair_key = k.key AND t.status = 'QUEUED' AND NOT t.holds_slot
+                ORDER BY {", ".join("t." + c for c in rules.LINE_ORDER)} LIMIT %s
+            ) AS t
+            """,
+            [[n for n, _ in pairs], [k for _, k in pairs], limit],
+        )
+        for id_, name, priority, run_created_at, queued_at, key, run_id, node, index in cursor.fetchall():
+            line[name].append(rules.Waiting(priority, run_created_at, queued_at, id_, key))
+            rows[id_] = (run_id, node, index)
+    return {t.name: _admission(t, keys[t.name], line[t.name], rows, limit) for t in event_types}
+
+
+def _admission(
+    event_type: EventType, keys: list[tuple[str, int, int]], line: list[rules.Waiting], rows: dict, limit: int
+) -> dict[str, Any]:
+    rate, used, opens = _rate_state(event_type)
+    states = {k: rules.KeyState(held, turn) for k, held, turn in keys}
+    turn = max((t for _, _, t in keys), default=0)
+    order = rules.admit(free=limit, line=line, keys=states, per_key=event_type.per_key_concurrency, turn=turn)
+    held = getattr(event_type, "running", None)
+    held = event_type.held if held is None else held
+    waiting = []
+    for place, task in enumerate(order, 1):
+        run_id, node, index = rows[task.id]
+        reason = rules.wait_reason(
+            concurrency=event_type.concurrency,
+            held=held,
+            rate=rate,
+            rate_used=used,
+            rate_opens=opens,
+            per_key=event_type.per_key_concurrency,
+            key=task.key,
+            key_held=states[task.key].held,
+            place=place,
+        )
+        waiting.append(
+            {
+                "trace_id": str(run_id),
+                "node": node,
+                "map_index": index,
+                "key": task.key,
+                "priority": task.priority,
+                "place": place,
+                "reason": reason.code,
+                "why": reason.text,
+            }
+        )
+    return {
+        "limits": {
+            "concurrency": event_type.concurrency,
+            "rate_limit": event_type.rate_limit,
+            "fairness_key": event_type.fairness_key,
+            "per_key_concurrency": event_type.per_key_concurrency,
+            "queue_timeout": event_type.queue_timeout,
+        },
+        "rate_window": None if rate is None else {"used": used, "limit": rate.count, "next_slot_at": opens},
+        "next": waiting,
+    }
+
+
+def task_wait_reason(task: TaskRun) -> rules.WaitReason | None:
+    """Why a waiting task still waits (`rules.wait_reason`), for its node's detail; None unless it waits
+    in a line. Its type's row comes with the task; its key's is one more query."""
+    if task.status != TaskRun.Status.QUEUED or task.holds_slot or task.event_type is None:
+        return None
+    event_type = task.event_type
+    rate, used, opens = _rate_state(event_type)
+    key_held = (
+        EventTypeKey.objects.filter(event_type=event_type, key=task.fair_key).values_list("held", flat=True).first()
+    )
+    return rules.wait_reason(
+        concurrency=event_type.concurrency,
+        held=event_type.held,
+        rate=rate,
+        rate_used=used,
+        rate_opens=opens,
+        per_key=event_type.per_key_concurrency,
+        key=task.fair_key,
+        key_held=key_held or 0,
+        place=getattr(task, "line_position", None),
     )

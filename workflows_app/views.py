@@ -708,6 +708,7 @@ def node_detail_context(
     else:
         place = ""
     kind = spec.kind if spec else "task"
+    reason = selectors.task_wait_reason(task)
     context = {
         "mapped": mapped,
         "map_over": spec.options.get("map_over", "") if spec else "",
@@ -735,6 +736,7 @@ def node_detail_context(
         "spec": spec,
         "run_url": run_url,
         "place": place,
+        "wait_reason": reason,
         "running": running,
         "duration": format_duration(_between(task.started_at, task.finished_at or (now if running else None))),
         "waited": format_duration(
@@ -976,5 +978,9 @@ class QueueListView(PageMixin, TemplateView):
             queue.oldest_wait = format_duration(_between(queue.oldest_queued_at, now))
             queue.full = queue.running >= queue.concurrency
             queue.usage = min(100, round(100 * queue.running / queue.concurrency)) if queue.concurrency else 0
+        # The next tasks out of each line, and why each waits: two queries for all the types.
+        admission = selectors.event_types_admission(queues)
+        for queue in queues:
+            queue.admission = admission[queue.name]
         context.update(queues=queues, now=now)
         return context

@@ -26,6 +26,7 @@ from rest_framework.views import APIView
 from events_app.models import Event, EventType
 from workflows_app import engine, selectors
 from workflows_app.definitions import definition_export, workflow_definition_create, workflow_definition_save
+from workflows_app.engine import rules
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
 
 from .schema import (
@@ -273,6 +274,7 @@ class TaskRunOutputSerializer(ModelOutputSerializer):
             "status",
             "attempts",
             "queued_at",
+            "dispatched_at",
             "started_at",
             "finished_at",
             "result",
@@ -302,6 +304,7 @@ class RunOutputSerializer(ModelOutputSerializer):
             "workflow_version",
             "status",
             "payload",
+            "priority",
             "source",
             "created_at",
             "finished_at",
@@ -334,6 +337,12 @@ class RunTriggerApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         payload = PayloadField(required=False, default=dict, help_text="The run's input, a JSON object.")
+        priority = StrictIntegerField(
+            required=False,
+            min_value=0,
+            max_value=9,
+            help_text="0 to 9, default 5: its tasks go before those of runs with a lower one in every line.",
+        )
 
         class Meta:
             ref_name = "RunTriggerInput"
@@ -350,10 +359,18 @@ class RunTriggerApi(APIView):
     )
     def post(self, request: Request, name: str) -> Response:
         workflow = _workflow_or_404(name)
-        body = _reject_unknown(request.data, {"payload"})
+        body = _reject_unknown(request.data, {"payload", "priority"})
         key = _idempotency_key(request)
+        if "priority" in body:
+            serializer = self.InputSerializer(data={"priority": body["priority"]})
+            serializer.is_valid(raise_exception=True)
         run, created = engine.workflow_run_start(
-            workflow=workflow, payload=body.get("payload", {}), idempotency_key=key, user=request.user, source="api"
+            workflow=workflow,
+            payload=body.get("payload", {}),
+            idempotency_key=key,
+            user=request.user,
+            source="api",
+            priority=body.get("priority"),
         )
         return Response(
             RunOutputSerializer(run, context={"request": request}).data,
@@ -577,14 +594,80 @@ class EventTypeOutputSerializer(ModelOutputSerializer):
     queued = serializers.IntegerField(read_only=True, help_text="Ready tasks waiting for a slot.")
     oldest_queued_at = serializers.DateTimeField(read_only=True, allow_null=True)
     oldest_wait_seconds = serializers.SerializerMethodField()
+    rate_window = serializers.SerializerMethodField(
+        help_text="With a rate limit: dispatches its current window counts, and when its next slot opens if full."
+    )
+    next = serializers.SerializerMethodField(
+        help_text=(
+            "The next tasks admission hands out, in order, each with its place and why it still waits: `reason` is "
+            "`key_share` (its fairness key runs its share), `concurrency` (every slot taken), `rate_window` (the "
+            "window is full until `rate_window.next_slot_at`) or `place` (others go first)."
+        )
+    )
 
     class Meta:
         model = EventType
-        fields = ["name", "concurrency", "description", "running", "queued", "oldest_queued_at", "oldest_wait_seconds"]
+        fields = [
+            "name",
+            "concurrency",
+            "rate_limit",
+            "fairness_key",
+            "per_key_concurrency",
+            "queue_timeout",
+            "description",
+            "running",
+            "queued",
+            "oldest_queued_at",
+            "oldest_wait_seconds",
+            "rate_window",
+            "next",
+        ]
+
+    def _admission(self, event_type: EventType) -> dict:
+        # The list view reads every type's at once (`admission` in the context); a single type, its own.
+        known = self.context.get("admission") or {}
+        if event_type.name not in known:
+            known.update(selectors.event_types_admission([event_type]))
+        return known[event_type.name]
 
     def get_oldest_wait_seconds(self, event_type: EventType) -> float | None:
         oldest = getattr(event_type, "oldest_queued_at", None)
         return round((timezone.now() - oldest).total_seconds(), 3) if oldest else None
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                "used": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "next_slot_at": {"type": "string", "format": "date-time", "nullable": True},
+            },
+        }
+    )
+    def get_rate_window(self, event_type: EventType) -> dict | None:
+        return self._admission(event_type)["rate_window"]
+
+    @extend_schema_field(
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "trace_id": {"type": "string", "format": "uuid"},
+                    "node": {"type": "string"},
+                    "map_index": {"type": "integer", "nullable": True},
+                    "key": {"type": "string"},
+                    "priority": {"type": "integer"},
+                    "place": {"type": "integer"},
+                    "reason": {"type": "string", "enum": ["key_share", "concurrency", "rate_window", "place"]},
+                    "why": {"type": "string"},
+                },
+            },
+        }
+    )
+    def get_next(self, event_type: EventType) -> list[dict]:
+        return self._admission(event_type)["next"]
 
 
 class EventTypeListApi(APIView):
@@ -597,7 +680,9 @@ class EventTypeListApi(APIView):
     def get(self, request: Request) -> Response:
         paginator = PagePagination()
         page = paginator.paginate_queryset(selectors.event_type_queue_list(), request, view=self)
-        return paginator.get_paginated_response(EventTypeOutputSerializer(page, many=True).data)
+        admission = selectors.event_types_admission(list(page))
+        data = EventTypeOutputSerializer(page, many=True, context={"admission": admission}).data
+        return paginator.get_paginated_response(data)
 
 
 class EventTypeDetailApi(APIView):
@@ -608,6 +693,19 @@ class EventTypeDetailApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         concurrency = StrictIntegerField(min_value=1, max_value=100000)
+        rate_limit = serializers.RegexField(
+            f"{rules.RATE_PATTERN}|^$",
+            allow_null=True,
+            allow_blank=True,
+            help_text='"N/second", "N/minute" or "N/hour"; null or "" for none.',
+        )
+        fairness_key = serializers.CharField(
+            allow_null=True, allow_blank=True, help_text='A CEL expression on the run; null or "" for none.'
+        )
+        per_key_concurrency = StrictIntegerField(min_value=1, max_value=100000, allow_null=True)
+        queue_timeout = StrictIntegerField(
+            min_value=1, max_value=30 * 86400, allow_null=True, help_text="Seconds, or null."
+        )
 
         class Meta:
             ref_name = "EventTypeInput"
@@ -623,18 +721,24 @@ class EventTypeDetailApi(APIView):
         return Response(EventTypeOutputSerializer(self._get(name)).data)
 
     @extend_schema(
-        summary="Change an event type's concurrency, live",
-        description="Raising it sends waiting tasks at once; lowering it lets running tasks finish.",
+        summary="Change an event type's admission settings, live",
+        description=(
+            "Any of concurrency, rate_limit, fairness_key, per_key_concurrency and queue_timeout. Raising a limit "
+            "sends waiting tasks at once; lowering it lets running tasks finish. A wrong field is a 400 naming it, "
+            "and nothing changes."
+        ),
         request=InputSerializer,
         responses={200: EventTypeOutputSerializer, **errors(*WRITE, 404)},
     )
     def patch(self, request: Request, name: str) -> Response:
         self._get(name)
         # A partial update, as PATCH means: an empty body changes nothing and answers the type as it is.
-        serializer = self.InputSerializer(data=_reject_unknown(request.data, {"concurrency"}), partial=True)
-        serializer.is_valid(raise_exception=True)
-        if "concurrency" in serializer.validated_data:
-            engine.event_type_set_concurrency(name=name, concurrency=serializer.validated_data["concurrency"])
+        body = _reject_unknown(request.data, set(engine.ADMISSION_FIELDS))
+        clean, wrong = engine.event_type_settings_check(body)
+        if wrong:
+            raise ValidationError({field: [error] for field, error in wrong.items()})
+        if clean:
+            engine.event_type_update(name=name, **clean)
         return Response(EventTypeOutputSerializer(self._get(name)).data)
 
 
