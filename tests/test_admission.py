@@ -288,3 +288,21 @@ def test_the_admin_refuses_a_bad_setting_on_its_field_and_changes_nothing(admin_
     page.data["fairness_key"] = "payload.shop"
     assert admin_client.post(change, page.data).status_code == 302
     assert EventType.objects.get(name="q").rate_limit == "5/second"
+
+
+def test_the_queues_page_and_a_waiting_nodes_detail_say_why_it_waits(client, user, django_capture_on_commit_callbacks):
+    from django.urls import reverse
+
+    cap = django_capture_on_commit_callbacks
+    workflow = one()
+    settings_of(concurrency=5, fairness_key="payload.shop", per_key_concurrency=1, rate_limit="2/minute")
+    runs = [start(workflow, {"shop": shop}, capture=cap) for shop in ("A", "A", "B", "C")]
+    client.force_login(user)
+    page = client.get(reverse("workflows_app:queue-list")).content.decode()
+    assert 'data-rate-limit="2/minute"' in page and "payload.shop" in page
+    # A and B took the window's two dispatches; A's second waits on its key's share, C on the window.
+    assert 'data-reason="rate_window"' in page and "the next slot opens at" in page
+    detail = client.get(reverse("workflows_app:run-node", args=[runs[1].trace_id, "a"])).content.decode()
+    assert 'data-wait-reason="key_share"' in detail and "its key &#x27;A&#x27; already runs 1 of its 1" in detail
+    waiting_c = client.get(reverse("workflows_app:run-node", args=[runs[3].trace_id, "a"])).content.decode()
+    assert 'data-wait-reason="rate_window"' in waiting_c

@@ -293,6 +293,16 @@ def test_trigger_refuses_a_bad_payload(pipeline, payload, expected):
 
 
 @pytest.mark.django_db
+def test_trigger_takes_a_priority_and_refuses_one_out_of_range(pipeline):
+    trace_id = run_command("trigger_workflow", "product_pipeline", "--priority", "8").splitlines()[0]
+    assert WorkflowRun.objects.get(trace_id=trace_id).priority == 8
+    assert TaskRun.objects.get(run_id=trace_id, node_key="intake").priority == 8
+    with pytest.raises(CommandError, match="priority must be an integer from 0 to 9"):
+        run_command("trigger_workflow", "product_pipeline", "--priority", "10")
+    assert WorkflowRun.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_trigger_refuses_an_unknown_or_inactive_workflow(pipeline):
     with pytest.raises(CommandError, match="unknown workflow 'nope'"):
         run_command("trigger_workflow", "nope")

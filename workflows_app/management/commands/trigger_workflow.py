@@ -36,6 +36,12 @@ class Command(BaseCommand):
             metavar="KEY",
             help="A key already used for this workflow returns that run instead of starting another.",
         )
+        parser.add_argument(
+            "--priority",
+            type=int,
+            metavar="0-9",
+            help="Its tasks go before those of runs with a lower one in every line (default 5).",
+        )
         parser.add_argument("--wait", action="store_true", help="Wait for the run to end, printing progress.")
         parser.add_argument(
             "--timeout",
@@ -61,6 +67,7 @@ class Command(BaseCommand):
                 payload=payload,
                 idempotency_key=options["idempotency_key"] or None,
                 source="command",
+                priority=options["priority"],
             )
         except engine.EngineError as exc:
             raise CommandError(str(exc)) from None
