@@ -140,3 +140,21 @@ def chatty(event: dict) -> dict:
     if event["payload"].get("fail"):
         raise RuntimeError("chatty fails as asked")
     return {"said": 3}
+
+
+if os.environ.get("E2E_DIE_BEFORE_DELIVERY"):
+    # The crash between a transition's commit and the sending of the webhook notification it wrote:
+    # the first time a process of this worker is about to send one, it kills the worker (kill -9 of
+    # its main process) instead. The notification is in the outbox; another worker must send it.
+    from workflows_app.engine import outbox as _outbox
+
+    _publish = _outbox.publish
+
+    def _die_before_delivery(messages: list, revokes: list) -> None:
+        delivering = any(message.get("task_name") == _outbox.DELIVER_TASK for message, _ in messages)
+        if delivering and _redis().set("e2e:died-before-delivery", 1, nx=True, ex=600):
+            os.kill(os.getppid(), signal.SIGKILL)
+            os._exit(1)
+        _publish(messages, revokes)
+
+    _outbox.publish = _die_before_delivery

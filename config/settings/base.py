@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "events_app",
     "workflows_app",
+    "webhooks_app",
 ]
 
 MIDDLEWARE = [
@@ -255,6 +256,12 @@ EVENTFLOW = {
     "METRICS_TOKEN": env("EVENTFLOW_METRICS_TOKEN", default=""),
     # The histograms of /metrics describe the task attempts that ended within this many seconds.
     "METRICS_WINDOW_SECONDS": env.float("EVENTFLOW_METRICS_WINDOW_SECONDS", default=300.0),
+    # A webhook answered with anything but 2xx is tried again after this long, doubling, for a day.
+    "WEBHOOK_RETRY_SECONDS": env.float("EVENTFLOW_WEBHOOK_RETRY_SECONDS", default=5.0),
+    # How long a webhook's receiver may take to answer.
+    "WEBHOOK_TIMEOUT_SECONDS": env.float("EVENTFLOW_WEBHOOK_TIMEOUT_SECONDS", default=10.0),
+    # Off: no webhook requests to private, loopback or link-local addresses (internal networks).
+    "WEBHOOK_ALLOW_PRIVATE": env.bool("EVENTFLOW_WEBHOOK_ALLOW_PRIVATE", default=False),
 }
 
 # `text`: the message, followed on lines written during a task's attempt by its `trace_id`,

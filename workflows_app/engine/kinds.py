@@ -199,6 +199,9 @@ class ApprovalKind(WaitKind):
         if node.get("event_type"):
             errors.append(f"{where}: an approval node has no event_type")
 
+    def wait(self, node: NodeSpec, run: RunContext, upstream: dict[str, Any]) -> dict[str, Any]:
+        return {**super().wait(node, run, upstream), "notify": "approval.requested"}
+
 
 class DelayKind(WaitKind):
     """SUCCESS `seconds` after it was reached."""

@@ -14,8 +14,10 @@ from .graph import graph_for_version
 
 logger = logging.getLogger(__name__)
 
-# The task that admits from a line when its rate window has room again, and the engine's own queue.
+# The engine's own tasks (admitting from a line when its rate window has room again, sending a
+# webhook's notification), and the engine's own queue.
 ADMIT_TASK = "workflows_app.tasks.admit"
+DELIVER_TASK = "webhooks_app.tasks.deliver"
 ENGINE_QUEUE = "celery"
 # Seconds between a node's soft time limit and the hard kill.
 HARD_LIMIT_GRACE = 10
@@ -58,12 +60,18 @@ class Outbox:
     def add_wake(self, event_type: str, at: datetime) -> None:
         """Admit from `event_type`'s line again at `at` (the database's time), when its rate window
         next has room: a message to the engine's own queue, due then."""
-        self.messages.append(
-            (
-                {"task_name": ADMIT_TASK, "event_type": event_type},
-                {"queue": ENGINE_QUEUE, "eta": at, "args": [event_type]},
-            )
-        )
+        self.add_internal(ADMIT_TASK, [event_type], eta=at)
+
+    def add_delivery(self, delivery_id: str) -> None:
+        """Send a webhook's notification, written to its outbox by the transition that raised it."""
+        self.add_internal(DELIVER_TASK, [str(delivery_id)])
+
+    def add_internal(self, task_name: str, args: list, *, eta: datetime | None = None) -> None:
+        """A message of the engine's own, to its own queue: no Event, no node."""
+        options: dict[str, Any] = {"queue": ENGINE_QUEUE, "args": args}
+        if eta is not None:
+            options["eta"] = eta
+        self.messages.append(({"task_name": task_name, "internal": True}, options))
 
     def add_event(self, event: Mapping[str, Any], *, version_id: int, node: str, eta: datetime | None = None) -> None:
         self.add(events.message(event), timeout=graph_for_version(version_id).nodes[node].timeout, eta=eta)
@@ -83,8 +91,8 @@ def publish(messages: list[tuple[dict, dict]], revokes: list[str]) -> None:
         try:
             with app.producer_or_acquire() as producer:
                 for message, options in messages:
-                    if message["task_name"] == ADMIT_TASK:
-                        app.send_task(ADMIT_TASK, producer=producer, **options)
+                    if message.get("internal"):
+                        app.send_task(message["task_name"], producer=producer, **options)
                         continue
                     app.send_task(
                         message["task_name"],

@@ -145,6 +145,8 @@ class Step:
     due_in: float | None = None
     wait_type: str = ""
     wait_key: str = ""
+    # The notification reaching it raises for webhooks (`approval.requested`), if any.
+    notify: str = ""
 
     @property
     def event_type(self) -> str | None:

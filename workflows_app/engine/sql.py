@@ -17,8 +17,9 @@ from typing import Any
 from django_celery_results.models import TaskResult
 
 from events_app.models import Event, EventType, EventTypeKey
+from webhooks_app.models import Delivery, Notification, Webhook
 
-from ..models import TaskRun, WorkflowRun
+from ..models import TaskRun, WorkflowDefinition, WorkflowRun
 from ..pgsql import columns
 from .rules import FINAL, LINE_ORDER, RATE_RESOLUTION, RERUN, RESOLVABLE, RUN_FAILS_ON, R, S
 
@@ -28,6 +29,9 @@ EVENT = Event._meta.db_table
 EVENT_TYPE = EventType._meta.db_table
 CELERY_RESULT = TaskResult._meta.db_table
 KEY = EventTypeKey._meta.db_table
+WEBHOOK = Webhook._meta.db_table
+DELIVERY = Delivery._meta.db_table
+WORKFLOW = WorkflowDefinition._meta.db_table
 
 
 def _in(statuses: Iterable[str]) -> str:
@@ -62,6 +66,15 @@ def _seconds(parameter: str) -> str:
 WAIT_LOCK = "hashtextextended({type} || E'\\n' || {key}, 0)"
 # The most events a waiter reached late reads back (the first that matches resumes it).
 WAIT_CANDIDATES = 100
+
+# The notifications a transition raises for webhooks (`webhooks_app.models.Notification`).
+NOTIFY_TASK_FAILED = Notification.TASK_FAILED.value
+NOTIFY_RUN = {
+    R.SUCCESS: Notification.RUN_SUCCEEDED.value,
+    R.FAILED: Notification.RUN_FAILED.value,
+    R.CANCELED: Notification.RUN_CANCELED.value,
+}
+_RUN_NOTIFICATIONS = " ".join(f"WHEN '{status}' THEN '{name}'" for status, name in NOTIFY_RUN.items())
 
 # What `eventflow_advance` answers in `code`.
 APPLIED, NOT_CURRENT, STALE, OTHER_VERSION, GONE = range(5)
@@ -546,6 +559,37 @@ END
 """,
 )
 
+# Webhooks' outbox: for each notification a transition raised (`p_raised`: notification, node, error),
+# a Delivery per active webhook that wants it, written in the transition's transaction, with what it
+# says (the run's trace_id, status and workflow, and the node and error of a task's), due now and
+# claimed for `p_grace` seconds by the message the caller sends once it commits (past that, the
+# reconciler sends it). Answers `{"deliver": id}` for each, to send.
+NOTIFY_FUNCTION = (
+    "eventflow_notify",
+    "p_run uuid, p_raised jsonb, p_status varchar, p_grace double precision",
+    "jsonb",
+    f"""
+DECLARE
+    v_made jsonb;
+BEGIN
+    WITH made AS (
+        INSERT INTO {DELIVERY}
+            (id, webhook_id, notification, trace_id, data, created_at, state, attempts, next_attempt_at, claimed_until)
+        SELECT gen_random_uuid(), w.id, r.notification, p_run, jsonb_strip_nulls(jsonb_build_object(
+                'trace_id', p_run, 'status', p_status, 'node', r.node, 'error', r.error,
+                'workflow', (SELECT wf.name FROM {RUN} AS run JOIN {WORKFLOW} AS wf ON wf.id = run.workflow_id
+                             WHERE run.trace_id = p_run))),
+            now(), 'pending', 0, now(), now() + {_seconds("p_grace")}
+        FROM jsonb_to_recordset(p_raised) AS r(notification varchar, node varchar, error text)
+        JOIN {WEBHOOK} AS w ON w.is_active AND r.notification = ANY(w.notifications)
+        RETURNING id
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('deliver', id)), '[]') INTO v_made FROM made;
+    RETURN v_made;
+END
+""",
+)
+
 # A run ends once none of its tasks is left to finish: FAILED when one of them ended in
 # `rules.RUN_FAILS_ON`, else SUCCESS (`rules.run_outcome`). Answers the run's new status, or NULL.
 END_RUN_FUNCTION = (
@@ -603,6 +647,8 @@ DECLARE
     v_holds boolean;
     v_type varchar;
     v_key varchar;
+    v_node varchar;
+    v_raised jsonb;
     v_agrees boolean;
     v_ready bigint[];
     v_ready_events uuid[];
@@ -625,9 +671,9 @@ BEGIN
     END IF;
     -- The nodes the plan read or writes (its ready nodes among them, expected WAITING), each in one
     -- lookup: whether each still has the status read, and the ready ones' rows.
-    SELECT attempt.id, attempt.holds_slot, attempt.event_type_id, attempt.fair_key,
+    SELECT attempt.id, attempt.holds_slot, attempt.event_type_id, attempt.fair_key, attempt.node_key,
         expected.agreeing = jsonb_array_length(p_expect), coalesce(expected.ready, '{{}}')
-    INTO v_task, v_holds, v_type, v_key, v_agrees, v_ready
+    INTO v_task, v_holds, v_type, v_key, v_node, v_agrees, v_ready
     FROM (
         SELECT count(*) FILTER (WHERE task.status = e.status) AS agreeing,
             array_agg(task.id ORDER BY array_position(p_ready_nodes, e.node))
@@ -761,6 +807,19 @@ BEGIN
     IF p_may_end THEN
         run_status := eventflow_end_run(p_run);
     END IF;
+    -- What it raises for webhooks: a task that failed, an approval reached, the run's end.
+    SELECT coalesce(jsonb_agg(r), '[]') INTO v_raised FROM (
+        SELECT '{NOTIFY_TASK_FAILED}' AS notification, v_node AS node, p_error AS error WHERE p_outcome = '{S.FAILURE}'
+        UNION ALL
+        SELECT CASE WHEN s.status = '{S.FAILURE}' THEN '{NOTIFY_TASK_FAILED}' ELSE s.notify END, s.node, s.error
+        FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, error text, notify varchar)
+        WHERE s.status = '{S.FAILURE}' OR s.notify IS NOT NULL
+        UNION ALL
+        SELECT CASE run_status {_RUN_NOTIFICATIONS} END, NULL, NULL WHERE run_status IS NOT NULL
+    ) AS r;
+    IF jsonb_array_length(v_raised) > 0 THEN
+        sent := sent || eventflow_notify(p_run, v_raised, coalesce(run_status, '{R.RUNNING}'), p_grace);
+    END IF;
 END
 """,
 )
@@ -836,8 +895,10 @@ BEGIN
     INTO revoked, v_types, v_released;
     UPDATE {RUN} SET status = '{R.CANCELED}', finished_at = now() WHERE trace_id = p_run;
     run_status := '{R.CANCELED}';
+    sent := sent || eventflow_notify(
+        p_run, jsonb_build_array(jsonb_build_object('notification', '{NOTIFY_RUN[R.CANCELED]}')), run_status, p_grace);
     IF v_types IS NOT NULL THEN
-        sent := eventflow_admit(v_types, v_released, '{{}}', '{{}}', '{{}}', NULL, NULL, p_grace);
+        sent := sent || eventflow_admit(v_types, v_released, '{{}}', '{{}}', '{{}}', NULL, NULL, p_grace);
     END IF;
 END
 """,
@@ -848,6 +909,7 @@ FUNCTIONS = (
     RATE_OPENS_FUNCTION,
     RATE_RECORD_FUNCTION,
     ADMIT_FUNCTION,
+    NOTIFY_FUNCTION,
     END_RUN_FUNCTION,
     ADVANCE_FUNCTION,
     START_RUN_FUNCTION,

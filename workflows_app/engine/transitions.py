@@ -23,6 +23,7 @@ from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models.functions import Now
 
 from events_app.models import Event, EventType
+from webhooks_app.services import deliveries_recover
 
 from .. import pgsql
 from ..models import TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
@@ -121,6 +122,7 @@ def _plan_params(plan: Plan) -> dict[str, Any]:
             "due_in": step.due_in,
             "wait_type": step.wait_type,
             "wait_key": step.wait_key,
+            "notify": step.notify or None,
         }
         for step in plan.steps
     ]
@@ -162,6 +164,8 @@ def _send(
     for item in pgsql.loads(sent):
         if "wake" in item:
             outbox.add_wake(item["wake"], _timestamp(item["at"]))
+        elif "deliver" in item:
+            outbox.add_delivery(item["deliver"])
         elif "retry_at" in item:
             retry_at = _timestamp(item["retry_at"])
         else:
@@ -615,6 +619,7 @@ def task_runs_reconcile(*, limit: int = 200) -> int:
     for (name,) in pgsql.fetch_all(sql.RATE_OVERDUE, {}):
         event_type_admit(name=name)
     event_types_recount()
+    deliveries_recover()
     return len(overdue) + len(ended) + len(expired)
 
 
