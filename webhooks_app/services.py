@@ -147,7 +147,8 @@ def _claim(delivery_id: str) -> Delivery | None:
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            UPDATE {Delivery._meta.db_table} SET sending = true, claimed_until = statement_timestamp() + make_interval(secs => %s)
+            UPDATE {Delivery._meta.db_table}
+            SET sending = true, claimed_until = statement_timestamp() + make_interval(secs => %s)
             WHERE id = %s AND state = 'pending' AND next_attempt_at <= statement_timestamp() AND NOT sending
             RETURNING id
             """,
@@ -239,8 +240,8 @@ def deliveries_resend(ids: Iterable[Any]) -> int:
             cursor.execute(
                 f"""
                 UPDATE {Delivery._meta.db_table}
-                SET state = 'pending', next_attempt_at = statement_timestamp(), claimed_until = statement_timestamp() + make_interval(secs => %s),
-                    created_at = statement_timestamp(), sending = false
+                SET state = 'pending', next_attempt_at = statement_timestamp(), created_at = statement_timestamp(),
+                    claimed_until = statement_timestamp() + make_interval(secs => %s), sending = false
                 WHERE id = ANY(%s::uuid[]) RETURNING id
                 """,
                 [_grace(), ids],
@@ -262,7 +263,8 @@ def deliveries_recover(*, limit: int = 200) -> int:
         with connection.cursor() as cursor:
             cursor.execute(
                 f"""
-                UPDATE {Delivery._meta.db_table} SET sending = false, claimed_until = statement_timestamp() + make_interval(secs => %s)
+                UPDATE {Delivery._meta.db_table}
+                SET sending = false, claimed_until = statement_timestamp() + make_interval(secs => %s)
                 WHERE id IN (
                     SELECT id FROM {Delivery._meta.db_table}
                     WHERE state = 'pending' AND claimed_until < statement_timestamp()
