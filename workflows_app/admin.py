@@ -20,7 +20,7 @@ from .admin_schedule import schedule_view
 from .definitions import DefinitionError, definition_validate, registered_task_names, workflow_version_sync
 from .engine import kinds
 from .engine.graph import edge_spec
-from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun
+from .models import Edge, Node, TaskRun, Worker, WorkflowDefinition, WorkflowRun
 
 SMALL_JSON = {"widget": forms.Textarea(attrs={"rows": 2, "cols": 30})}
 
@@ -576,3 +576,18 @@ class TaskRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description="status page")
     def page_link(self, obj: TaskRun) -> str:
         return _run_page(obj.run_id)
+
+
+@admin.register(Worker)
+class WorkerAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """View only: each worker writes its own row with its heartbeat; /workers/ shows what it runs."""
+
+    list_display = ("name", "hostname", "pid", "pool_size", "started_at", "last_seen")
+    search_fields = ("name", "hostname")
+    ordering = ("-last_seen",)
+    fields = ("name", "hostname", "queues", "pool_size", "pid", "started_at", "last_seen", "attempts")
+    readonly_fields = fields
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Forgetting a worker that is gone for good is harmless: a live one writes its row again.
+        return bool(request.user.has_perm("workflows_app.delete_worker"))

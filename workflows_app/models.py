@@ -454,3 +454,44 @@ class TaskRun(models.Model):
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds()
         return None
+
+
+class Worker(models.Model):
+    """A Celery worker as its main process last reported itself: the durable list `/workers/` reads, so
+    a restart of the web app (or of Flower) forgets none, and a worker that died says when it went quiet."""
+
+    name = models.CharField(
+        "name",
+        max_length=200,
+        unique=True,
+        help_text="Celery's node name (`-n`, e.g. w1@host): what a task's `worker` holds.",
+    )
+    hostname = models.CharField("host", max_length=200, help_text="The machine it runs on.")
+    queues = models.JSONField("queues", default=list, blank=True, help_text="The queues it consumes.")
+    pool_size = models.PositiveIntegerField("pool size", default=0, help_text="Its concurrency: pool processes.")
+    pid = models.PositiveIntegerField("pid", default=0, help_text="Its main process's id on its host.")
+    started_at = models.DateTimeField(
+        "started at", help_text="When this process (this pid) first reported, on the database's clock."
+    )
+    last_seen = models.DateTimeField(
+        "last heard from", help_text="Its latest heartbeat, on the database's clock: every few seconds while alive."
+    )
+    attempts = models.JSONField(
+        "attempts at last heartbeat",
+        default=list,
+        blank=True,
+        help_text=(
+            "Event ids of the attempts its pool ran at its latest heartbeat: what a worker that died was doing, "
+            "since a retried attempt's task row then names its new worker."
+        ),
+    )
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "worker"
+        verbose_name_plural = "workers"
+        # /workers/ lists those heard from recently, newest heartbeat first.
+        indexes = [models.Index(fields=["-last_seen"], name="worker_last_seen_idx")]
+
+    def __str__(self) -> str:
+        return self.name
