@@ -5,6 +5,7 @@ import os
 from celery import Celery, signals
 
 from workflows_app import logs as _logs
+from workflows_app import tracing as _tracing
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -20,3 +21,6 @@ signals.after_setup_logger.connect(_logs.celery_after_setup_logger, weak=False)
 signals.after_setup_task_logger.connect(_logs.celery_after_setup_task_logger, weak=False)
 signals.task_prerun.connect(_logs.celery_task_prerun, weak=False)
 signals.task_postrun.connect(_logs.celery_task_postrun, weak=False)
+
+# A pool process exports the spans it finished before it exits (workflows_app/tracing.py).
+signals.worker_process_shutdown.connect(lambda **_: _tracing.flush(), weak=False)

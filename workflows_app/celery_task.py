@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from celery import Task, states
 from celery.exceptions import Ignore, Retry
 
+from . import tracing
 from .logs import attempt_context
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,12 @@ class EventTask(Task):
         start = self._start(event, request.hostname or "")
         if not start:
             raise Ignore()
+        with tracing.attempt_span(event):
+            return self._run(event, start, args, kwargs)
+
+    def _run(self, event: dict, start: Any, args: Any, kwargs: Any) -> Any:
+        """Run the body of an attempt allowed to start, and record its outcome."""
+        request = self.request
         try:
             retval = super().__call__(*args, **kwargs)
         except Retry as exc:

@@ -25,7 +25,7 @@ from django.db.models.functions import Now
 from events_app.models import Event, EventType
 from webhooks_app.services import deliveries_recover
 
-from .. import pgsql
+from .. import pgsql, tracing
 from ..models import TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
 from . import expressions, kinds, rules, sql
 from .events import next_attempt_event
@@ -295,6 +295,7 @@ def workflow_run_start(
         run.status, run.finished_at = ended, clock
     _send(sent, clock, plan=plan, version_id=version_id)
     _resume_reached(str(run.trace_id), version_id, waiting)
+    tracing.trigger_span(trace_id=run.trace_id, workflow=workflow.name, source=source, created_at=clock)
     return run, True
 
 
