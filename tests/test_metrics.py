@@ -175,8 +175,35 @@ def test_the_token_is_required_once_set(client, settings):
 
 @pytest.mark.django_db
 def test_a_scrape_asks_a_fixed_number_of_queries(client, django_assert_num_queries):
-    """However many runs and event types there are: runs, tasks, the queue gauges, the histograms."""
+    """However many runs and event types there are: the queue gauges, the runs and tasks that ended
+    (the rollup and what ended since), the histograms; and the rollup moving on, once a minute."""
     factories.workflow(factories.spec("q1", event_type="m_q1"))
     factories.workflow(factories.spec("q2", event_type="m_q2"))
-    with django_assert_num_queries(4):
+    scrape(client)  # the first rolls up what ended before five minutes ago
+    with django_assert_num_queries(3):
         scrape(client)
+
+
+@pytest.mark.django_db
+def test_the_counters_keep_what_the_rollup_counted_after_purging_and_add_what_ended_since(client):
+    from django.db.models.functions import Now
+
+    from workflows_app import engine
+    from workflows_app.models import MetricsWatermark
+
+    workflow = factories.workflow(factories.spec("rolled", [("a", "workflows_app.tasks.fail")], event_type="m_r"))
+    runs = [engine.workflow_run_start(workflow=workflow, payload={})[0] for _ in range(3)]
+    for run in runs:
+        engine.workflow_run_cancel(trace_id=str(run.trace_id))
+    # Two of them ended an hour ago: the next scrape rolls them up.
+    WorkflowRun.objects.filter(pk__in=[runs[0].pk, runs[1].pk]).update(finished_at=Now() - timedelta(hours=1))
+    TaskRun.objects.filter(run__in=runs[:2]).update(finished_at=Now() - timedelta(hours=1))
+    MetricsWatermark.objects.all().delete()
+    first = scrape(client)
+    assert runs_total(first)[("rolled", "CANCELED")] == 3
+    assert tasks_total(first)[("m_r", "REVOKED")] == 3
+    assert MetricsWatermark.objects.get().until is not None
+    WorkflowRun.objects.filter(pk__in=[runs[0].pk, runs[1].pk]).delete()  # purged
+    later = scrape(client)
+    assert runs_total(later)[("rolled", "CANCELED")] == 3
+    assert tasks_total(later)[("m_r", "REVOKED")] == 3

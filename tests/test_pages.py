@@ -799,7 +799,7 @@ def test_throughput_counts_read_the_index_of_finished_tasks(db):
         cursor.execute(f"EXPLAIN {sql}", params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
 
-    assert "task_run_done_idx" in plan
+    assert "task_run_ended_idx" in plan
 
 
 # --------------------------------------------------------------------------- links

@@ -8,12 +8,14 @@ files between the processes of one host only. The task and run rows already hold
 
 What each scrape costs (four statements, whatever the number of runs stored):
 
-- `eventflow_runs_total` counts the run table grouped by (workflow, status), a scan of the table or
-  of its (workflow, status) index; `eventflow_runs_running` comes from the same statement.
-- `eventflow_tasks_total` counts finished task rows grouped by (event type, status). No index holds
-  both columns, so it scans the task table. These two grow with the history kept (bench/metrics.py
-  times each part; `purge_runs` bounds the history). Constant cost needs counts kept by the engine
-  in the statements that end tasks and runs, which this module may not add.
+- `eventflow_runs_total` and `eventflow_tasks_total` count the runs and tasks that ended: those that
+  ended before a watermark are counted once into `MetricsRollup` (moved on at most once a minute, to
+  five minutes ago, by one scrape; far longer ago than any transition's transaction lasts, since a
+  row's end time is its transaction's start), and each scrape adds those that ended since, read
+  through the indexes of ended runs and of ended tasks by (event type, time). So a scrape's cost
+  follows the recent throughput, not the history stored, and the counters count endings: `purge_runs`
+  does not make them drop, and a run retried after failing counts its failure and its new end.
+  `eventflow_runs_running` comes from the same statement, through the index of runs by status.
 - The gauges are the queue page's own selector (`selectors.event_type_queue_list`), which counts
   occupied slots and the waiting line through their partial indexes.
 - The histograms cannot be cumulative over all history at a bounded cost: that would read every
@@ -23,8 +25,7 @@ What each scrape costs (four statements, whatever the number of runs stored):
   stored history. Their buckets therefore go down as attempts leave the window: read them with
   `histogram_quantile` over the buckets themselves, not over `rate()` (docs/grafana-dashboard.json).
 
-Limits of reading rows: a counter goes down when `purge_runs` deletes runs (Prometheus takes that
-as a reset), and a task row keeps only its latest attempt, so an attempt that failed and was retried
+Limits of reading rows: a task row keeps only its latest attempt, so an attempt that failed and was retried
 is not in the duration histogram, and the wait of a retried attempt is unknown (the row keeps when
 the task first became ready): the wait histogram counts first attempts only.
 """
@@ -33,10 +34,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
@@ -51,8 +53,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from events_app.models import EventType
+
 from . import selectors
-from .models import TaskRun, WorkflowDefinition, WorkflowRun
+from .models import MetricsRollup, MetricsWatermark, TaskRun, WorkflowDefinition, WorkflowRun
 
 # Upper bounds of the buckets, in seconds: from a no-op task's few milliseconds to an hour's wait.
 BUCKETS: tuple[float, ...] = (
@@ -81,28 +85,95 @@ TASK_FINAL = [str(s) for s in TaskRun.FINAL]
 _QUEUE_FIELDS = ("name", "concurrency", "running", "queued", "oldest_queued_at", "now")
 
 
-def _runs_by_status() -> list[tuple[str, str, int]]:
-    """(workflow, status, runs) for every pair with runs; grouped on the index before the join."""
-    sql = f"""
-        SELECT w.name, c.status, c.n
-        FROM (SELECT workflow_id, status, count(*) AS n FROM {WorkflowRun._meta.db_table}
-              GROUP BY workflow_id, status) AS c
-        JOIN {WorkflowDefinition._meta.db_table} AS w ON w.id = c.workflow_id
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(sql)
-        return cursor.fetchall()
+# Runs and tasks that ended longer ago than this are counted once into `MetricsRollup`; those since,
+# on every scrape. Far longer than any transition's transaction, whose end time is its start's.
+ROLLUP_LAG = timedelta(minutes=5)
+# The rollup moves on when it is at least this far behind: a scrape in a minute does it once.
+ROLLUP_STEP = timedelta(minutes=1)
+_ROLLUP_LOCK = 0x6576656E74666C6F  # any fixed key: one scrape rolls up at a time
 
 
-def _tasks_by_status() -> list[tuple[str | None, str, int]]:
-    """(event type, final status, tasks): nodes that run no task (approvals, delays) have no type."""
+def _roll_up() -> None:
+    """Count the runs and tasks that ended between the watermark and `ROLLUP_LAG` ago into the rollup,
+    and move the watermark there; at most once a `ROLLUP_STEP`, by one scrape at a time (the others
+    do not wait: they read the rollup as it is, and count a little more themselves)."""
+    rollup, mark = MetricsRollup._meta.db_table, MetricsWatermark._meta.db_table
+    run, workflow, task = WorkflowRun._meta.db_table, WorkflowDefinition._meta.db_table, TaskRun._meta.db_table
+    types = _type_names()
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT pg_try_advisory_xact_lock(%s), (SELECT until FROM {mark} WHERE id = 1), now() - %s, now() - %s
+            """,
+            [_ROLLUP_LOCK, ROLLUP_LAG, ROLLUP_LAG + ROLLUP_STEP],
+        )
+        locked, until, new, due = cursor.fetchone()
+        if not locked or (until is not None and until > due):
+            return
+        since = until or datetime.min.replace(tzinfo=UTC)
+        cursor.execute(
+            f"""
+            WITH ended AS (
+                SELECT 'run' AS kind, w.name AS label, r.status, count(*) AS n
+                FROM {run} AS r JOIN {workflow} AS w ON w.id = r.workflow_id
+                WHERE r.finished_at > %(since)s AND r.finished_at <= %(new)s AND r.status = ANY(%(runs)s)
+                GROUP BY w.name, r.status
+                UNION ALL
+                SELECT 'task', coalesce(t.event_type_id, ''), t.status, count(*) FROM {task} AS t
+                WHERE (t.event_type_id = ANY(%(types)s) OR t.event_type_id IS NULL) AND t.status = ANY(%(tasks)s)
+                  AND t.finished_at > %(since)s AND t.finished_at <= %(new)s
+                GROUP BY t.event_type_id, t.status
+            ), added AS (
+                INSERT INTO {rollup} (kind, label, status, count) SELECT kind, label, status, n FROM ended
+                ON CONFLICT (kind, label, status) DO UPDATE SET count = {rollup}.count + EXCLUDED.count
+            )
+            INSERT INTO {mark} (id, until) VALUES (1, %(new)s) ON CONFLICT (id) DO UPDATE SET until = EXCLUDED.until
+            """,
+            {"since": since, "new": new, "runs": RUN_FINAL, "tasks": TASK_FINAL, "types": types},
+        )
+
+
+def _type_names() -> list[str]:
+    return list(EventType.objects.values_list("name", flat=True))
+
+
+def _ended_counts(types: list[str]) -> tuple[list[tuple[str, str, str, int]], bool]:
+    """(kind, workflow or event type, status, count) of every run and task that ended, from the rollup
+    and what ended after its watermark (through the indexes of ended runs and tasks by time), and
+    the runs still running; and whether the rollup is due to move on. One statement."""
+    rollup, mark = MetricsRollup._meta.db_table, MetricsWatermark._meta.db_table
+    run, workflow, task = WorkflowRun._meta.db_table, WorkflowDefinition._meta.db_table, TaskRun._meta.db_table
     sql = f"""
-        SELECT event_type_id, status, count(*) FROM {TaskRun._meta.db_table}
-        WHERE status = ANY(%s) GROUP BY event_type_id, status
+        WITH mark AS (SELECT coalesce((SELECT until FROM {mark} WHERE id = 1), '-infinity'::timestamptz) AS until),
+        counts AS (
+            SELECT kind, label, status, count AS n FROM {rollup}
+            UNION ALL
+            SELECT 'run', w.name, r.status, count(*) FROM {run} AS r JOIN {workflow} AS w ON w.id = r.workflow_id
+            WHERE r.finished_at > (SELECT until FROM mark) AND r.status = ANY(%(runs)s) GROUP BY w.name, r.status
+            UNION ALL
+            SELECT 'task', coalesce(t.event_type_id, ''), t.status, count(*) FROM {task} AS t
+            WHERE (t.event_type_id = ANY(%(types)s) OR t.event_type_id IS NULL) AND t.status = ANY(%(tasks)s)
+              AND t.finished_at > (SELECT until FROM mark)
+            GROUP BY t.event_type_id, t.status
+            UNION ALL
+            SELECT 'running', w.name, r.status, count(*) FROM {run} AS r JOIN {workflow} AS w ON w.id = r.workflow_id
+            WHERE r.status = %(running)s GROUP BY w.name, r.status
+        )
+        SELECT kind, label, status, sum(n)::bigint, (SELECT until FROM mark) < now() - %(due)s
+        FROM counts GROUP BY kind, label, status
+        UNION ALL SELECT 'due', '', '', 0, (SELECT until FROM mark) < now() - %(due)s
     """
+    params = {
+        "runs": RUN_FINAL,
+        "tasks": TASK_FINAL,
+        "types": types,
+        "running": WorkflowRun.Status.RUNNING,
+        "due": ROLLUP_LAG + ROLLUP_STEP,
+    }
     with connection.cursor() as cursor:
-        cursor.execute(sql, [TASK_FINAL])
-        return cursor.fetchall()
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [row[:4] for row in rows if row[0] != "due"], any(row[4] for row in rows)
 
 
 def _histogram_sql() -> str:
@@ -158,28 +229,31 @@ class EventflowCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        types = list(selectors.event_type_queue_list().annotate(now=Now()).values(*_QUEUE_FIELDS))
         runs = CounterMetricFamily(
             "eventflow_runs", "Runs ended, by workflow and final status.", labels=["workflow", "status"]
         )
         running_runs = GaugeMetricFamily(
             "eventflow_runs_running", "Runs not ended yet, by workflow.", labels=["workflow"]
         )
-        for workflow, status, n in _runs_by_status():
-            if status in RUN_FINAL:
-                runs.add_metric([workflow, status], n)
-            elif status == WorkflowRun.Status.RUNNING:
-                running_runs.add_metric([workflow], n)
-        yield runs
-        yield running_runs
-
         tasks = CounterMetricFamily(
             "eventflow_tasks",
             "Task runs ended, by event type and final status (an empty event type: nodes that run no task).",
             labels=["event_type", "status"],
         )
-        for event_type, status, n in _tasks_by_status():
-            tasks.add_metric([event_type or "", status], n)
+        counted, due = _ended_counts([row["name"] for row in types])
+        for kind, label, status, n in sorted(counted):
+            if kind == "run":
+                runs.add_metric([label, status], n)
+            elif kind == "running":
+                running_runs.add_metric([label], n)
+            else:
+                tasks.add_metric([label, status], n)
+        yield runs
+        yield running_runs
         yield tasks
+        if due:  # counted already: the next scrapes read the moved watermark, and count less themselves
+            _roll_up()
 
         gauges = {
             "running": GaugeMetricFamily(
@@ -203,7 +277,6 @@ class EventflowCollector(Collector):
             "Seconds the head of the event type's line has waited, on the database's clock (0: none waits).",
             labels=["event_type"],
         )
-        types = list(selectors.event_type_queue_list().annotate(now=Now()).values(*_QUEUE_FIELDS))
         for row in types:
             name = row["name"]
             gauges["running"].add_metric([name], row["running"] or 0)
