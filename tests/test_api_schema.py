@@ -50,6 +50,10 @@ def check(case, app, token: str) -> None:
     if case.path.startswith("/api/event-types/") and case.method == "PATCH":
         # Likewise a fairness_key: a string the schema takes may not be a CEL expression that compiles.
         excluded.append(positive_data_acceptance)
+    if case.path in ("/api/runs/", "/api/runs/cancel/", "/api/runs/retry/"):
+        # Run filters have rules across fields and inside strings that no schema states: since before until,
+        # a payload filter that is a JSON object, a bulk call that names runs or a filter. Refused with a 400.
+        excluded.append(positive_data_acceptance)
     case.call_and_validate(app=app, headers={"Authorization": f"Token {token}"}, excluded_checks=excluded)
 
 
@@ -138,6 +142,8 @@ def test_schema_covers_every_endpoint_with_its_errors(api):
         "/api/workflows/{name}/",
         "/api/workflows/{name}/runs/",
         "/api/runs/",
+        "/api/runs/cancel/",
+        "/api/runs/retry/",
         "/api/runs/{trace_id}/",
         "/api/runs/{trace_id}/events/",
         "/api/runs/{trace_id}/cancel/",

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections
@@ -23,13 +28,15 @@ from django.db.models import (
     Window,
 )
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 
 from events_app.models import Event, EventType, EventTypeKey
 
 from . import pgsql
 from .engine import graph_for_version, rules
-from .models import Edge, Node, TaskRun, WorkflowDefinition, WorkflowRun, WorkflowVersion
+from .models import Edge, Node, TaskRun, Worker, WorkflowDefinition, WorkflowRun, WorkflowVersion
 
 
 def workflow_list() -> QuerySet[WorkflowDefinition]:
@@ -47,13 +54,236 @@ def workflow_get(*, name: str) -> WorkflowDefinition | None:
     return found[0][0] if found else None
 
 
-def run_list(*, workflow: str | None = None, status: str | None = None) -> QuerySet[WorkflowRun]:
-    runs = WorkflowRun.objects.select_related("workflow").order_by("-created_at", "trace_id")
-    if workflow:
-        runs = runs.filter(workflow__name=workflow)
-    if status:
-        runs = runs.filter(status=status.upper())
+# --------------------------------------------------------------------------- run filters
+
+RELATIVE_SINCE = re.compile(r"^(\d{1,4})([mhd])$")
+RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+# A payload filter is a small JSON object: anything longer is not a search an operator types.
+PAYLOAD_FILTER_MAX_CHARS = 2000
+PAYLOAD_FILTER_MAX_DEPTH = 8
+# The most runs one bulk call may name by trace id.
+TRACE_IDS_MAX = 10_000
+
+
+def moment_parse(text: str, *, end: bool = False, now: datetime | None = None) -> datetime | None:
+    """A time filter: ISO date or date-time (UTC when naive), or a span back from now such as 15m, 24h, 7d.
+
+    A bare date given as an end (`end=True`) means the end of that day. None for anything else.
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    relative = RELATIVE_SINCE.match(text)
+    if relative:
+        amount, unit = relative.groups()
+        return (now or timezone.now()) - timedelta(**{RELATIVE_UNITS[unit]: int(amount)})
+    try:
+        # A bare date first: parse_datetime would read it as midnight, losing "end of that day".
+        day = parse_date(text) if len(text) == 10 else None
+        moment = parse_datetime(text) if day is None else None
+    except ValueError:
+        return None
+    if day is not None:
+        moment = datetime(day.year, day.month, day.day) + (timedelta(days=1) if end else timedelta())
+    if moment is None:
+        return None
+    return timezone.make_aware(moment, timezone.get_current_timezone()) if timezone.is_naive(moment) else moment
+
+
+class FilterError(ValueError):
+    """A run filter that cannot be applied: `errors` maps each wrong field to why."""
+
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """The run list's filters, as the API, the run list page and the bulk actions all read them."""
+
+    workflow: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    payload: dict | None = None
+    trace_ids: tuple[str, ...] | None = None
+    # The text each was given as, for links and forms that carry the filter on.
+    given: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def is_empty(self) -> bool:
+        """True when it names no run and filters nothing: it would match every run."""
+        return not (self.workflow or self.status or self.since or self.until or self.payload or self.trace_ids)
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL can hold it: no NUL character, no lone surrogate."""
+    return not any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in text)
+
+
+def _uuid_or_none(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def payload_filter_parse(value: Any) -> dict:
+    """A payload filter: a JSON object, given as one or as its text. Raises ValueError saying what is wrong.
+
+    Checked here rather than left to PostgreSQL: a NUL character or a lone surrogate is refused by jsonb with a
+    database error, and deep nesting by Python's JSON parser with a RecursionError, neither a clear 400."""
+    if isinstance(value, str):
+        if len(value) > PAYLOAD_FILTER_MAX_CHARS:
+            raise ValueError(f"at most {PAYLOAD_FILTER_MAX_CHARS} characters")
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError('not JSON: give a JSON object such as {"sku": "A-1"}') from None
+    if not isinstance(value, dict) or not value:
+        raise ValueError('must be a non-empty JSON object, such as {"sku": "A-1"}')
+    if _depth(value) > PAYLOAD_FILTER_MAX_DEPTH:
+        raise ValueError(f"nested deeper than {PAYLOAD_FILTER_MAX_DEPTH} levels")
+    if len(json.dumps(value)) > PAYLOAD_FILTER_MAX_CHARS:
+        raise ValueError(f"at most {PAYLOAD_FILTER_MAX_CHARS} characters")
+    if not all(_storable(text) for text in _strings(value)):
+        raise ValueError("must not contain NUL or lone surrogate characters")
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    """Every key and string in a JSON value (JSON's own text escapes a NUL, so the text cannot be searched)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [*value, *(s for v in value.values() for s in _strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def run_filter_parse(data: Mapping[str, Any], *, now: datetime | None = None) -> RunFilter:
+    """The run filters in `data` (query parameters or a JSON body): `workflow`, `status`, `since`, `until`,
+    `payload` and `trace_ids`. Raises FilterError naming every wrong field; nothing is guessed, since a
+    filter read wrongly by a bulk action would act on the wrong runs."""
+    errors: dict[str, str] = {}
+    given: dict[str, str] = {}
+
+    def text(name: str) -> str | None:
+        value = data.get(name)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            errors[name] = "must be a string"
+            return None
+        if not _storable(value):
+            errors[name] = "must not contain NUL or lone surrogate characters"
+            return None
+        given[name] = value.strip()
+        return value.strip() or None
+
+    workflow = text("workflow")
+    status = text("status")
+    if status is not None:
+        status = status.upper()
+        if status not in WorkflowRun.Status.values:
+            errors["status"] = f"one of {', '.join(WorkflowRun.Status.values)}"
+            status = None
+    now = now or timezone.now()
+    moments = {}
+    for name, end in (("since", False), ("until", True)):
+        raw = text(name)
+        moments[name] = moment_parse(raw, end=end, now=now) if raw else None
+        if raw and moments[name] is None:
+            errors[name] = "not a date, a date and time (ISO 8601), or a span back from now such as 15m, 24h, 7d"
+    if moments["since"] and moments["until"] and moments["since"] >= moments["until"]:
+        errors["until"] = "must be after since"
+    payload = None
+    raw_payload = data.get("payload")
+    if raw_payload not in (None, ""):
+        try:
+            payload = payload_filter_parse(raw_payload)
+            given["payload"] = raw_payload if isinstance(raw_payload, str) else json.dumps(raw_payload)
+        except ValueError as exc:
+            errors["payload"] = str(exc)
+    trace_ids = None
+    raw_ids = data.get("trace_ids")
+    if raw_ids is not None:
+        if not isinstance(raw_ids, list) or not raw_ids:
+            errors["trace_ids"] = "must be a non-empty list of trace ids"
+        elif len(raw_ids) > TRACE_IDS_MAX:
+            errors["trace_ids"] = f"at most {TRACE_IDS_MAX:,} trace ids in one call"
+        else:
+            parsed = [_uuid_or_none(t) for t in raw_ids]
+            if None in parsed:
+                errors["trace_ids"] = "every element must be a trace id (a UUID string)"
+            else:
+                trace_ids = tuple(dict.fromkeys(parsed))
+    if errors:
+        raise FilterError(errors)
+    return RunFilter(
+        workflow=workflow,
+        status=status,
+        since=moments["since"],
+        until=moments["until"],
+        payload=payload,
+        trace_ids=trace_ids,
+        given=given,
+    )
+
+
+def runs_matching(filters: RunFilter) -> QuerySet[WorkflowRun]:
+    """Every run the filters match, unordered. The payload filter is JSON containment (`payload @> ...`), which
+    the GIN index `run_payload_gin_idx` (jsonb_path_ops) answers, so finding one run by a payload value reads
+    a few index entries, not the table."""
+    runs = _runs_filtered(workflow=filters.workflow, since=filters.since, until=filters.until, payload=filters.payload)
+    if filters.status:
+        runs = runs.filter(status=filters.status)
+    if filters.trace_ids:
+        runs = runs.filter(trace_id__in=filters.trace_ids)
     return runs
+
+
+def run_list(
+    *,
+    workflow: str | None = None,
+    status: str | None = None,
+    filters: RunFilter | None = None,
+) -> QuerySet[WorkflowRun]:
+    runs = runs_matching(filters or RunFilter(workflow=workflow, status=status.upper() if status else None))
+    return runs.select_related("workflow").order_by("-created_at", "trace_id")
+
+
+def run_match_batch(filters: RunFilter, *, before: tuple[datetime, str], limit: int) -> list[tuple[datetime, str, str]]:
+    """The next `limit` runs the filters match, newest first, strictly older than the keyset `before`
+    (created_at, trace_id): (created_at, trace_id, status) each. What a bulk action walks, a batch at a time,
+    each batch a range scan that starts where the last one ended."""
+    moment, trace_id = before
+    runs = (
+        runs_matching(filters)
+        .filter(created_at__lte=moment)
+        .exclude(created_at=moment, trace_id__lte=trace_id)
+        .order_by("-created_at", "trace_id")
+    )
+    return [(c, str(t), s) for c, t, s in runs.values_list("created_at", "trace_id", "status")[:limit]]
+
+
+def run_match_counts(filters: RunFilter) -> dict[str, int]:
+    """How many runs the filters match, per status (every status, zeros included); one query. What a bulk
+    action's confirmation shows before anything changes."""
+    return runs_matching(filters).aggregate(
+        **{status: Count("trace_id", filter=Q(status=status)) for status in WorkflowRun.Status.values}
+    )
 
 
 def _tasks_by_node() -> QuerySet[TaskRun]:
@@ -97,7 +327,11 @@ def run_events(*, trace_id: str, instances: bool = True) -> QuerySet[Event]:
 
 
 def _runs_filtered(
-    *, workflow: str | None = None, since: datetime | None = None, until: datetime | None = None
+    *,
+    workflow: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    payload: dict | None = None,
 ) -> QuerySet[WorkflowRun]:
     runs = WorkflowRun.objects.all()
     if workflow:
@@ -106,6 +340,9 @@ def _runs_filtered(
         runs = runs.filter(created_at__gte=since)
     if until:
         runs = runs.filter(created_at__lt=until)
+    if payload:
+        # `@>` on jsonb: what the GIN index (jsonb_path_ops) answers.
+        runs = runs.filter(payload__contains=payload)
     return runs
 
 
@@ -114,6 +351,7 @@ def run_status_counts(
     workflow: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    payload: dict | None = None,
     cap: int | None = None,
 ) -> dict[str, int]:
     """Runs per status (every status present, zeros included) for the run list's filters; one query.
@@ -122,7 +360,7 @@ def run_status_counts(
     cap". Each capped count is a LIMITed range scan of the (status, created_at) index, so the cost
     stops growing with the table, where an exact count has to visit every matching row.
     """
-    runs = _runs_filtered(workflow=workflow, since=since, until=until)
+    runs = _runs_filtered(workflow=workflow, since=since, until=until, payload=payload)
     if cap is None:
         return runs.aggregate(
             **{status: Count("trace_id", filter=Q(status=status)) for status in WorkflowRun.Status.values}
@@ -144,6 +382,7 @@ def run_page_list(
     status: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    payload: dict | None = None,
     older_than: tuple[datetime, str] | None = None,
     newer_than: tuple[datetime, str] | None = None,
     limit: int = 50,
@@ -154,7 +393,7 @@ def run_page_list(
     back towards newer ones (`more` then tells whether newer runs remain). Each page is a range scan of
     a created_at index, however deep it is, where OFFSET would read and drop every row before it.
     """
-    runs = _runs_filtered(workflow=workflow, since=since, until=until).select_related("workflow")
+    runs = _runs_filtered(workflow=workflow, since=since, until=until, payload=payload).select_related("workflow")
     if status:
         runs = runs.filter(status=status)
     if newer_than is not None:
@@ -495,3 +734,147 @@ def task_wait_reason(task: TaskRun) -> rules.WaitReason | None:
         key_held=key_held or 0,
         place=getattr(task, "line_position", None),
     )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def worker_page_list(*, seen_within: timedelta) -> list[Worker]:
+    """Every worker heard from within `seen_within`, newest heartbeat first, each annotated `silent_for`
+    (a timedelta since its last heartbeat, measured on the database's clock as `last_seen` was written,
+    so no web server's clock decides whether a worker looks dead)."""
+    return list(
+        Worker.objects.annotate(silent_for=Now() - F("last_seen"))
+        .filter(last_seen__gte=Now() - seen_within)
+        .order_by("-last_seen", "name")
+    )
+
+
+def worker_running(*, names: list[str]) -> list[TaskRun]:
+    """The attempts these workers run now, by the task rows that record it: started, holding a slot, and
+    naming the worker. One query on the partial index of slot holders, whose size follows the cluster's
+    concurrency, not the history."""
+    if not names:
+        return []
+    return list(
+        TaskRun.objects.filter(holds_slot=True, status=TaskRun.Status.STARTED, worker__in=names)
+        .select_related("run__workflow")
+        .defer("result", "run__payload")
+        .order_by("started_at", "id")
+    )
+
+
+_EVENT = Event._meta.db_table
+# Each attempt (an Event) with its task row now: whether that row still points at the attempt, or at a newer
+# one (it was retried), and how it stands. The task is found by its run, node and instance (the unique index).
+_ATTEMPT_FATES = f"""
+SELECT e.event_id, e.trace_id, e.context->>'node', (e.context->>'attempt')::int, t.map_index, t.status,
+    t.attempts, t.worker, t.current_event_id, t.error, t.lease_expires_at, t.finished_at
+FROM {_EVENT} AS e
+JOIN {_TASK} AS t ON t.run_id = e.trace_id AND t.node_key = e.context->>'node'
+    AND t.map_index IS NOT DISTINCT FROM (e.context->>'map_index')::int
+WHERE e.event_id = ANY(%s::uuid[])
+ORDER BY e.timestamp, e.event_id
+"""
+
+
+@dataclass
+class AttemptFate:
+    """An attempt a worker was running, and what became of it since."""
+
+    event_id: str
+    trace_id: str
+    node: str
+    attempt: int | None
+    map_index: int | None
+    status: str
+    attempts: int
+    worker: str
+    current: bool
+    error: str
+    lease_expires_at: datetime | None
+    finished_at: datetime | None
+
+
+def attempt_fates(*, event_ids: list[str]) -> list[AttemptFate]:
+    """What became of these attempts (a silent worker's): one query, whatever their number."""
+    if not event_ids:
+        return []
+    with connections["default"].cursor() as cursor:
+        cursor.execute(_ATTEMPT_FATES, [list(dict.fromkeys(event_ids))])
+        rows = cursor.fetchall()
+    fates = []
+    for row in rows:
+        event_id, trace_id, node, attempt, map_index, status, attempts, worker, current, error, lease, done = row
+        fates.append(
+            AttemptFate(
+                event_id=str(event_id),
+                trace_id=str(trace_id),
+                node=node,
+                attempt=attempt,
+                map_index=map_index,
+                status=status,
+                attempts=attempts,
+                worker=worker,
+                current=current is not None and str(current) == str(event_id),
+                error=error,
+                lease_expires_at=lease,
+                finished_at=done,
+            )
+        )
+    return fates
+
+
+# --------------------------------------------------------------------------- workflow trends
+
+_RUN = WorkflowRun._meta.db_table
+# Per node over a workflow's latest runs: percentiles of the run time and wait of the attempts that ran
+# (rows with an Event: a mapped node's own row has none, its instances each have one), and how many of the
+# node's own rows ended SUCCESS or FAILURE, and FAILURE. One GROUP BY, whatever the number of nodes.
+_NODE_TRENDS = f"""
+WITH recent AS (
+    SELECT trace_id FROM {_RUN} WHERE workflow_id = %s ORDER BY created_at DESC, trace_id LIMIT %s
+)
+SELECT t.node_key,
+    count(DISTINCT t.run_id),
+    percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM t.finished_at - t.started_at))
+        FILTER (WHERE t.current_event_id IS NOT NULL AND t.status IN ('SUCCESS', 'FAILURE')
+                AND t.started_at IS NOT NULL AND t.finished_at IS NOT NULL),
+    percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY extract(epoch FROM t.started_at - t.queued_at))
+        FILTER (WHERE t.current_event_id IS NOT NULL AND t.started_at IS NOT NULL AND t.queued_at IS NOT NULL),
+    count(*) FILTER (WHERE t.map_index IS NULL AND t.status IN ('SUCCESS', 'FAILURE')),
+    count(*) FILTER (WHERE t.map_index IS NULL AND t.status = 'FAILURE')
+FROM recent AS r JOIN {_TASK} AS t ON t.run_id = r.trace_id
+GROUP BY t.node_key
+"""
+
+
+@dataclass
+class NodeTrend:
+    """A node over a workflow's latest runs: seconds at the 50th and 95th percentile (None when nothing ran),
+    and how many of its runs ended SUCCESS or FAILURE, and how many of those failed."""
+
+    runs: int
+    duration_p50: float | None
+    duration_p95: float | None
+    wait_p50: float | None
+    wait_p95: float | None
+    ended: int
+    failed: int
+
+    @property
+    def failed_share(self) -> float | None:
+        return self.failed / self.ended if self.ended else None
+
+
+def workflow_node_trends(*, workflow: WorkflowDefinition, runs: int = 100) -> dict[str, NodeTrend]:
+    """Node key -> its trend over the workflow's latest `runs` runs (whatever their version); one query.
+    The runs are read from the (workflow, created_at) index, their tasks from the (run, node) index."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(_NODE_TRENDS, [workflow.pk, runs])
+        rows = cursor.fetchall()
+    trends = {}
+    for key, n, duration, wait, ended, failed in rows:
+        duration, wait = duration or (None, None), wait or (None, None)
+        trends[key] = NodeTrend(n, duration[0], duration[1], wait[0], wait[1], ended, failed)
+    return trends

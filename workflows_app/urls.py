@@ -1,4 +1,5 @@
-"""Status pages: runs, a run and its nodes (with cancel, retry, approve and reject), approvals, workflows, queues."""
+"""Status pages: runs (with bulk cancel and retry), a run and its nodes (with cancel, retry, approve and reject),
+approvals, workflows, queues, workers."""
 
 from django.urls import path
 
@@ -9,6 +10,7 @@ app_name = "workflows_app"
 urlpatterns = [
     path("", views.home, name="home"),
     path("runs/", views.RunListView.as_view(), name="run-list"),
+    path("runs/bulk/", views.RunBulkView.as_view(), name="run-bulk"),
     path("runs/<uuid:trace_id>/", views.RunDetailView.as_view(), name="run-detail"),
     path(
         "runs/<uuid:trace_id>/live/",
@@ -36,4 +38,5 @@ urlpatterns = [
         name="workflow-detail",
     ),
     path("queues/", views.QueueListView.as_view(), name="queue-list"),
+    path("workers/", views.WorkerListView.as_view(), name="worker-list"),
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import uuid
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
@@ -17,13 +16,13 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
+from django.utils.dateparse import parse_datetime
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.utils.safestring import SafeString, mark_safe
 from django.views import View
 from django.views.generic import TemplateView
 
-from . import engine, graph_svg, selectors
+from . import bulk, engine, graph_svg, selectors
 from .engine import EngineError, graph_from_spec
 from .models import TaskRun, WorkflowRun
 
@@ -33,14 +32,16 @@ RECENT_RUNS = 20
 # cost time in proportion to the table, and past it the exact figure does not change a decision.
 RUN_COUNT_CAP = 10_000
 THROUGHPUT_WINDOW = timedelta(hours=1)
+# /workers/ lists the workers heard from within this long; older rows stay in the table (and the admin).
+WORKERS_SHOWN_FOR = timedelta(hours=1)
+# The workflow page's per-node trends cover this many of its latest runs.
+TREND_RUNS = 100
 # Long payloads, results and errors are cut: the live fragment is fetched every second per viewer.
 PAYLOAD_PREVIEW_CHARS = 20_000
 RESULT_PREVIEW_CHARS = 160
 ERROR_PREVIEW_CHARS = 200
 INSTANCES_PER_PAGE = 50
 DETAIL_CHARS = 50_000
-RELATIVE_SINCE = re.compile(r"^(\d{1,4})([mhd])$")
-RELATIVE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 QUICK_RANGES = (("1h", "last hour"), ("24h", "24 hours"), ("7d", "7 days"), ("30d", "30 days"))
 # As long as the API takes (NodeDecideApi).
 COMMENT_MAX_CHARS = 2000
@@ -311,28 +312,9 @@ class PageMixin(LoginUnlessPublicMixin):
 
 
 def parse_moment(text: str, *, end: bool = False, now: datetime | None = None) -> datetime | None:
-    """A time filter: ISO date or date-time (UTC when naive), or a span back from now such as 15m, 24h, 7d.
-
-    A bare date given as an end (`end=True`) means the end of that day. None for anything else.
-    """
-    text = (text or "").strip()
-    if not text:
-        return None
-    relative = RELATIVE_SINCE.match(text)
-    if relative:
-        amount, unit = relative.groups()
-        return (now or timezone.now()) - timedelta(**{RELATIVE_UNITS[unit]: int(amount)})
-    try:
-        # A bare date first: parse_datetime would read it as midnight, losing "end of that day".
-        day = parse_date(text) if len(text) == 10 else None
-        moment = parse_datetime(text) if day is None else None
-    except ValueError:
-        return None
-    if day is not None:
-        moment = datetime(day.year, day.month, day.day) + (timedelta(days=1) if end else timedelta())
-    if moment is None:
-        return None
-    return timezone.make_aware(moment, timezone.get_current_timezone()) if timezone.is_naive(moment) else moment
+    """A time filter: ISO date or date-time (UTC when naive), or a span back from now such as 15m, 24h, 7d
+    (`selectors.moment_parse`, which the API and the bulk actions read filters with too)."""
+    return selectors.moment_parse(text, end=end, now=now)
 
 
 def cursor_encode(run: WorkflowRun) -> str:
@@ -376,7 +358,14 @@ class RunListView(PageMixin, TemplateView):
             for name, text, value in (("since", since_text, since), ("until", until_text, until))
             if text and not value
         ]
-        window = {"workflow": workflow or None, "since": since, "until": until}
+        payload_text = params.get("payload", "").strip()
+        payload, payload_error = None, ""
+        if payload_text:
+            try:
+                payload = selectors.payload_filter_parse(payload_text)
+            except ValueError as exc:
+                payload_error = str(exc)
+        window = {"workflow": workflow or None, "since": since, "until": until, "payload": payload}
 
         counts = selectors.run_status_counts(**window, cap=RUN_COUNT_CAP)
         older_than = cursor_decode(params.get("older", ""))
@@ -394,7 +383,16 @@ class RunListView(PageMixin, TemplateView):
         for run in runs:
             run.elapsed = format_duration(_between(run.created_at, run.finished_at or now))
 
-        filters = {k: v for k, v in (("workflow", workflow), ("since", since_text), ("until", until_text)) if v}
+        filters = {
+            k: v
+            for k, v in (
+                ("workflow", workflow),
+                ("since", since_text),
+                ("until", until_text),
+                ("payload", payload_text if payload else ""),
+            )
+            if v
+        }
         with_status = {**filters, **({"status": status} if status else {})}
 
         def query(**extra: str) -> str:
@@ -424,6 +422,100 @@ class RunListView(PageMixin, TemplateView):
             # Query strings that keep the other filters on the status chips and the "clear" links.
             filter_query=urlencode(filters),
             filtered=bool(filters or status),
+            payload=payload_text,
+            payload_error=payload_error,
+            can_act=can_act_on_runs(self.request),
+            # The whole filter, status included, that "all matching" acts on.
+            bulk_query=urlencode(with_status),
+            here=self.request.get_full_path(),
+        )
+        return context
+
+
+# --------------------------------------------------------------------------- bulk actions
+
+
+BULK_VERBS = {"cancel": ("Cancel", "canceled", "running"), "retry": ("Retry", "retried", "failed or canceled")}
+
+
+def _bulk_request(data: Any) -> tuple[str, str, selectors.RunFilter | None, dict[str, str]]:
+    """The action, its scope ('selected' or 'all'), and its runs from a form (GET or POST): the checked
+    trace ids, or the filter of the run list; with what is wrong with it, by field."""
+    action = data.get("action", "")
+    scope = "selected" if data.get("scope") == "selected" else "all"
+    errors: dict[str, str] = {}
+    if action not in BULK_VERBS:
+        errors["action"] = "one of cancel, retry"
+    fields: dict[str, Any] = {}
+    if scope == "selected":
+        fields["trace_ids"] = data.getlist("trace_id")
+        if not fields["trace_ids"]:
+            errors["trace_ids"] = "select at least one run"
+    else:
+        fields.update({name: data.get(name, "") for name in ("workflow", "status", "since", "until", "payload")})
+    filters = None
+    if not errors:
+        try:
+            filters = selectors.run_filter_parse(fields)
+        except selectors.FilterError as exc:
+            errors.update(exc.errors)
+        if filters is not None and filters.is_empty():
+            errors["filter"] = "name the runs: select some, or filter the list first"
+            filters = None
+    return action, scope, filters if not errors else None, errors
+
+
+def _run_list_url(filters: selectors.RunFilter | None) -> str:
+    url = reverse("workflows_app:run-list")
+    given = {k: v for k, v in (filters.given if filters else {}).items() if v}
+    return f"{url}?{urlencode(given)}" if given else url
+
+
+class RunBulkView(PermissionRequiredMixin, PageMixin, TemplateView):
+    """Cancel or retry many runs from the run list: GET shows what would happen (how many runs match and how
+    many would change) with a form to confirm; POST does it, then back to the list with the outcome. Plain
+    forms, so it works without JavaScript."""
+
+    template_name = "workflows_app/run_bulk.html"
+    nav = "runs"
+    permission_required = "workflows_app.change_workflowrun"
+    raise_exception = True
+    http_method_names = ["get", "post"]
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        action, scope, filters, errors = _bulk_request(request.GET)
+        context = self.get_context_data(action=action, scope=scope, filters=filters, errors=errors)
+        if filters is not None:
+            matched, changing = bulk.bulk_preview(action=action, filters=filters)
+            context.update(matched=matched, changing=changing, others=matched - changing)
+        return self.render_to_response(context, status=400 if errors else 200)
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        action, scope, filters, errors = _bulk_request(request.POST)
+        if errors or filters is None:
+            context = self.get_context_data(action=action, scope=scope, filters=filters, errors=errors)
+            return self.render_to_response(context, status=400)
+        service = bulk.workflow_runs_cancel if action == "cancel" else bulk.workflow_runs_retry
+        result = service(filters=filters)
+        verb, done, _ = BULK_VERBS[action]
+        text = f"{result.changed:,} of {result.matched:,} matching run{'s' if result.matched != 1 else ''} {done}"
+        if result.changed < result.matched:
+            text += f"; the other {result.matched - result.changed:,} were left as they were"
+        messages.success(request, text + ".")
+        return HttpResponseRedirect(_safe_next(request, _run_list_url(filters)))
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        action, filters = kwargs.get("action"), kwargs.get("filters")
+        verb, done, eligible = BULK_VERBS.get(action, ("", "", ""))
+        given = filters.given if filters else {}
+        context.update(
+            verb=verb,
+            done=done,
+            eligible=eligible,
+            hidden=[(k, v) for k, v in given.items() if k != "trace_ids" and v],
+            trace_ids=list(filters.trace_ids or ()) if filters else [],
+            back=_safe_next_get(self.request, _run_list_url(filters)),
         )
         return context
 
@@ -833,6 +925,15 @@ def can_decide(request: HttpRequest) -> bool:
     return request.user.has_perm(APPROVE_PERMISSION)
 
 
+def _safe_next_get(request: HttpRequest, default: str) -> str:
+    """As `_safe_next`, from a GET form's `next`."""
+    target = request.GET.get("next", "")
+    allowed = url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return target if target and allowed else default
+
+
 def _safe_next(request: HttpRequest, default: str) -> str:
     """The page to go back to: the form's `next` when it is a page of this site, else `default`."""
     target = request.POST.get("next", "")
@@ -941,7 +1042,10 @@ class WorkflowDetailView(PageMixin, TemplateView):
         now = timezone.now()
         for run in runs:
             run.elapsed = format_duration(_between(run.created_at, run.finished_at or now))
+        trends = selectors.workflow_node_trends(workflow=workflow, runs=TREND_RUNS)
         context.update(
+            trend_runs=TREND_RUNS,
+            trends=[(node.key, trend_cells(trends.get(node.key))) for node in nodes],
             workflow=workflow,
             nodes=nodes,
             edges=edges,
@@ -955,6 +1059,103 @@ class WorkflowDetailView(PageMixin, TemplateView):
                 href=lambda key: f"#node-{key}",
                 conditions=conditions,
             ),
+        )
+        return context
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else ""
+
+
+def trend_cells(trend: selectors.NodeTrend | None) -> dict[str, str]:
+    """A node's trend as the workflow page shows it; empty cells for a node that has not run."""
+    if trend is None:
+        return {"runs": "0", "duration_p50": "", "duration_p95": "", "wait_p50": "", "wait_p95": "", "failed": ""}
+    return {
+        "runs": str(trend.runs),
+        "duration_p50": format_duration(trend.duration_p50),
+        "duration_p95": format_duration(trend.duration_p95),
+        "wait_p50": format_duration(trend.wait_p50),
+        "wait_p95": format_duration(trend.wait_p95),
+        "failed": f"{_share(trend.failed, trend.ended)} ({trend.failed} of {trend.ended})" if trend.ended else "",
+        "failed_share": "" if trend.failed_share is None else f"{trend.failed_share:.4f}",
+    }
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def lease_bound() -> timedelta:
+    """How long a worker may go unheard before it counts as silent: a live one beats every few seconds, and
+    past this bound the reconciler has taken back the attempts it held (their leases lapsed)."""
+    config = settings.EVENTFLOW
+    return timedelta(seconds=config["LEASE_SECONDS"] + config["RECONCILE_SECONDS"])
+
+
+def attempt_fate(fate: selectors.AttemptFate, *, worker: str) -> tuple[str, str]:
+    """(code, words) for what became of an attempt a silent `worker` was running."""
+    S = TaskRun.Status
+    if not fate.current:
+        # Its task has a newer attempt: the engine sent it again after this one was lost.
+        where = f" on {fate.worker}" if fate.worker and fate.worker != worker else ""
+        return "retried", f"retried elsewhere: attempt {fate.attempts} is {fate.status}{where}"
+    if fate.status == S.STARTED:
+        lapses = fate.lease_expires_at.strftime("%H:%M:%S") if fate.lease_expires_at else "soon"
+        return "pending", f"still marked running; its lease lapses at {lapses}, then it is retried or failed"
+    if fate.status == S.FAILURE:
+        return "failed", f"failed: {_first_line(fate.error)}"
+    if fate.status == S.SUCCESS:
+        return "succeeded", "finished before the worker went silent"
+    if fate.status == S.REVOKED:
+        return "revoked", "canceled with its run"
+    if fate.status in (S.RETRY, S.QUEUED):
+        return "retried", f"to be retried: attempt {fate.attempts + 1} waits"
+    return fate.status.lower(), fate.status
+
+
+class WorkerListView(PageMixin, TemplateView):
+    """Every worker heard from lately (from the database, so it survives restarts of the web app): its host,
+    queues, pool size, the attempts it runs, when it was last heard from; a silent one is marked, and what
+    became of the attempts it held is shown."""
+
+    template_name = "workflows_app/worker_list.html"
+    nav = "workers"
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        bound = lease_bound()
+        workers = selectors.worker_page_list(seen_within=WORKERS_SHOWN_FOR)
+        running = selectors.worker_running(names=[w.name for w in workers])
+        by_worker: dict[str, list[TaskRun]] = {}
+        for task in running:
+            by_worker.setdefault(task.worker, []).append(task)
+        silent = [w for w in workers if w.silent_for > bound]
+        # A silent worker's attempts: those its last heartbeat named, and any row still naming it as running.
+        held = {w.name: [*w.attempts, *(str(t.current_event_id) for t in by_worker.get(w.name, []))] for w in silent}
+        fates = {f.event_id: f for f in selectors.attempt_fates(event_ids=[e for ids in held.values() for e in ids])}
+        now = timezone.now()
+        for worker in workers:
+            worker.silent = worker.silent_for > bound
+            worker.quiet = format_duration(worker.silent_for.total_seconds())
+            worker.up_for = format_duration(_between(worker.started_at, now))
+            worker.running = [] if worker.silent else by_worker.get(worker.name, [])
+            for task in worker.running:
+                task.run_url = reverse("workflows_app:run-detail", args=[task.run_id])
+                task.elapsed = format_duration(_between(task.started_at, now))
+            worker.fates = []
+            for event_id in dict.fromkeys(held.get(worker.name, [])):
+                fate = fates.get(event_id)
+                if fate is None:
+                    continue  # not a task attempt (an engine task), or purged since
+                code, words = attempt_fate(fate, worker=worker.name)
+                run_url = reverse("workflows_app:run-detail", args=[fate.trace_id])
+                worker.fates.append({"fate": fate, "code": code, "words": words, "run_url": run_url})
+        context.update(
+            workers=workers,
+            live=sum(1 for w in workers if not w.silent),
+            bound=format_duration(bound.total_seconds()),
+            shown_for=format_duration(WORKERS_SHOWN_FOR.total_seconds()),
+            now=now,
         )
         return context
 

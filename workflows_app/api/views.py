@@ -24,7 +24,7 @@ from rest_framework.reverse import reverse as api_reverse
 from rest_framework.views import APIView
 
 from events_app.models import Event, EventType
-from workflows_app import engine, selectors
+from workflows_app import bulk, engine, selectors
 from workflows_app.definitions import definition_export, workflow_definition_create, workflow_definition_save
 from workflows_app.engine import rules
 from workflows_app.models import TaskRun, WorkflowDefinition, WorkflowRun
@@ -381,11 +381,48 @@ class RunTriggerApi(APIView):
 RUN_STATUS_FILTER = [*WorkflowRun.Status.values, *(v.lower() for v in WorkflowRun.Status.values)]
 
 
+def _run_filters(data: Any, *, trace_ids: bool) -> selectors.RunFilter:
+    """The run filters of a query string or a JSON body; a 400 naming each wrong field."""
+    if trace_ids:
+        data = _reject_unknown(data, {"workflow", "status", "since", "until", "payload", "trace_ids"})
+    else:
+        data = {name: data.get(name) for name in ("workflow", "status", "since", "until", "payload")}
+    try:
+        return selectors.run_filter_parse(data)
+    except selectors.FilterError as exc:
+        raise ValidationError({name: [error] for name, error in exc.errors.items()}) from None
+
+
+SINCE = OpenApiParameter(
+    "since",
+    str,
+    required=False,
+    description="Runs created at or after: an ISO 8601 date or date-time (UTC when naive), or a span back from now "
+    "such as 15m, 24h, 7d.",
+)
+UNTIL = OpenApiParameter(
+    "until",
+    str,
+    required=False,
+    description="Runs created before: an ISO 8601 date-time, or a date (its whole day included). After since.",
+)
+PAYLOAD_FILTER = OpenApiParameter(
+    "payload",
+    str,
+    required=False,
+    description='A JSON object: runs whose payload contains it (JSON containment, e.g. {"sku": "A-1"}), read from a '
+    "GIN index.",
+)
+
+
 class RunListApi(APIView):
     @extend_schema(
         parameters=[
             OpenApiParameter("workflow", str, required=False),
             OpenApiParameter("status", str, required=False, enum=RUN_STATUS_FILTER, description="Upper or lower case."),
+            SINCE,
+            UNTIL,
+            PAYLOAD_FILTER,
             PAGE,
         ],
         summary="List runs, newest first",
@@ -396,13 +433,88 @@ class RunListApi(APIView):
         wanted = request.query_params.get("status")
         if wanted is not None and wanted not in RUN_STATUS_FILTER:
             raise ValidationError({"status": [f"one of {', '.join(WorkflowRun.Status.values)}"]})
-        workflow = request.query_params.get("workflow")
-        if workflow is not None and not _storable(workflow):
-            raise ValidationError({"workflow": ["must not contain NUL or lone surrogate characters"]})
-        runs = selectors.run_list(workflow=workflow, status=wanted)
+        runs = selectors.run_list(filters=_run_filters(request.query_params, trace_ids=False))
         paginator = PagePagination()
         page = paginator.paginate_queryset(runs, request, view=self)
         return paginator.get_paginated_response(RunOutputSerializer(page, many=True, context={"request": request}).data)
+
+
+class BulkInputSerializer(serializers.Serializer):
+    """For the schema only: `_run_filters` reads the body, with the run list's own rules."""
+
+    workflow = serializers.CharField(required=False)
+    status = serializers.ChoiceField(choices=RUN_STATUS_FILTER, required=False)
+    since = serializers.CharField(required=False, help_text="As the run list's `since`.")
+    until = serializers.CharField(required=False, help_text="As the run list's `until`; after since.")
+    payload = serializers.JSONField(
+        required=False, help_text="A JSON object (or its text): runs whose payload contains it."
+    )
+    trace_ids = serializers.ListField(
+        child=serializers.UUIDField(), required=False, max_length=selectors.TRACE_IDS_MAX, help_text="Runs by id."
+    )
+
+    class Meta:
+        ref_name = "BulkRunsInput"
+
+
+class BulkOutputSerializer(serializers.Serializer):
+    matched = serializers.IntegerField(help_text="Runs the filter matched when the call began.")
+    changed = serializers.IntegerField(help_text="Runs it canceled (or restarted); the others were left as they were.")
+
+    class Meta:
+        ref_name = "BulkRunsResult"
+
+
+NAME_THE_RUNS = "name the runs: trace_ids, or a filter (workflow, status, since, until, payload)"
+
+
+class RunsCancelBulkApi(APIView):
+    """Cancel every run a filter matches, or those named."""
+
+    permission_classes = [require("workflows_app.change_workflowrun")]
+    action = "cancel"
+
+    @extend_schema(
+        summary="Cancel many runs",
+        description=(
+            "The run list's filters (`workflow`, `status`, `since`, `until`, `payload`) and/or `trace_ids`; at least "
+            "one, since an empty filter would match every run. Runs are changed one by one, each in its own short "
+            "transaction, read in batches; runs created after the call began are left alone. A run already final "
+            "counts as matched, not changed: the same call again changes 0."
+        ),
+        request=BulkInputSerializer,
+        responses={200: BulkOutputSerializer, **errors(*WRITE)},
+    )
+    def post(self, request: Request) -> Response:
+        filters = _run_filters(request.data, trace_ids=True)
+        if filters.is_empty():
+            raise ValidationError(
+                {
+                    "non_field_errors": [
+                        "name the runs: trace_ids, or a filter (workflow, status, since, until, payload)"
+                    ]
+                }
+            )
+        service = bulk.workflow_runs_cancel if self.action == "cancel" else bulk.workflow_runs_retry
+        return Response(service(filters=filters).as_dict())
+
+
+class RunsRetryBulkApi(RunsCancelBulkApi):
+    """Retry every failed or canceled run a filter matches, or those named."""
+
+    action = "retry"
+
+    @extend_schema(
+        summary="Retry many runs",
+        description=(
+            "As bulk cancel, for failed and canceled runs: their failed, upstream-failed and revoked tasks run again. "
+            "A run that is not failed or canceled counts as matched, not changed."
+        ),
+        request=BulkInputSerializer,
+        responses={200: BulkOutputSerializer, **errors(*WRITE)},
+    )
+    def post(self, request: Request) -> Response:
+        return super().post(request)
 
 
 class RunDetailApi(APIView):
