@@ -1,113 +1,245 @@
-"""Admission cost per task as the waiting line grows: run `python bench/admission.py`.
+"""Admission cost per admitted task, one key against many fairness keys: run `python bench/admission.py`.
 
-Fills an event type of concurrency 1 with N QUEUED tasks (one run each), then repeatedly frees
-the slot and times the engine's admission step (`eventflow_admit`: lock the type, read its count of
-held slots, take the head of the line, mark it; then build its message). Nothing is published: this
-measures the database side.
+Each case fills an event type with N QUEUED tasks (one run each) spread over K fairness keys, builds
+the keys' rows the way the reconciler does (`sql.RECOUNT_KEYS` under the type's lock) and lets the
+engine fill the type's slots once. Then each timed step, in a transaction: one slot holder ends (set
+SUCCESS, no longer holding its slot, untimed), and the engine's admission (`eventflow_admit`, given
+that slot back for the holder's type and key) picks the next task, whose message is built (the
+outbox, as a finish does). Each step must admit exactly one task. Nothing is published: this measures
+the database side and the message's construction.
+
+The cases: `one` (1,000 waiting, one key, no rate limit), `keys` (10,000 waiting over 1,000 keys, a
+rate limit that never blocks but whose window is kept, and a per-key share) and `one-10k` (10,000
+waiting, one key). The cases take turns within each repeat, each repeat starting with the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import time
 import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 
 from _setup import print_table, setup_django, summary
 
+# eventflow_admit with the slots a finish gives back (`sql.ADMIT` gives none back).
+ADMIT_RELEASED = (
+    "SELECT eventflow_admit(%(types)s::varchar[], %(released)s::jsonb, '{}', '{}', '{}', NULL, NULL, %(grace)s)"
+)
+TASK = "workflows_app.tasks.echo"
+# Slots of every case's type: several holders, as a type in use has.
+CONCURRENCY = 8
+# Run priorities drawn for every task: mostly the default, some above and below it.
+PRIORITIES = [5] * 8 + [7, 3]
 
-def fill(line_length: int) -> None:
-    from django.utils import timezone
 
-    from events_app.models import Event, EventType
+@dataclass(frozen=True)
+class Case:
+    name: str
+    label: str
+    waiting: int
+    keys: int
+    rate_limit: str | None = None
+    per_key: int | None = None
+
+    @property
+    def event_type(self) -> str:
+        return f"bench_admit_{self.name.replace('-', '_')}"
+
+
+CASES = {
+    "one": Case("one", "1,000 waiting, one key, no rate limit", 1000, 1),
+    "keys": Case(
+        "keys",
+        "10,000 waiting over 1,000 keys, rate 1000000/hour, 2 per key",
+        10_000,
+        1000,
+        rate_limit="1000000/hour",
+        per_key=2,
+    ),
+    "one-10k": Case("one-10k", "10,000 waiting, one key, no rate limit", 10_000, 1),
+}
+
+
+def define(case: Case):
+    """The case's workflow (one node on its own event type) and the type's admission settings."""
     from tests import factories
+    from workflows_app import engine
+
+    workflow = factories.workflow(factories.spec(f"wf_{case.event_type}", [("only", TASK)], event_type=case.event_type))
+    settings = {"concurrency": CONCURRENCY, "rate_limit": case.rate_limit, "per_key_concurrency": case.per_key}
+    settings["fairness_key"] = "payload.tenant" if case.keys > 1 else None
+    engine.event_type_update(name=case.event_type, **settings)
+    return workflow
+
+
+def empty() -> None:
+    from events_app.models import Event, EventType, EventTypeKey
     from workflows_app.models import TaskRun, WorkflowRun
 
     TaskRun.objects.all().delete()
     WorkflowRun.objects.all().delete()
     Event.objects.all().delete()
-    workflow = factories.workflow(
-        factories.spec("bench_one", [("only", "workflows_app.tasks.echo")], event_type="bench")
-    )
-    # The rows deleted above took their slots with them: start the type's count from none.
-    EventType.objects.filter(name="bench").update(concurrency=1, held=0)
+    EventTypeKey.objects.all().delete()
+    # The rows deleted above took their slots and rate window with them.
+    EventType.objects.update(held=0, rate_times=[], rate_counts=[], rate_wake_at=None)
+
+
+def fill(case: Case, workflow, rng: random.Random) -> None:
+    """N QUEUED tasks not holding a slot, each of its own run (its tenant's key, a drawn priority, its
+    own start time), the keys' rows recounted from them, then one admission fills the type's slots."""
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from events_app.models import Event
+    from workflows_app import pgsql
+    from workflows_app.engine import sql
+    from workflows_app.models import TaskRun, WorkflowRun
+
+    empty()
     version = workflow.versions.get()
     now = timezone.now()
+    tenants = [f"tenant-{i:04d}" if case.keys > 1 else "" for i in range(case.keys)]
+    drawn = [(tenants[i % case.keys], rng.choice(PRIORITIES)) for i in range(case.waiting)]
+    rng.shuffle(drawn)
     runs = WorkflowRun.objects.bulk_create(
-        WorkflowRun(workflow=workflow, version=version, workflow_version=version.version) for _ in range(line_length)
+        WorkflowRun(
+            workflow=workflow,
+            version=version,
+            workflow_version=version.version,
+            payload={"tenant": tenant} if tenant else {},
+            priority=priority,
+        )
+        for tenant, priority in drawn
     )
     events = Event.objects.bulk_create(
         Event(
             event_id=uuid.uuid4(),
             trace_id=r.trace_id,
-            event_type="bench",
-            task_name="workflows_app.tasks.echo",
+            event_type=case.event_type,
+            task_name=TASK,
+            payload=r.payload,
             context={"node": "only", "attempt": 1},
             timestamp=now,
         )
         for r in runs
     )
+    # Runs started a millisecond apart, each task ready right after its run's start.
+    started = [now - timedelta(milliseconds=case.waiting - i) for i in range(case.waiting)]
     TaskRun.objects.bulk_create(
         TaskRun(
             run=r,
             node_key="only",
-            event_type_id="bench",
-            task_name="workflows_app.tasks.echo",
+            event_type_id=case.event_type,
+            task_name=TASK,
             status="QUEUED",
-            queued_at=now,
+            holds_slot=False,
+            queued_at=at + timedelta(microseconds=100),
+            priority=r.priority,
+            run_created_at=at,
+            fair_key=tenant,
             current_event=e,
         )
-        for r, e in zip(runs, events, strict=True)
+        for r, e, at, (tenant, _) in zip(runs, events, started, drawn, strict=True)
     )
-    from django.db import connection
-
     with connection.cursor() as cursor:
-        cursor.execute("ANALYZE")
+        cursor.execute(
+            "UPDATE workflows_app_workflowrun AS run SET created_at = task.run_created_at "
+            "FROM workflows_app_taskrun AS task WHERE task.run_id = run.trace_id"
+        )
+    with transaction.atomic():
+        pgsql.fetch_one(sql.LOCK_TYPE, {"name": case.event_type})
+        (keys,) = pgsql.fetch_one(sql.RECOUNT_KEYS, {"name": case.event_type})
+        assert keys == case.keys, (keys, case.keys)
+        (sent,) = pgsql.fetch_one(sql.ADMIT, {"types": [case.event_type], "grace": 60})
+        admitted = [item for item in pgsql.loads(sent) if "event" in item]
+        assert len(admitted) == CONCURRENCY, sent
+    with connection.cursor() as cursor:
+        # As autovacuum would after a fill of this size; the fill's deletes leave dead rows behind.
+        cursor.execute("VACUUM ANALYZE workflows_app_taskrun, events_app_eventtypekey, events_app_eventtype")
+    check(case)
 
 
-def measure(samples: int) -> list[float]:
+def check(case: Case) -> None:
+    """The counts admission keeps agree with the task rows: the type's and each key's slots held."""
+    from django.db.models import Count
+
+    from events_app.models import EventType, EventTypeKey
+    from workflows_app.models import TaskRun
+
+    holders = TaskRun.objects.filter(event_type_id=case.event_type, holds_slot=True)
+    assert EventType.objects.get(name=case.event_type).held == holders.count() == CONCURRENCY
+    by_key = dict(holders.values_list("fair_key").annotate(n=Count("pk")))
+    kept = {k: h for k, h in EventTypeKey.objects.filter(event_type_id=case.event_type).values_list("key", "held")}
+    assert by_key == {k: h for k, h in kept.items() if h}, (by_key, kept)
+
+
+def measure(case: Case, samples: int) -> list[float]:
+    """Seconds per admission: a holder ends and gives its slot back, and exactly one task is admitted."""
     from django.db import transaction
 
     from workflows_app import pgsql
-    from workflows_app.engine import outbox, sql
+    from workflows_app.engine import outbox
     from workflows_app.models import TaskRun
 
     timings = []
     for _ in range(samples):
         with transaction.atomic():
-            # The holder finishes: its slot frees, as task_run_finish does.
-            freed = TaskRun.objects.filter(event_type_id="bench", holds_slot=True).update(
-                holds_slot=False, status="SUCCESS"
+            # The longest holder finishes, as task_run_finish would: its slot frees (untimed).
+            holder = (
+                TaskRun.objects.filter(event_type_id=case.event_type, holds_slot=True)
+                .order_by("dispatched_at", "id")
+                .values_list("pk", "fair_key")
+                .first()
             )
+            TaskRun.objects.filter(pk=holder[0]).update(holds_slot=False, status="SUCCESS")
+            released = json.dumps([{"type": case.event_type, "key": holder[1], "n": 1}])
             start = time.perf_counter()
-            (sent,) = pgsql.fetch_one(sql.ADMIT, {"types": ["bench"], "released": [freed], "grace": 60})
+            (sent,) = pgsql.fetch_one(ADMIT_RELEASED, {"types": [case.event_type], "released": released, "grace": 60})
             box = outbox.Outbox()
             box.add_sent(pgsql.loads(sent), None)
             timings.append(time.perf_counter() - start)
-            assert len(box.messages) == 1
+            assert len(box.messages) == 1, sent
     return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lines", type=int, nargs="+", default=[1000, 10000], help="waiting-line lengths")
-    parser.add_argument("--samples", type=int, default=300, help="admissions timed per length")
-    parser.add_argument("--repeats", type=int, default=3, help="fills per length; the median of all samples")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases, first = base")
+    parser.add_argument("--samples", type=int, default=300, help="admissions timed per case and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="fills per case; the median of all samples")
     args = parser.parse_args()
-    setup_django()
-    results = {}
-    for length in args.lines:
-        samples: list[float] = []
-        for _ in range(args.repeats):
-            fill(length)
-            measure(20)  # warm caches and the graph snapshot
-            samples += measure(args.samples)
-        results[length] = summary(samples)
-    base = results[args.lines[0]][0]
-    rows = [
-        [f"{n:,}", f"{med * 1e3:.3f}", f"{lo * 1e3:.3f}", f"{hi * 1e3:.3f}", f"{med / base:.2f}"]
-        for n, (med, lo, hi) in results.items()
-    ]
-    print_table(["QUEUED waiting", "median ms/admission", "min ms", "max ms", f"ratio to {args.lines[0]:,}"], rows)
+    setup_django(os.environ.get("BENCH_DB_NAME", "eventflow_bench"))
+    cases = [CASES[name] for name in args.cases]
+    workflows = {case.name: define(case) for case in cases}
+    rng = random.Random(20)
+    samples: dict[str, list[float]] = {case.name: [] for case in cases}
+    for repeat in range(args.repeats):
+        shift = repeat % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            fill(case, workflows[case.name], rng)
+            measure(case, 20)  # warm caches, prepared statements and the graph snapshot
+            samples[case.name] += measure(case, args.samples)
+            check(case)
+    with open("/proc/loadavg") as loadavg:
+        load = " ".join(loadavg.read().split()[:3])
+    base = summary(samples[cases[0].name])[0]
+    rows = []
+    for case in cases:
+        med, lo, hi = summary(samples[case.name])
+        ordered = sorted(samples[case.name])
+        p95 = ordered[int(0.95 * (len(ordered) - 1))]
+        times = [f"{x * 1e3:.3f}" for x in (med, p95, lo, hi)]
+        rows.append([case.label, *times, f"{med / base:.2f}"])
+    print_table(
+        ["case", "median ms/admission", "p95 ms", "min ms", "max ms", f"ratio to {cases[0].name}"],
+        rows,
+    )
+    print(f"load average at the end (1, 5, 15 min): {load}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,250 @@
+"""A burst of pipeline runs on small concurrencies, Eventflow against canvas: run `python bench/burst.py`.
+
+500 runs of intake -> (llm, image) -> upload -> (publish_a, publish_b) are started at once. Each step
+is a sleep (`bench/tasks.py`, BURST_MS) on its own queue, served by a worker of its own whose pool is
+the step's concurrency; for Eventflow each queue is an event type of that concurrency, and a worker on
+the engine's `celery` queue runs its own tasks. Canvas runs the same shape,
+`chain(intake, group(llm, image), upload, group(publish_a, publish_b))`, each signature routed to
+the same queue, on the same workers and broker (Redis, database 9 by default). With `--layout shared`
+every step goes to one queue (one event type) served by one worker instead.
+
+A run's time is from its start to its end. Eventflow: from the run's `created_at` (PostgreSQL's
+`now()` in the transaction that starts it: runs are started in-process, `--batch` per transaction) to
+its `finished_at` (`now()` in the transaction that ends it). Canvas: from just before `apply_async`
+(the bench process's clock) to the later `date_done` of the two publish tasks' results (the worker's
+clock, as django-celery-results stores each in PostgreSQL). PostgreSQL runs on this host, so every
+time is read from the one system clock. The total is from the first start to the last end; the
+throughput, runs over that total. The systems take turns, each round starting with the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _procs import Worker, bench_env, wait_for
+from _setup import print_table, setup_django
+
+DB_NAME = os.environ.get("BENCH_DB_NAME", "eventflow_bench_burst")
+BROKER_URL = os.environ.get("BENCH_BURST_BROKER_URL", "redis://127.0.0.1:6379/9")
+# Each step's concurrency (its event type's, and its worker's pool): 15 pool processes in all.
+CONCURRENCY = {"intake": 4, "llm": 2, "image": 2, "upload": 3, "publish_a": 2, "publish_b": 2}
+EDGES = [
+    ("intake", "llm"),
+    ("intake", "image"),
+    ("llm", "upload"),
+    ("image", "upload"),
+    ("upload", "publish_a"),
+    ("upload", "publish_b"),
+]
+# The sleep of each step, in milliseconds, passed to the workers (bench/tasks.py reads it).
+SLEEP_MS = {"intake": 20, "llm": 80, "image": 40, "upload": 30, "publish_a": 20, "publish_b": 20}
+# TYPE_ORDER: the event types are named in the pipeline's order (burst_1_intake, burst_2_llm, ...). A
+# trigger locks its root's type for admission and, at its commit, its foreign keys take a share lock on
+# every type of its tasks; a finish locks its types in name order. Named intake, llm, ... a trigger
+# holding burst_intake while its commit waits for burst_image deadlocks with an intake's finish
+# holding burst_image and waiting for burst_intake (PostgreSQL aborts one after a second).
+EVENTFLOW = "Eventflow"
+CANVAS = "canvas"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which queue (and event type) each step goes to, and each queue's concurrency."""
+
+    queues: dict[str, str]
+    concurrency: dict[str, int]
+
+    @classmethod
+    def per_step(cls) -> Layout:
+        # Named in the pipeline's order: see TYPE_ORDER.
+        queues = {step: f"burst_{i}_{step}" for i, step in enumerate(CONCURRENCY, 1)}
+        return cls(queues, {queues[step]: c for step, c in CONCURRENCY.items()})
+
+    @classmethod
+    def shared(cls, concurrency: int) -> Layout:
+        return cls(dict.fromkeys(CONCURRENCY, "burst_all"), {"burst_all": concurrency})
+
+
+@dataclass
+class Burst:
+    """One system's burst: each run's start and end (epoch seconds), in the order started."""
+
+    spans: list[tuple[float, float]]
+
+    @property
+    def latencies(self) -> list[float]:
+        return [end - start for start, end in self.spans]
+
+    @property
+    def total(self) -> float:
+        return max(end for _, end in self.spans) - min(start for start, _ in self.spans)
+
+    @property
+    def first_end(self) -> float:
+        return min(end for _, end in self.spans) - min(start for start, _ in self.spans)
+
+    def figures(self) -> dict[str, float]:
+        ordered = sorted(self.latencies)
+        return {
+            "median s": statistics.median(ordered),
+            "p95 s": ordered[int(0.95 * (len(ordered) - 1))],
+            "first end s": self.first_end,
+            "total s": self.total,
+            "runs/s": len(self.spans) / self.total,
+        }
+
+
+def define_workflow(layout: Layout) -> Any:
+    from workflows_app.definitions import workflow_definition_save
+
+    return workflow_definition_save(
+        data={
+            "name": "bench_burst",
+            "event_types": {queue: {"concurrency": c} for queue, c in layout.concurrency.items()},
+            "nodes": [
+                {"key": step, "task": f"bench.burst_{step}", "event_type": layout.queues[step]} for step in CONCURRENCY
+            ],
+            "edges": [list(edge) for edge in EDGES],
+        },
+        known_tasks={f"bench.burst_{step}" for step in CONCURRENCY},
+    )
+
+
+def eventflow_burst(workflow: Any, count: int, batch: int) -> Burst:
+    """Start `count` runs, `batch` per transaction, as fast as one process can; wait for all to end."""
+    from django.db import transaction
+
+    from workflows_app import engine
+    from workflows_app.models import WorkflowRun
+
+    ids = []
+    for first in range(0, count, batch):
+        with transaction.atomic():
+            for _ in range(min(batch, count - first)):
+                ids.append(engine.workflow_run_start(workflow=workflow, payload={}, source="bench")[0].pk)
+    runs = WorkflowRun.objects.filter(pk__in=ids)
+    wait_for(
+        lambda: runs.filter(finished_at__isnull=False).count() == count,
+        timeout=300 + count,
+        interval=0.2,
+        what=f"{count} Eventflow runs",
+    )
+    assert not runs.exclude(status=WorkflowRun.Status.SUCCESS).exists()
+    return Burst([(c.timestamp(), f.timestamp()) for c, f in runs.values_list("created_at", "finished_at")])
+
+
+def canvas_burst(layout: Layout, count: int) -> Burst:
+    """Send `count` canvases as fast as one process can; wait for both publish results of each."""
+    from celery import chain, group
+    from django_celery_results.models import TaskResult
+
+    from bench.tasks import BURST_TASKS
+
+    def sig(step: str) -> Any:
+        return BURST_TASKS[step].s().set(queue=layout.queues[step])
+
+    starts, ends = [], []
+    for _ in range(count):
+        canvas = chain(
+            sig("intake"), group(sig("llm"), sig("image")), sig("upload"), group(sig("publish_a"), sig("publish_b"))
+        )
+        starts.append(time.time())
+        result = canvas.apply_async()
+        ends.append([r.id for r in result.results])
+    wanted = [task_id for pair in ends for task_id in pair]
+    done = TaskResult.objects.filter(task_id__in=wanted, status="SUCCESS")
+    wait_for(lambda: done.count() == len(wanted), timeout=300 + count, interval=0.2, what=f"{count} canvases")
+    at = {task_id: d.timestamp() for task_id, d in done.values_list("task_id", "date_done")}
+    return Burst([(start, max(at[a], at[b])) for start, (a, b) in zip(starts, ends, strict=True)])
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as loadavg:
+        return " ".join(loadavg.read().split()[:3])
+
+
+def main() -> None:
+    from run import as_autovacuum_would, autovacuum_is_off
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=500, help="runs started at once")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of each system, taking turns")
+    parser.add_argument("--batch", type=int, default=10, help="Eventflow runs started per transaction")
+    parser.add_argument("--layout", choices=["per-step", "shared"], default="per-step")
+    parser.add_argument("--shared-concurrency", type=int, default=6, help="the one queue's pool (--layout shared)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step's sleep")
+    args = parser.parse_args()
+    layout = Layout.per_step() if args.layout == "per-step" else Layout.shared(args.shared_concurrency)
+    sleeps = {step: round(ms * args.scale) for step, ms in SLEEP_MS.items()}
+
+    os.environ["CELERY_BROKER_URL"] = BROKER_URL
+    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    setup_django(DB_NAME)
+    import redis
+
+    log_dir = Path(tempfile.mkdtemp(prefix="eventflow-burst-"))
+    print(f"database {DB_NAME}, broker {BROKER_URL}, logs in {log_dir}", flush=True)
+    print(f"layout {args.layout}: {layout.concurrency}; sleeps ms {sleeps}", flush=True)
+    if autovacuum_is_off():
+        print("PostgreSQL's autovacuum is off here: each burst starts with VACUUM ANALYZE, as it would", flush=True)
+    broker = redis.Redis.from_url(BROKER_URL)
+    broker.flushdb()  # the bench's own Redis database: messages left by an interrupted run
+    workflow = define_workflow(layout)
+    env = bench_env(BENCH_BURST_MS=",".join(f"{step}={ms}" for step, ms in sleeps.items()))
+    workers = [
+        Worker(f"burst-{queue}", queue=queue, concurrency=c, log_dir=log_dir, env=env)
+        for queue, c in layout.concurrency.items()
+    ]
+    workers.append(Worker("burst-engine", queue="celery", concurrency=1, log_dir=log_dir, env=env))
+    systems = {
+        EVENTFLOW: lambda n: eventflow_burst(workflow, n, args.batch),
+        CANVAS: lambda n: canvas_burst(layout, n),
+    }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+    rows = []
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        for run in systems.values():
+            run(20)  # warm every side: imports, connections, caches
+        names = list(systems)
+        for i in range(args.rounds):
+            for name in names[i % 2 :] + names[: i % 2]:
+                as_autovacuum_would()
+                before = load_average()
+                figures = systems[name](args.runs).figures()
+                results[name].append(figures)
+                rows.append([str(i + 1), name, *(f"{v:.2f}" for v in figures.values()), f"{before} / {load_average()}"])
+                print("  " + " | ".join(rows[-1]), flush=True)
+    finally:
+        for worker in workers:
+            worker.stop()
+        broker.flushdb()
+    measures = list(results[EVENTFLOW][0])
+    print()
+    print_table(["round", "system", *measures, "load average before / after"], rows)
+    print()
+    targets = {"median s": "<= 0.6", "runs/s": ">= 0.9"}
+    summary_rows = []
+    for measure in measures:
+        cells = [measure]
+        for name in names:
+            cells.append(f"{statistics.median(r[measure] for r in results[name]):.2f}")
+        ratios = [e[measure] / c[measure] for e, c in zip(results[EVENTFLOW], results[CANVAS], strict=True)]
+        cells += [", ".join(f"{r:.2f}" for r in ratios), f"{statistics.median(ratios):.2f}", targets.get(measure, "")]
+        summary_rows.append(cells)
+    print_table(
+        ["measure", *(f"{n}, median of rounds" for n in names), "Eventflow / canvas by round", "median", "target"],
+        summary_rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
