@@ -10,7 +10,9 @@ the database side and the message's construction.
 
 The cases: `one` (1,000 waiting, one key, no rate limit), `keys` (10,000 waiting over 1,000 keys, a
 rate limit that never blocks but whose window is kept, and a per-key share) and `one-10k` (10,000
-waiting, one key). The cases take turns within each repeat, each repeat starting with the next one.
+waiting, one key). All three lines are filled side by side, and the cases take turns step by step,
+so the machine's drift reaches all alike; "step by step" is the median of each case's step over the
+base case's step of the same turn.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 import uuid
 from dataclasses import dataclass
@@ -100,7 +103,6 @@ def fill(case: Case, workflow, rng: random.Random) -> None:
     from workflows_app.engine import sql
     from workflows_app.models import TaskRun, WorkflowRun
 
-    empty()
     version = workflow.versions.get()
     now = timezone.now()
     tenants = [f"tenant-{i:04d}" if case.keys > 1 else "" for i in range(case.keys)]
@@ -158,10 +160,20 @@ def fill(case: Case, workflow, rng: random.Random) -> None:
         (sent,) = pgsql.fetch_one(sql.ADMIT, {"types": [case.event_type], "grace": 60})
         admitted = [item for item in pgsql.loads(sent) if "event" in item]
         assert len(admitted) == CONCURRENCY, sent
+
+
+def fill_all(cases: list[Case], workflows: dict, rng: random.Random) -> None:
+    """Every case's line, side by side in the same tables (each on its own event type), from empty."""
+    from django.db import connection
+
+    empty()
+    for case in cases:
+        fill(case, workflows[case.name], rng)
     with connection.cursor() as cursor:
-        # As autovacuum would after a fill of this size; the fill's deletes leave dead rows behind.
+        # As autovacuum would after a fill of this size; the previous fill's deletes left dead rows.
         cursor.execute("VACUUM ANALYZE workflows_app_taskrun, events_app_eventtypekey, events_app_eventtype")
-    check(case)
+    for case in cases:
+        check(case)
 
 
 def check(case: Case) -> None:
@@ -178,68 +190,76 @@ def check(case: Case) -> None:
     assert by_key == {k: h for k, h in kept.items() if h}, (by_key, kept)
 
 
-def measure(case: Case, samples: int) -> list[float]:
-    """Seconds per admission: a holder ends and gives its slot back, and exactly one task is admitted."""
+def step(case: Case) -> float:
+    """Seconds for one admission: a holder ends and gives its slot back, and exactly one task is admitted."""
     from django.db import transaction
 
     from workflows_app import pgsql
     from workflows_app.engine import outbox
     from workflows_app.models import TaskRun
 
-    timings = []
-    for _ in range(samples):
-        with transaction.atomic():
-            # The longest holder finishes, as task_run_finish would: its slot frees (untimed).
-            holder = (
-                TaskRun.objects.filter(event_type_id=case.event_type, holds_slot=True)
-                .order_by("dispatched_at", "id")
-                .values_list("pk", "fair_key")
-                .first()
-            )
-            TaskRun.objects.filter(pk=holder[0]).update(holds_slot=False, status="SUCCESS")
-            released = json.dumps([{"type": case.event_type, "key": holder[1], "n": 1}])
-            start = time.perf_counter()
-            (sent,) = pgsql.fetch_one(ADMIT_RELEASED, {"types": [case.event_type], "released": released, "grace": 60})
-            box = outbox.Outbox()
-            box.add_sent(pgsql.loads(sent), None)
-            timings.append(time.perf_counter() - start)
-            assert len(box.messages) == 1, sent
-    return timings
+    with transaction.atomic():
+        # The longest holder finishes, as task_run_finish would: its slot frees (untimed).
+        holder = (
+            TaskRun.objects.filter(event_type_id=case.event_type, holds_slot=True)
+            .order_by("dispatched_at", "id")
+            .values_list("pk", "fair_key")
+            .first()
+        )
+        TaskRun.objects.filter(pk=holder[0]).update(holds_slot=False, status="SUCCESS")
+        released = json.dumps([{"type": case.event_type, "key": holder[1], "n": 1}])
+        start = time.perf_counter()
+        (sent,) = pgsql.fetch_one(ADMIT_RELEASED, {"types": [case.event_type], "released": released, "grace": 60})
+        box = outbox.Outbox()
+        box.add_sent(pgsql.loads(sent), None)
+        elapsed = time.perf_counter() - start
+        assert len(box.messages) == 1, sent
+    return elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases, first = base")
     parser.add_argument("--samples", type=int, default=300, help="admissions timed per case and repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="fills per case; the median of all samples")
+    parser.add_argument("--repeats", type=int, default=3, help="fills; the median of all samples")
     args = parser.parse_args()
     setup_django(os.environ.get("BENCH_DB_NAME", "eventflow_bench"))
     cases = [CASES[name] for name in args.cases]
     workflows = {case.name: define(case) for case in cases}
     rng = random.Random(20)
+    with open("/proc/loadavg") as loadavg:
+        start_load = " ".join(loadavg.read().split()[:3])
     samples: dict[str, list[float]] = {case.name: [] for case in cases}
-    for repeat in range(args.repeats):
-        shift = repeat % len(cases)
-        for case in cases[shift:] + cases[:shift]:
-            fill(case, workflows[case.name], rng)
-            measure(case, 20)  # warm caches, prepared statements and the graph snapshot
-            samples[case.name] += measure(case, args.samples)
+    for _ in range(args.repeats):
+        fill_all(cases, workflows, rng)
+        for case in cases:
+            for _ in range(20):  # warm caches, prepared statements and the graph snapshot
+                step(case)
+        # The cases take turns step by step, so the machine's drift reaches all alike.
+        for i in range(args.samples):
+            shift = i % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                samples[case.name].append(step(case))
+        for case in cases:
             check(case)
     with open("/proc/loadavg") as loadavg:
         load = " ".join(loadavg.read().split()[:3])
-    base = summary(samples[cases[0].name])[0]
+    first = samples[cases[0].name]
+    base = summary(first)[0]
     rows = []
     for case in cases:
         med, lo, hi = summary(samples[case.name])
         ordered = sorted(samples[case.name])
         p95 = ordered[int(0.95 * (len(ordered) - 1))]
         times = [f"{x * 1e3:.3f}" for x in (med, p95, lo, hi)]
-        rows.append([case.label, *times, f"{med / base:.2f}"])
+        paired = statistics.median(x / y for x, y in zip(samples[case.name], first, strict=True))
+        rows.append([case.label, *times, f"{med / base:.2f}", f"{paired:.2f}"])
+    name = cases[0].name
     print_table(
-        ["case", "median ms/admission", "p95 ms", "min ms", "max ms", f"ratio to {cases[0].name}"],
+        ["case", "median ms/admission", "p95 ms", "min ms", "max ms", f"ratio to {name}", "step by step"],
         rows,
     )
-    print(f"load average at the end (1, 5, 15 min): {load}")
+    print(f"load average (1, 5, 15 min) at the start: {start_load}, at the end: {load}")
 
 
 if __name__ == "__main__":
