@@ -12,12 +12,14 @@ from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests import factories
 from tests.e2e import trigger, wait_final, wait_for
+from tests.test_bulk import failed_run, failing_workflow
+from workflows_app import engine
 from workflows_app.graph_svg import STATUS_COLOURS
-from workflows_app.models import TaskRun
+from workflows_app.models import TaskRun, WorkflowRun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -323,3 +325,35 @@ def test_an_approval_is_approved_on_the_run_page_and_another_rejected_on_the_app
     with capsys.disabled():
         print(f"\nscreenshots of a waiting approval's detail, /approvals/, and a rejected approval: {path}")
         print(f"{approvals_path}\n{rejected_path}")
+
+
+def test_retry_all_matching_from_the_run_list_confirms_the_count_then_retries_them(chrome, live_server, admin_user):
+    workflow = failing_workflow()
+    failed = [failed_run(workflow, {"sku": f"A-{i}"}) for i in range(300)]
+    # Of the same workflow but not failed: the filter leaves them out.
+    running = engine.workflow_run_start(workflow=workflow, payload={"sku": "B-1"})[0]
+    wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+    sign_in(chrome, wait, live_server.url, admin_user)
+
+    form = chrome.find_element(By.CSS_SELECTOR, "form.filters")
+    Select(form.find_element(By.NAME, "workflow")).select_by_value("bulk_fail")
+    Select(form.find_element(By.NAME, "status")).select_by_value("FAILED")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda d: "status=FAILED" in d.current_url)
+    chrome.find_element(By.CSS_SELECTOR, '[data-bulk="retry-all"]').click()
+
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-confirm-count]"))
+    assert chrome.find_element(By.CSS_SELECTOR, "[data-confirm-count]").get_attribute("data-confirm-count") == "300"
+    confirm = chrome.find_element(By.CSS_SELECTOR, 'button[data-confirm="retry"]')
+    assert confirm.text == "Retry 300 runs"
+    assert set(WorkflowRun.objects.filter(workflow=workflow).values_list("status", flat=True)) == {
+        "FAILED",
+        "RUNNING",
+    }, "the confirmation page changed something"
+    confirm.click()
+
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "ul.messages li.success"))
+    assert "300 of 300 matching runs retried" in chrome.find_element(By.CSS_SELECTOR, "ul.messages").text
+    assert "/runs/?" in chrome.current_url and "status=FAILED" in chrome.current_url
+    assert WorkflowRun.objects.filter(trace_id__in=[r.trace_id for r in failed], status="RUNNING").count() == 300
+    assert WorkflowRun.objects.get(pk=running.pk).status == "RUNNING"
