@@ -275,3 +275,43 @@ def test_a_runs_end_in_the_database_is_what_rules_run_outcome_says():
             transaction.set_rollback(True)
 
     check()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_commits_while_another_transaction_holds_a_type_of_its_tasks():
+    """A start inserts task rows referring to each of its types, whose foreign keys PostgreSQL checks at
+    commit (FOR KEY SHARE on each type's row). Admission holds types NO KEY: a finish holding one type
+    while it waits for the start's root type lets the start commit, where FOR UPDATE deadlocked them."""
+    import threading
+
+    import psycopg
+
+    from tests.workers import database_url
+
+    workflow = factories.workflow(
+        factories.spec(
+            "ab",
+            [{"key": "b", "task": ECHO, "event_type": "t_b"}, {"key": "a", "task": ECHO, "event_type": "t_a"}],
+            [["b", "a"]],
+        )
+    )
+    with psycopg.connect(database_url()) as holder:
+        holder.execute(sql.LOCK_TYPE.replace("%(name)s", "'t_a'"))  # a finish holding t_a, not committed
+        done = threading.Event()
+        errors = []
+
+        def start() -> None:
+            try:
+                engine.workflow_run_start(workflow=workflow, payload={})
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+            finally:
+                from django.db import connection as own
+
+                own.close()
+                done.set()
+
+        threading.Thread(target=start, daemon=True).start()
+        assert done.wait(10), "the start waited on the type another transaction holds"
+        holder.rollback()
+    assert not errors and WorkflowRun.objects.filter(workflow=workflow).count() == 1

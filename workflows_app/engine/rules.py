@@ -33,8 +33,6 @@ RERUN = frozenset({S.FAILURE, S.UPSTREAM_FAILED, S.REVOKED, S.SKIPPED})
 # Statuses of an attempt that may still record an outcome: those of a task's, and a waiting node's.
 LIVE = frozenset({S.QUEUED, S.STARTED, S.RETRY})
 RESOLVABLE = LIVE | {S.DEFERRED}
-# The order of an event type's waiting line: first ready, first admitted; `id` breaks ties.
-LINE_ORDER = ("queued_at", "id")
 # What a node whose trigger rule is met does next: whatever its kind says (`NodeKind.ready`).
 RUN = "run"
 

@@ -205,7 +205,9 @@ UPDATE {EVENT_TYPE} SET held = (SELECT n FROM counted)
 WHERE name = %(name)s AND held <> (SELECT n FROM counted)
 RETURNING held
 """
-LOCK_TYPE = f"SELECT held FROM {EVENT_TYPE} WHERE name = %(name)s FOR UPDATE"
+# An event type's lock, as admission takes it: NO KEY, so a transaction that inserted rows referring to
+# the type (a task, a key) and checks their foreign key at commit (FOR KEY SHARE) never waits on it.
+LOCK_TYPE = f"SELECT held FROM {EVENT_TYPE} WHERE name = %(name)s FOR NO KEY UPDATE"
 
 # Event types whose fairness keys' counts disagree with their tasks: a key's slots held, a key missing
 # for tasks holding slots or waiting, or a key that may be served but is not marked so.
@@ -370,8 +372,10 @@ END
 )
 
 # Admission: the one place a task is handed a slot (`rules.admit`, `rules.free_slots`). For each event
-# type (locked in name order, so concurrent transitions never wait on each other's types; its row read
-# after the lock, in a statement of its own, so it sees what the lock's previous holder wrote):
+# type (locked in name order, so concurrent transitions never wait on each other's types, and NO KEY:
+# a start's deferred foreign keys to its types, checked at its commit, take FOR KEY SHARE, which this
+# lock lets through, where FOR UPDATE would deadlock a start with a finish holding another type; its
+# row read after the lock, in a statement of its own, so it sees what the lock's previous holder wrote):
 # 1. the slots the caller gave back (`p_released`: type, fairness key, count) leave their keys' counts;
 # 2. a retry of this type (`p_retry`, due in `p_retry_in` seconds) is due once its backoff ends and the
 #    rate window has room, and counts in it from then;
@@ -411,7 +415,7 @@ DECLARE
     v_wake timestamptz;
     v_sent jsonb := '[]';
 BEGIN
-    PERFORM 1 FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name FOR UPDATE;
+    PERFORM 1 FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name FOR NO KEY UPDATE;
     FOR v_type IN SELECT * FROM {EVENT_TYPE} WHERE name = ANY(p_types) ORDER BY name LOOP
         v_clock := clock_timestamp();
         v_cap := v_type.per_key_concurrency;
@@ -921,8 +925,10 @@ FUNCTIONS = (
 # than a generic one, and planning these statements costs more than running them (0.4 to 0.6 ms of a
 # finish's 0.8 to 1.4 here). Every statement here finds its rows through a key or a partial index
 # whatever the values, so one plan serves every call; sequential scans are ruled out, so a plan made
-# while a table was nearly empty (or its statistics stale) still reads it through its indexes.
-FUNCTION_SETTINGS = "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off"
+# while a table was nearly empty (or its statistics stale) still reads it through its indexes. Ruling
+# them out prices a scan of a tiny table (the webhooks) past the JIT's thresholds, and compiling one
+# statement cost 0.5 s: no JIT for statements this short.
+FUNCTION_SETTINGS = "SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off"
 
 
 def create_function(name: str, arguments: str, returns: str, body: str) -> str:
