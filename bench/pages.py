@@ -4,7 +4,8 @@
 # queued and waiting tasks, an Event per attempt), a run whose mapped node has 1,000 instances (each
 # with its Event) beside a branch skipped by its condition, and 100,000 runs spread over 30 days, then times
 # each page through Django's test client (URL routing, middleware, session, template), several
-# times. Nothing is published: runs start against an in-memory broker.
+# times; among them the run list and the API finding one run of the 100,000 by its payload (JSON
+# containment, on the GIN index). Nothing is published: runs start against an in-memory broker.
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import os
 import time
 
 from _setup import print_table, setup_django, summary
+
+# Payload searches: one SKU held by a single run, and one shop of 50 (about 2% of the runs).
+SKU = '{"sku": "A-1"}'
+SHOP = '{"shop": 7}'
+FAILED_LIST = {"workflow": "bench_list", "status": "FAILED"}
 
 
 def build(*, nodes: int, runs: int, instances: int) -> dict[str, str]:
@@ -36,14 +42,25 @@ def build(*, nodes: int, runs: int, instances: int) -> dict[str, str]:
     runs_bulk_insert(listed, runs * 4 // 5)
     runs_bulk_insert(other, runs - runs * 4 // 5)
     print(f"inserted {runs:,} runs in {time.perf_counter() - started:.1f} s")
-    with connection.cursor() as cursor:
-        cursor.execute("ANALYZE")
     middle = WorkflowRun.objects.order_by("-created_at", "trace_id")[runs // 2]
+    with connection.cursor() as cursor:
+        # A payload for each run as a shop would send it: its own SKU, one of 50 shops. One run, in the middle
+        # of the table by age, has the SKU a seller asks about.
+        cursor.execute(
+            f"""
+            UPDATE {WorkflowRun._meta.db_table} SET payload = jsonb_build_object(
+                'sku', CASE WHEN trace_id = %s THEN 'A-1' ELSE 'S-' || left(trace_id::text, 13) END,
+                'shop', abs(hashtext(trace_id::text)) %% 50, 'product', 'lamp')
+            """,
+            [middle.trace_id],
+        )
+        cursor.execute("ANALYZE")
     return {
         "big": str(big.trace_id),
         "mapped": str(mapped.trace_id),
         "node": "n150" if nodes > 150 else "n000",
         "cursor": f"{middle.created_at.isoformat()}_{middle.trace_id}",
+        "sku_run": str(middle.trace_id),
     }
 
 
@@ -87,16 +104,31 @@ def main() -> None:
         ("run list, workflow + FAILED", "/runs/", {"workflow": "bench_list", "status": "FAILED"}),
         ("run list, last 7 days + SUCCESS", "/runs/", {"since": "7d", "status": "SUCCESS"}),
         ("run list, page at the middle", "/runs/", {"older": ids["cursor"]}),
+        (f"run list, payload finds 1 of {args.runs:,}", "/runs/", {"payload": SKU}),
+        (
+            "run list, payload + workflow + FAILED",
+            "/runs/",
+            {"payload": SHOP, "workflow": "bench_list", "status": "FAILED"},
+        ),
+        (f"API run list, payload finds 1 of {args.runs:,}", "/api/runs/", {"payload": SKU}),
         ("workflows", "/workflows/", {}),
         (f"workflow page, {args.nodes} nodes", "/workflows/bench_wide/", {}),
         (f"workflow page, {args.runs * 4 // 5:,} runs", "/workflows/bench_list/", {}),
         ("queues", "/queues/", {}),
+        ("workers", "/workers/", {}),
     ]
     rows = []
     for label, url, params in pages:
         with CaptureQueriesContext(connection) as captured:
             response = client.get(url, params)
         assert response.status_code == 200, (url, response.status_code)
+        if params.get("payload") == SKU:
+            # The search finds the one run, and only it.
+            assert ids["sku_run"].encode() in response.content, label
+            found = (
+                response.json()["count"] if url.startswith("/api/") else response.content.count(b"<tr data-trace-id=")
+            )
+            assert found == 1, (label, found)
         # Read now: the next request clears the connection's query log the capture reads from.
         queries = len(captured.captured_queries)
         for _ in range(3):
