@@ -68,6 +68,8 @@ def test_payload_search_takes_any_text_in_its_values(api, shop):
         ({"payload": '"A-1"'}, "payload"),
         ({"payload": "{}"}, "payload"),
         ({"payload": '{"sku": "a\\u0000"}'}, "payload"),
+        ({"payload": '{"price": 1e400}'}, "payload"),
+        ({"payload": '{"price": NaN}'}, "payload"),
         ({"since": "2026-11-22", "until": "2026-11-21"}, "until"),
         ({"since": "yesterday"}, "since"),
     ],

@@ -155,7 +155,12 @@ def payload_filter_parse(value: Any) -> dict:
         raise ValueError('must be a non-empty JSON object, such as {"sku": "A-1"}')
     if _depth(value) > PAYLOAD_FILTER_MAX_DEPTH:
         raise ValueError(f"nested deeper than {PAYLOAD_FILTER_MAX_DEPTH} levels")
-    if len(json.dumps(value)) > PAYLOAD_FILTER_MAX_CHARS:
+    try:
+        # Python reads 1e400 as inf and NaN as nan, which JSON, hence jsonb, has no way to write.
+        text = json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise ValueError("numbers must be finite") from None
+    if len(text) > PAYLOAD_FILTER_MAX_CHARS:
         raise ValueError(f"at most {PAYLOAD_FILTER_MAX_CHARS} characters")
     if not all(_storable(text) for text in _strings(value)):
         raise ValueError("must not contain NUL or lone surrogate characters")
