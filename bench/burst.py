@@ -6,7 +6,8 @@ the step's concurrency; for Eventflow each queue is an event type of that concur
 the engine's `celery` queue runs its own tasks. Canvas runs the same shape,
 `chain(intake, group(llm, image), upload, group(publish_a, publish_b))`, each signature routed to
 the same queue, on the same workers and broker (Redis, database 9 by default). With `--layout shared`
-every step goes to one queue (one event type) served by one worker instead.
+every step goes to one queue (one event type) served by one worker instead; with `--layout pooled`
+each step keeps its queue and event type, and one worker consumes all of them.
 
 A run's time is from its start to its end. Eventflow: from the run's `created_at` (PostgreSQL's
 `now()` in the transaction that starts it: runs are started in-process, `--batch` per transaction) to
@@ -60,6 +61,11 @@ class Layout:
 
     queues: dict[str, str]
     concurrency: dict[str, int]
+    # The workers: the queues each consumes (comma-separated) and its pool; by default one per queue.
+    workers: dict[str, int] | None = None
+
+    def pools(self) -> dict[str, int]:
+        return self.workers or dict(self.concurrency)
 
     @classmethod
     def per_step(cls) -> Layout:
@@ -70,6 +76,13 @@ class Layout:
     @classmethod
     def shared(cls, concurrency: int) -> Layout:
         return cls(dict.fromkeys(CONCURRENCY, "burst_all"), {"burst_all": concurrency})
+
+    @classmethod
+    def pooled(cls, concurrency: int) -> Layout:
+        """Each step on its own queue and event type of its concurrency, as per_step, but one worker of
+        `concurrency` processes consumes them all: a worker per host serving every queue."""
+        per_step = cls.per_step()
+        return cls(per_step.queues, per_step.concurrency, {",".join(per_step.concurrency): concurrency})
 
 
 @dataclass
@@ -177,11 +190,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500, help="runs started at once")
     parser.add_argument("--rounds", type=int, default=3, help="bursts of each system, taking turns")
     parser.add_argument("--batch", type=int, default=10, help="Eventflow runs started per transaction")
-    parser.add_argument("--layout", choices=["per-step", "shared"], default="per-step")
-    parser.add_argument("--shared-concurrency", type=int, default=6, help="the one queue's pool (--layout shared)")
+    parser.add_argument("--layout", choices=["per-step", "shared", "pooled"], default="per-step")
+    parser.add_argument(
+        "--shared-concurrency", type=int, default=6, help="the one worker's pool (--layout shared or pooled)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step's sleep")
     args = parser.parse_args()
-    layout = Layout.per_step() if args.layout == "per-step" else Layout.shared(args.shared_concurrency)
+    layout = {
+        "per-step": Layout.per_step,
+        "shared": lambda: Layout.shared(args.shared_concurrency),
+        "pooled": lambda: Layout.pooled(args.shared_concurrency),
+    }[args.layout]()
     sleeps = {step: round(ms * args.scale) for step, ms in SLEEP_MS.items()}
 
     os.environ["CELERY_BROKER_URL"] = BROKER_URL
@@ -199,8 +218,8 @@ def main() -> None:
     workflow = define_workflow(layout)
     env = bench_env(BENCH_BURST_MS=",".join(f"{step}={ms}" for step, ms in sleeps.items()))
     workers = [
-        Worker(f"burst-{queue}", queue=queue, concurrency=c, log_dir=log_dir, env=env)
-        for queue, c in layout.concurrency.items()
+        Worker(f"burst-{i}", queue=queue, concurrency=c, log_dir=log_dir, env=env)
+        for i, (queue, c) in enumerate(layout.pools().items())
     ]
     workers.append(Worker("burst-engine", queue="celery", concurrency=1, log_dir=log_dir, env=env))
     systems = {

@@ -79,7 +79,7 @@ def test_each_run_is_one_trace_with_a_span_per_attempt_under_its_trigger(workers
     workers(["celery", "e2e"], concurrency=2, env=env)
     wait_for(
         lambda: TaskRun.objects.filter(run_id=runs[0], node_key="c", status="RETRY").exists(),
-        timeout=20,
+        timeout=60,
         what="c of the first run to fail once",
     )
     tests.e2e_tasks._redis().delete(f"broken:{runs[0]}")
@@ -87,7 +87,7 @@ def test_each_run_is_one_trace_with_a_span_per_attempt_under_its_trigger(workers
     tracing.flush()
     for run in runs:
         attempts = 4 if run == runs[0] else 3
-        wait_for(lambda run=run, n=attempts + 1: len(collector.of(run)) >= n, timeout=20, what=f"spans of {run}")
+        wait_for(lambda run=run, n=attempts + 1: len(collector.of(run)) >= n, timeout=60, what=f"spans of {run}")
         spans = collector.of(run)
         assert len(spans) == attempts + 1
         roots = [s for s in spans if not s.parent_span_id]
