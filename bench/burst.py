@@ -7,7 +7,9 @@ the engine's `celery` queue runs its own tasks. Canvas runs the same shape,
 `chain(intake, group(llm, image), upload, group(publish_a, publish_b))`, each signature routed to
 the same queue, on the same workers and broker (Redis, database 9 by default). With `--layout shared`
 every step goes to one queue (one event type) served by one worker instead; with `--layout pooled`
-each step keeps its queue and event type, and one worker consumes all of them.
+each step keeps its queue and event type, and one worker consumes all of them; with `--layout grouped`
+upload and both publishes share the marketplace's event type, of concurrency 1 (its queue then
+holds later steps of early runs behind earlier steps of later ones), a worker each.
 
 A run's time is from its start to its end. Eventflow: from the run's `created_at` (PostgreSQL's
 `now()` in the transaction that starts it: runs are started in-process, `--batch` per transaction) to
@@ -76,6 +78,16 @@ class Layout:
     @classmethod
     def shared(cls, concurrency: int) -> Layout:
         return cls(dict.fromkeys(CONCURRENCY, "burst_all"), {"burst_all": concurrency})
+
+    @classmethod
+    def grouped(cls) -> Layout:
+        """Steps on the event type of the service they call: intake, llm and image each on its own as
+        per_step, but upload and both publishes on the one marketplace's, of concurrency 1, which is
+        then the slowest; a worker for each type."""
+        queues = {"intake": "burst_1_intake", "llm": "burst_2_llm", "image": "burst_3_image"}
+        queues |= dict.fromkeys(("upload", "publish_a", "publish_b"), "burst_4_marketplace")
+        concurrency = {"burst_1_intake": 4, "burst_2_llm": 2, "burst_3_image": 2, "burst_4_marketplace": 1}
+        return cls(queues, concurrency)
 
     @classmethod
     def pooled(cls, concurrency: int) -> Layout:
@@ -190,7 +202,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500, help="runs started at once")
     parser.add_argument("--rounds", type=int, default=3, help="bursts of each system, taking turns")
     parser.add_argument("--batch", type=int, default=10, help="Eventflow runs started per transaction")
-    parser.add_argument("--layout", choices=["per-step", "shared", "pooled"], default="per-step")
+    parser.add_argument("--layout", choices=["per-step", "shared", "pooled", "grouped"], default="per-step")
     parser.add_argument(
         "--shared-concurrency", type=int, default=6, help="the one worker's pool (--layout shared or pooled)"
     )
@@ -200,6 +212,7 @@ def main() -> None:
         "per-step": Layout.per_step,
         "shared": lambda: Layout.shared(args.shared_concurrency),
         "pooled": lambda: Layout.pooled(args.shared_concurrency),
+        "grouped": Layout.grouped,
     }[args.layout]()
     sleeps = {step: round(ms * args.scale) for step, ms in SLEEP_MS.items()}
 

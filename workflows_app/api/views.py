@@ -476,6 +476,7 @@ class RunsCancelBulkApi(APIView):
 
     @extend_schema(
         summary="Cancel many runs",
+        operation_id="runs_bulk_cancel",
         description=(
             "The run list's filters (`workflow`, `status`, `since`, `until`, `payload`) and/or `trace_ids`; at least "
             "one, since an empty filter would match every run. Runs are changed one by one, each in its own short "
@@ -506,6 +507,7 @@ class RunsRetryBulkApi(RunsCancelBulkApi):
 
     @extend_schema(
         summary="Retry many runs",
+        operation_id="runs_bulk_retry",
         description=(
             "As bulk cancel, for failed and canceled runs: their failed, upstream-failed and revoked tasks run again. "
             "A run that is not failed or canceled counts as matched, not changed."
