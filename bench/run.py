@@ -10,8 +10,10 @@ Canvas and Eventflow samples alternate, so load from elsewhere on the machine hi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.client
+import http.server
 import json
 import os
 import statistics
@@ -36,6 +38,7 @@ CANVAS = "canvas (django-db results)"
 CANVAS_REDIS = "canvas (Redis results)"
 EVENTFLOW = "Eventflow"
 VARIANT = "Eventflow, variant"
+OPERATORS = "Eventflow, with operators"
 # Settings of the optional variant's worker (--variant), e.g. {"CELERY_DB_REUSE_MAX": "0"}.
 VARIANT_ENV: dict[str, str] = {}
 HOPS = 20
@@ -139,6 +142,74 @@ def define_workflows(queue: str, suffix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------- the systems compared
 
 
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with 200 and counts it: an OTLP/HTTP collector and a webhook receiver."""
+
+    received: Counter = Counter()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        _Sink.received[self.path] += 1
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Operators:
+    """What operators plug in, on while its system's samples run: every process's spans exported to
+    a collector (OTLP/HTTP), a webhook subscribed to every run's success, and Prometheus scraping
+    /metrics once a second. Off for the others: the webhook inactive, tracing unset in this process
+    (its worker has it always), the scrapes paused."""
+
+    def __init__(self) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.endpoint = base
+        self.env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": base,
+            "EVENTFLOW_WEBHOOK_ALLOW_PRIVATE": "true",
+        }
+        from webhooks_app import services
+        from webhooks_app.models import Webhook
+
+        self.webhook = Webhook.objects.create(
+            url=f"{base}/hook", notifications=["run.succeeded"], secret=services.secret_new(), is_active=False
+        )
+        self.scraping = threading.Event()
+        threading.Thread(target=self._scrape, daemon=True).start()
+
+    def _scrape(self) -> None:
+        from django.db import connection
+        from django.test import Client
+
+        client = Client()
+        while True:
+            if self.scraping.wait():
+                response = client.get("/metrics")
+                assert response.status_code == 200
+                _Sink.received["/metrics scraped"] += 1
+                connection.close()
+                time.sleep(1.0)
+
+    @contextlib.contextmanager
+    def on(self) -> Any:
+        from webhooks_app.models import Webhook
+
+        Webhook.objects.filter(pk=self.webhook.pk).update(is_active=True)
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.endpoint
+        self.scraping.set()
+        try:
+            yield
+        finally:
+            self.scraping.clear()
+            del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+            Webhook.objects.filter(pk=self.webhook.pk).update(is_active=False)
+
+
 @dataclass
 class System:
     """One side of a comparison: how to run a chain and N diamonds on it, timed as described below."""
@@ -147,8 +218,12 @@ class System:
     queue: str
     flows: dict | None = None  # Eventflow definitions; None for canvas
     redis_results: bool = False  # canvas whose worker stores results in Redis
+    operators: Operators | None = None  # Eventflow with tracing, a webhook and scrapes of /metrics
 
     def chain(self) -> float:
+        if self.operators:
+            with self.operators.on():
+                return self._eventflow_chain()
         return self._eventflow_chain() if self.flows else self._canvas_chain()
 
     def diamonds(self, count: int) -> float:
@@ -391,6 +466,12 @@ def rows_against(
 def scenario_chain(systems: list[System], sizes: Sizes) -> list[Row]:
     samples = rounds(systems, sizes.chain_samples, lambda s: s.chain())
     rows = rows_against("1 chain of 20", "ms per hop", systems, samples, {EVENTFLOW: "<= 1.5"})
+    if OPERATORS in samples:
+        # With tracing, a webhook and scrapes, over the same hop without them, round by round.
+        per_round = [o / e for o, e in zip(samples[OPERATORS], samples[EVENTFLOW], strict=True)]
+        one = Row("", "", "", [1.0])
+        rows.append(Row("1 chain of 20", "hop with operators / hop without", OPERATORS, per_round, one, "<= 1.1"))
+        print(f"  operators: {dict(_Sink.received)}", flush=True)
     # Each round's hop over the baseline's hop of the same round, as in scenario 3: the machine's
     # drift within the scenario moves both alike. Its ratio column is that median itself.
     canvas, eventflow = samples[systems[0].label], samples[EVENTFLOW]
@@ -797,6 +878,8 @@ def system_env(system: System) -> dict[str, str]:
         return {"BENCH_RESULT_BACKEND": BROKER_URL}
     if system.label.startswith(VARIANT):
         return VARIANT_ENV
+    if system.operators:
+        return system.operators.env
     return {}
 
 
@@ -811,6 +894,11 @@ def main() -> None:
         metavar="SETTINGS",
         default="",
         help='also run Eventflow on a worker with these environment settings, e.g. "CELERY_DB_REUSE_MAX=0"',
+    )
+    parser.add_argument(
+        "--operators",
+        action="store_true",
+        help="also run Eventflow with tracing to a collector, a webhook on every run and /metrics scraped (scenario 1)",
     )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
@@ -834,6 +922,8 @@ def main() -> None:
     if args.variant:
         VARIANT_ENV.update(item.split("=", 1) for item in args.variant.split())
         systems.append(System(f"{VARIANT} ({args.variant})", "bench_p", define_workflows("bench_p", "_p")))
+    if args.operators:
+        systems.append(System(OPERATORS, "bench_o", define_workflows("bench_o", "_o"), operators=Operators()))
     rows: list[Row] = []
     workers: list[Worker] = []
     try:
@@ -844,6 +934,10 @@ def main() -> None:
                 workers.append(
                     Worker(f"bench-{system.queue}", queue=system.queue, concurrency=2, log_dir=log_dir, env=env)
                 )
+            if args.operators:
+                # Webhooks go out from the engine's own queue, on a worker of its own as `run_workers` runs it.
+                env = bench_env(**system_env(systems[-1]))
+                workers.append(Worker("bench-celery", queue="celery", concurrency=2, log_dir=log_dir, env=env))
             for worker in workers:
                 worker.wait_ready()
             rounds(systems, 3, lambda s: s.chain())  # warm every side: imports, connections, caches

@@ -209,8 +209,9 @@ RETURNING held
 # the type (a task, a key) and checks their foreign key at commit (FOR KEY SHARE) never waits on it.
 LOCK_TYPE = f"SELECT held FROM {EVENT_TYPE} WHERE name = %(name)s FOR NO KEY UPDATE"
 
-# Event types whose fairness keys' counts disagree with their tasks: a key's slots held, a key missing
-# for tasks holding slots or waiting, or a key that may be served but is not marked so.
+# Event types whose fairness keys' counts disagree with their tasks: a key's slots held (kept while
+# the type has a share), a key missing for tasks holding slots or waiting, or a key that may be served
+# but is not marked so.
 KEYS_DRIFTED = f"""
 WITH held AS (
     SELECT event_type_id AS type, fair_key AS key, count(*) AS n FROM {TASK} WHERE holds_slot GROUP BY 1, 2
@@ -219,10 +220,13 @@ WITH held AS (
     WHERE status = '{S.QUEUED}' AND NOT holds_slot AND event_type_id IS NOT NULL
 )
 SELECT DISTINCT type FROM (
-    SELECT k.event_type_id AS type FROM {KEY} AS k
-    LEFT JOIN held AS h ON h.type = k.event_type_id AND h.key = k.key WHERE k.held <> coalesce(h.n, 0)
+    SELECT k.event_type_id AS type FROM {KEY} AS k JOIN {EVENT_TYPE} AS et ON et.name = k.event_type_id
+    LEFT JOIN held AS h ON h.type = k.event_type_id AND h.key = k.key
+    WHERE et.per_key_concurrency IS NOT NULL AND k.held <> coalesce(h.n, 0)
     UNION ALL
-    SELECT h.type FROM held AS h LEFT JOIN {KEY} AS k ON k.event_type_id = h.type AND k.key = h.key WHERE k.id IS NULL
+    SELECT h.type FROM held AS h JOIN {EVENT_TYPE} AS et ON et.name = h.type
+    LEFT JOIN {KEY} AS k ON k.event_type_id = h.type AND k.key = h.key
+    WHERE et.per_key_concurrency IS NOT NULL AND k.id IS NULL
     UNION ALL
     SELECT w.type FROM waiting AS w JOIN {EVENT_TYPE} AS et ON et.name = w.type
     LEFT JOIN {KEY} AS k ON k.event_type_id = w.type AND k.key = w.key
@@ -252,13 +256,6 @@ WITH found AS (
     RETURNING 1
 )
 SELECT count(*) FROM fixed
-"""
-# A type's keys after its `per_key_concurrency` changed (under the type's lock): which may be served.
-RESHARE_KEYS = f"""
-UPDATE {KEY} AS k SET head_priority = CASE
-    WHEN et.per_key_concurrency IS NULL OR k.held < et.per_key_concurrency THEN {_key_head("k.event_type_id", "k.key")}
-END
-FROM {EVENT_TYPE} AS et WHERE et.name = %(name)s AND k.event_type_id = %(name)s
 """
 # Types whose rate-held line was due to be woken and was not (its message lost, or a worker whose clock
 # runs behind took it early).
@@ -407,6 +404,8 @@ DECLARE
     v_free integer;
     v_turn bigint;
     v_fresh bigint[];
+    v_direct boolean;
+    v_fkey varchar;
     v_key record;
     v_head record;
     v_skip varchar[];
@@ -429,9 +428,16 @@ BEGIN
             v_period := make_interval(secs => CASE split_part(v_type.rate_limit, '/', 2)
                 WHEN 'second' THEN 1 WHEN 'minute' THEN 60 ELSE 3600 END);
         END IF;
-        -- 1. Slots given back.
+        -- 1. Slots given back. A key's count of slots held is kept only while its type has a share
+        -- (`per_key_concurrency`): setting one recounts them (`RECOUNT_KEYS`).
         v_released := 0;
-        IF jsonb_array_length(p_released) > 0 THEN
+        IF jsonb_array_length(p_released) = 1 AND v_cap IS NULL THEN  -- a finish's: without a query
+            v_released := CASE WHEN p_released -> 0 ->> 'type' = v_type.name THEN (p_released -> 0 ->> 'n')::integer
+                ELSE 0 END;
+        ELSIF jsonb_array_length(p_released) > 0 AND v_cap IS NULL THEN
+            SELECT coalesce(sum(r.n), 0) INTO v_released
+            FROM jsonb_to_recordset(p_released) AS r(type varchar, key varchar, n integer) WHERE r.type = v_type.name;
+        ELSIF jsonb_array_length(p_released) > 0 THEN
             WITH given AS (
                 SELECT r.key, sum(r.n)::integer AS n
                 FROM jsonb_to_recordset(p_released) AS r(type varchar, key varchar, n integer)
@@ -463,29 +469,66 @@ BEGIN
         IF v_rate IS NOT NULL THEN
             v_free := LEAST(v_free, v_rate - eventflow_rate_used(v_times, v_counts, v_clock, v_period));
         END IF;
-        -- 3. Tasks becoming ready join the line.
+        -- 3. Tasks becoming ready. They are one run's, so of one key (a run's key is its type's), unless
+        -- a caller mixes runs. When nothing else of the type may be served, the free slots take them
+        -- all and their key has room for them, they are what `rules.admit` picks, in their line's
+        -- order: each is written once, holding its slot. Otherwise they join the line.
         v_fresh := '{{}}';
-        IF v_type.name = ANY(p_ready_types) THEN
+        v_ids := '{{}}';
+        v_direct := false;
+        IF cardinality(p_ready) = 1 AND p_ready_types[1] = v_type.name AND v_cap IS NULL
+           AND v_type.fairness_key IS NULL THEN  -- a hop's: one task, no key to count, a single query
+            v_fresh := p_ready;
+            v_direct := v_free >= 1
+                AND NOT EXISTS (SELECT 1 FROM {KEY} WHERE event_type_id = v_type.name AND head_priority IS NOT NULL);
+        ELSIF v_type.name = ANY(p_ready_types) THEN
+            v_fresh := ARRAY(
+                SELECT f.id FROM unnest(p_ready, p_ready_types) AS f(id, type) WHERE f.type = v_type.name
+                ORDER BY f.id);
+            SELECT count(DISTINCT t.fair_key) = 1 AND v_free >= cardinality(v_fresh)
+                AND NOT EXISTS (SELECT 1 FROM {KEY} WHERE event_type_id = v_type.name AND head_priority IS NOT NULL)
+                AND (v_cap IS NULL OR coalesce((
+                    SELECT k.held FROM {KEY} AS k WHERE k.event_type_id = v_type.name AND k.key = min(t.fair_key)
+                ), 0) + cardinality(v_fresh) <= v_cap),
+                min(t.fair_key)
+            INTO v_direct, v_fkey
+            FROM {TASK} AS t WHERE t.id = ANY(v_fresh);
+        END IF;
+        IF v_direct THEN
+            WITH admitted AS (
+                UPDATE {TASK} AS task
+                SET status = '{S.QUEUED}', queued_at = now(), current_event_id = f.event_id, holds_slot = true,
+                    lease_expires_at = now() + {_seconds("p_grace")}, dispatched_at = v_clock
+                FROM unnest(p_ready, p_ready_events, p_ready_types) AS f(id, event_id, type)
+                WHERE f.type = v_type.name AND task.id = f.id
+                RETURNING task.id, task.priority, task.run_created_at
+            )
+            SELECT array_agg(a.id ORDER BY a.priority DESC, a.run_created_at, a.id) INTO v_ids FROM admitted AS a;
+            IF v_cap IS NOT NULL OR v_type.fairness_key IS NOT NULL THEN
+                v_turn := v_turn + cardinality(v_ids);
+                INSERT INTO {KEY} AS k (event_type_id, key, held, head_priority, turn)
+                VALUES (v_type.name, v_fkey, cardinality(v_ids), NULL, v_turn)
+                ON CONFLICT (event_type_id, key) DO UPDATE SET held = k.held + EXCLUDED.held, turn = EXCLUDED.turn;
+            END IF;
+            v_free := 0;  -- nothing else may be served
+        ELSIF cardinality(v_fresh) > 0 THEN
             WITH joined AS (
                 UPDATE {TASK} AS task
                 SET status = '{S.QUEUED}', queued_at = now(), current_event_id = f.event_id, holds_slot = false
                 FROM unnest(p_ready, p_ready_events, p_ready_types) AS f(id, event_id, type)
                 WHERE f.type = v_type.name AND task.id = f.id
                 RETURNING task.id, task.fair_key, task.priority
-            ), keyed AS (
-                INSERT INTO {KEY} AS k (event_type_id, key, held, head_priority, turn)
-                SELECT v_type.name, j.fair_key, 0, max(j.priority), 0 FROM joined AS j GROUP BY j.fair_key
-                ON CONFLICT (event_type_id, key) DO UPDATE
-                SET head_priority = CASE
-                    WHEN v_cap IS NOT NULL AND k.held >= v_cap THEN NULL
-                    ELSE GREATEST(k.head_priority, EXCLUDED.head_priority)
-                END
             )
-            SELECT array_agg(j.id) INTO v_fresh FROM joined AS j;
+            INSERT INTO {KEY} AS k (event_type_id, key, held, head_priority, turn)
+            SELECT v_type.name, j.fair_key, 0, max(j.priority), 0 FROM joined AS j GROUP BY j.fair_key
+            ON CONFLICT (event_type_id, key) DO UPDATE
+            SET head_priority = CASE
+                WHEN v_cap IS NOT NULL AND k.held >= v_cap THEN NULL
+                ELSE GREATEST(k.head_priority, EXCLUDED.head_priority)
+            END;
         END IF;
         -- 4. The free slots, to the keys in turn.
         v_skip := '{{}}';
-        v_ids := '{{}}';
         WHILE v_free > 0 LOOP
             SELECT k.key, k.head_priority, k.held INTO v_key FROM {KEY} AS k
             WHERE k.event_type_id = v_type.name AND k.head_priority IS NOT NULL AND k.key <> ALL(v_skip)
@@ -812,17 +855,21 @@ BEGIN
         run_status := eventflow_end_run(p_run);
     END IF;
     -- What it raises for webhooks: a task that failed, an approval reached, the run's end.
-    SELECT coalesce(jsonb_agg(r), '[]') INTO v_raised FROM (
-        SELECT '{NOTIFY_TASK_FAILED}' AS notification, v_node AS node, p_error AS error WHERE p_outcome = '{S.FAILURE}'
-        UNION ALL
-        SELECT CASE WHEN s.status = '{S.FAILURE}' THEN '{NOTIFY_TASK_FAILED}' ELSE s.notify END, s.node, s.error
-        FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, error text, notify varchar)
-        WHERE s.status = '{S.FAILURE}' OR s.notify IS NOT NULL
-        UNION ALL
-        SELECT CASE run_status {_RUN_NOTIFICATIONS} END, NULL, NULL WHERE run_status IS NOT NULL
-    ) AS r;
-    IF jsonb_array_length(v_raised) > 0 THEN
-        sent := sent || eventflow_notify(p_run, v_raised, coalesce(run_status, '{R.RUNNING}'), p_grace);
+    IF p_outcome = '{S.FAILURE}' OR run_status IS NOT NULL
+       OR jsonb_path_exists(p_steps, '$[*] ? (@.status == "{S.FAILURE}" || @.notify != null)') THEN
+        SELECT coalesce(jsonb_agg(r), '[]') INTO v_raised FROM (
+            SELECT '{NOTIFY_TASK_FAILED}' AS notification, v_node AS node, p_error AS error
+            WHERE p_outcome = '{S.FAILURE}'
+            UNION ALL
+            SELECT CASE WHEN s.status = '{S.FAILURE}' THEN '{NOTIFY_TASK_FAILED}' ELSE s.notify END, s.node, s.error
+            FROM jsonb_to_recordset(p_steps) AS s(node varchar, status varchar, error text, notify varchar)
+            WHERE s.status = '{S.FAILURE}' OR s.notify IS NOT NULL
+            UNION ALL
+            SELECT CASE run_status {_RUN_NOTIFICATIONS} END, NULL, NULL WHERE run_status IS NOT NULL
+        ) AS r;
+        IF jsonb_array_length(v_raised) > 0 THEN
+            sent := sent || eventflow_notify(p_run, v_raised, coalesce(run_status, '{R.RUNNING}'), p_grace);
+        END IF;
     END IF;
 END
 """,

@@ -792,7 +792,8 @@ def event_type_update(*, name: str, **settings_: Any) -> Any:
             raise EngineError(f"event type '{name}' does not exist", status=404)
         EventType.objects.filter(name=name).update(**clean, updated_at=Now())
         if "per_key_concurrency" in clean:
-            pgsql.execute(sql.RESHARE_KEYS, {"name": name})
+            # Keys count their slots only under a share: count them now, and mark which may be served.
+            pgsql.fetch_one(sql.RECOUNT_KEYS, {"name": name})
         _admit([name])
     _fairness_keys.pop(name, None)
     return EventType.objects.get(name=name)
