@@ -44,6 +44,20 @@ def hook(url: str, *notifications: str) -> Webhook:
     return Webhook.objects.create(url=url, notifications=list(notifications), secret=services.secret_new())
 
 
+def pending(webhook: Webhook, data: dict | None = None, **fields) -> Delivery:
+    """A run.failed notification in the outbox, due now, as the engine writes one."""
+    now = services._now()
+    return Delivery.objects.create(
+        webhook=webhook,
+        notification="run.failed",
+        trace_id="00000000-0000-0000-0000-000000000001",
+        data=data if data is not None else {},
+        created_at=now,
+        next_attempt_at=now,
+        **fields,
+    )
+
+
 def verified(receiver: Receiver, webhook: Webhook) -> list[dict]:
     """Every request the receiver got, each checked with Standard Webhooks' own verifier."""
     return [Verifier(webhook.secret).verify(r["body"], r["headers"]) for r in receiver.got()]
@@ -122,14 +136,7 @@ def test_a_canceled_run_and_a_reached_approval_raise_their_notifications(
 def test_a_receiver_failing_three_times_gets_it_once_more_after_each_failure_then_never(private_ok):
     with Receiver([500, 500, 503]) as receiver:
         webhook = hook(receiver.url, "run.failed")
-        delivery = Delivery.objects.create(
-            webhook=webhook,
-            notification="run.failed",
-            trace_id="00000000-0000-0000-0000-000000000001",
-            data={"trace_id": "00000000-0000-0000-0000-000000000001", "status": "FAILED"},
-            created_at=services._now(),
-            next_attempt_at=services._now(),
-        )
+        delivery = pending(webhook, {"trace_id": "00000000-0000-0000-0000-000000000001", "status": "FAILED"})
         states = []
         for n in range(1, 5):
             states.append(services.deliver(str(delivery.pk)))
@@ -155,15 +162,7 @@ def test_a_lost_message_is_sent_again_once_its_claim_lapses(private_ok, django_c
     with Receiver() as receiver:
         webhook = hook(receiver.url, "run.failed")
         now = services._now()
-        delivery = Delivery.objects.create(
-            webhook=webhook,
-            notification="run.failed",
-            trace_id="00000000-0000-0000-0000-000000000002",
-            data={},
-            created_at=now,
-            next_attempt_at=now,
-            claimed_until=now + timedelta(minutes=1),
-        )
+        delivery = pending(webhook, claimed_until=now + timedelta(minutes=1))
         sent: list = []
         original = outbox.publish
         outbox.publish = lambda messages, revokes: sent.extend(messages)
@@ -182,15 +181,7 @@ def test_a_lost_message_is_sent_again_once_its_claim_lapses(private_ok, django_c
 
 def test_a_private_address_is_refused_at_send_time_too(settings):
     webhook = hook("http://127.0.0.1:9/hook", "run.failed")
-    now = services._now()
-    delivery = Delivery.objects.create(
-        webhook=webhook,
-        notification="run.failed",
-        trace_id="00000000-0000-0000-0000-000000000003",
-        data={},
-        created_at=now,
-        next_attempt_at=now,
-    )
+    delivery = pending(webhook)
     assert services.deliver(str(delivery.pk)) == "pending"
     attempt = DeliveryAttempt.objects.get(delivery=delivery)
     assert attempt.status_code is None and "private address" in attempt.error
@@ -199,15 +190,7 @@ def test_a_private_address_is_refused_at_send_time_too(settings):
 def test_send_again_in_the_admin_sends_a_delivered_notification_once_more(private_ok, admin_client):
     with Receiver() as receiver:
         webhook = hook(receiver.url, "run.failed")
-        now = services._now()
-        delivery = Delivery.objects.create(
-            webhook=webhook,
-            notification="run.failed",
-            trace_id="00000000-0000-0000-0000-000000000004",
-            data={"x": 1},
-            created_at=now,
-            next_attempt_at=now,
-        )
+        delivery = pending(webhook, {"x": 1})
         assert services.deliver(str(delivery.pk)) == "delivered"
         response = admin_client.post(
             "/admin/webhooks_app/delivery/", {"action": "send_again", "_selected_action": [str(delivery.pk)]}
