@@ -29,7 +29,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook as Signer
 
-from .models import Delivery, DeliveryAttempt, Notification, Webhook
+from .models import Delivery, DeliveryAttempt, Notification
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,6 @@ def deliver(delivery_id: str) -> str:
 
 def _record(delivery: Delivery, *, status_code: int | None, error: str, seconds: float) -> str:
     """Record the attempt, and what comes next: delivered, another try later, or given up."""
-    from workflows_app.engine.outbox import Outbox
-
     with transaction.atomic():
         now = _now()
         attempts = delivery.attempts + 1
@@ -219,9 +217,7 @@ def _record(delivery: Delivery, *, status_code: int | None, error: str, seconds:
                 fields.update(state=Delivery.State.FAILED, claimed_until=None)
             else:
                 fields.update(next_attempt_at=due, claimed_until=due + timedelta(seconds=_grace()))
-                outbox = Outbox()
-                outbox.add_internal("webhooks_app.tasks.deliver", [str(delivery.id)], eta=due)
-                outbox.flush_on_commit()
+                _send_on_commit([delivery.id], eta=due)
         Delivery.objects.filter(pk=delivery.pk).update(**fields)
     if error:
         logger.warning(
@@ -230,10 +226,18 @@ def _record(delivery: Delivery, *, status_code: int | None, error: str, seconds:
     return fields.get("state", Delivery.State.PENDING)
 
 
-def deliveries_resend(ids: Iterable[Any]) -> int:
-    """Send these notifications again now (the admin's "send again"), whatever became of them; how many."""
+def _send_on_commit(ids: Iterable[Any], *, eta: datetime | None = None) -> None:
+    """A message for each delivery, sent once the transaction that claimed them commits."""
     from workflows_app.engine.outbox import Outbox
 
+    outbox = Outbox()
+    for delivery_id in ids:
+        outbox.add_delivery(str(delivery_id), eta=eta)
+    outbox.flush_on_commit()
+
+
+def deliveries_resend(ids: Iterable[Any]) -> int:
+    """Send these notifications again now (the admin's "send again"), whatever became of them; how many."""
     ids = [str(i) for i in ids]
     with transaction.atomic():
         with connection.cursor() as cursor:
@@ -246,19 +250,14 @@ def deliveries_resend(ids: Iterable[Any]) -> int:
                 """,
                 [_grace(), ids],
             )
-            again = [str(row[0]) for row in cursor.fetchall()]
-        outbox = Outbox()
-        for delivery_id in again:
-            outbox.add_delivery(delivery_id)
-        outbox.flush_on_commit()
+            again = [row[0] for row in cursor.fetchall()]
+        _send_on_commit(again)
     return len(again)
 
 
 def deliveries_recover(*, limit: int = 200) -> int:
     """Send again the pending notifications whose claim lapsed: their message was lost (the process
     that committed them died before sending it, or the broker lost it). Run by the reconciler."""
-    from workflows_app.engine.outbox import Outbox
-
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(
@@ -274,14 +273,6 @@ def deliveries_recover(*, limit: int = 200) -> int:
                 """,
                 [_grace(), limit],
             )
-            lost = [str(row[0]) for row in cursor.fetchall()]
-        outbox = Outbox()
-        for delivery_id in lost:
-            outbox.add_delivery(delivery_id)
-        outbox.flush_on_commit()
+            lost = [row[0] for row in cursor.fetchall()]
+        _send_on_commit(lost)
     return len(lost)
-
-
-def webhook_for(data: Mapping[str, Any]) -> Webhook:
-    """Create a webhook from checked settings (see `webhook_check`)."""
-    return Webhook.objects.create(**data)

@@ -62,9 +62,10 @@ class Outbox:
         next has room: a message to the engine's own queue, due then."""
         self.add_internal(ADMIT_TASK, [event_type], eta=at)
 
-    def add_delivery(self, delivery_id: str) -> None:
-        """Send a webhook's notification, written to its outbox by the transition that raised it."""
-        self.add_internal(DELIVER_TASK, [str(delivery_id)])
+    def add_delivery(self, delivery_id: str, *, eta: datetime | None = None) -> None:
+        """Send a webhook's notification, written to its outbox by the transition that raised it (or
+        due again at `eta`, the database's time)."""
+        self.add_internal(DELIVER_TASK, [str(delivery_id)], eta=eta)
 
     def add_internal(self, task_name: str, args: list, *, eta: datetime | None = None) -> None:
         """A message of the engine's own, to its own queue: no Event, no node."""
