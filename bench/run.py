@@ -5,6 +5,7 @@ Scenarios (numbered as in the README): 1 a chain of 20 no-op tasks, latency per 
 under gunicorn, requests/s and p95; 5 the memory of a worker's pool processes as tasks accumulate; 6 one node
 mapped over 1,000 items and one collecting their results, against a chord.
 Canvas and Eventflow samples alternate, so load from elsewhere on the machine hits both alike.
+With `--db-latency 1ms`, scenarios 1 and 2 run again with PostgreSQL that far away from every process.
 """
 
 from __future__ import annotations
@@ -16,19 +17,24 @@ import http.client
 import http.server
 import json
 import os
+import re
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from _procs import Gunicorn, Worker, bench_env, children_of, cpu_seconds, memory_kib, wait_for
 from _setup import print_table, setup_django, summary
+
+from tests.processes import Process, free_port
 
 DB_NAME = os.environ.get("BENCH_DB_NAME", "eventflow_bench_main")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/7")
@@ -99,9 +105,15 @@ class Row:
     baseline: Row | None = None
     target: str = ""
 
+    def ratio(self) -> float:
+        """The median over the baseline's median (1 without a baseline)."""
+        if self.baseline is None:
+            return 1.0
+        return statistics.median(self.samples) / statistics.median(self.baseline.samples)
+
     def cells(self) -> list[str]:
         med, lo, hi = summary(self.samples)
-        ratio = f"{med / statistics.median(self.baseline.samples):.2f}" if self.baseline else "1.00"
+        ratio = f"{self.ratio():.2f}"
         return [self.scenario, self.measure, self.system, _fmt(med), _fmt(lo), _fmt(hi), ratio, self.target]
 
 
@@ -463,31 +475,32 @@ def rows_against(
     return rows
 
 
-def scenario_chain(systems: list[System], sizes: Sizes) -> list[Row]:
+def scenario_chain(systems: list[System], sizes: Sizes, where: str = "") -> list[Row]:
+    """Scenario 1; `where` tells the database's place in its name when it is not on loopback."""
+    name = f"1 chain of 20{where}"
     samples = rounds(systems, sizes.chain_samples, lambda s: s.chain())
-    rows = rows_against("1 chain of 20", "ms per hop", systems, samples, {EVENTFLOW: "<= 1.5"})
+    rows = rows_against(name, "ms per hop", systems, samples, {EVENTFLOW: "<= 1.5"})
     if OPERATORS in samples:
         # With tracing, a webhook and scrapes, over the same hop without them, round by round.
         per_round = [o / e for o, e in zip(samples[OPERATORS], samples[EVENTFLOW], strict=True)]
         one = Row("", "", "", [1.0])
-        rows.append(Row("1 chain of 20", "hop with operators / hop without", OPERATORS, per_round, one, "<= 1.1"))
+        rows.append(Row(name, "hop with operators / hop without", OPERATORS, per_round, one, "<= 1.1"))
         print(f"  operators: {dict(_Sink.received)}", flush=True)
     # Each round's hop over the baseline's hop of the same round, as in scenario 3: the machine's
     # drift within the scenario moves both alike. Its ratio column is that median itself.
     canvas, eventflow = samples[systems[0].label], samples[EVENTFLOW]
     per_round = [e / c for e, c in zip(eventflow, canvas, strict=True)]
     one = Row("", "", "", [1.0])
-    rows.append(
-        Row("1 chain of 20", "hop / canvas hop, same round", EVENTFLOW, per_round, one, "<= 1.5, drift taken out")
-    )
+    rows.append(Row(name, "hop / canvas hop, same round", EVENTFLOW, per_round, one, "<= 1.5, drift taken out"))
     # Against canvas whose results go to Redis instead: the same hop, over that reference's hop.
     redis = next((row for row in rows if row.system == CANVAS_REDIS), None)
     if redis is not None:
-        rows.append(Row("1 chain of 20", "ms per hop, ratio to canvas (Redis results)", EVENTFLOW, eventflow, redis))
+        rows.append(Row(name, "ms per hop, ratio to canvas (Redis results)", EVENTFLOW, eventflow, redis))
     return rows
 
 
-def scenario_diamonds(systems: list[System], sizes: Sizes) -> list[Row]:
+def scenario_diamonds(systems: list[System], sizes: Sizes, where: str = "") -> list[Row]:
+    """Scenario 2; `where` as in scenario 1."""
     n = sizes.diamond_runs
 
     def measure(system: System) -> float:
@@ -499,7 +512,7 @@ def scenario_diamonds(systems: list[System], sizes: Sizes) -> list[Row]:
     rows = []
     for measure_name, per_run in (("runs/s", 1), ("tasks/s", 4)):
         rates = {label: [n * per_run / s for s in values] for label, values in seconds.items()}
-        rows += rows_against(f"2 {n} diamonds", measure_name, systems, rates, {EVENTFLOW: ">= 0.7"})
+        rows += rows_against(f"2 {n} diamonds{where}", measure_name, systems, rates, {EVENTFLOW: ">= 0.7"})
     return rows
 
 
@@ -869,6 +882,134 @@ def scenario_fan_out(systems: list[System], sizes: Sizes, workers: dict[str, Wor
     return rows
 
 
+# --------------------------------------------------------------------------- PostgreSQL far away
+
+
+def db_latency(text: str) -> float:
+    """`--db-latency`: milliseconds written with their unit, "1ms" or "0.5ms"; the number."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)ms", text)
+    if match is None or not 0 < float(match[1]) <= 100:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a delay: give milliseconds with their unit, above 0 and at most 100, e.g. 1ms, 0.5ms, 2ms"
+        )
+    return float(match[1])
+
+
+class DatabaseProxy(Process):
+    """tests/netproxy.py between the bench's processes and PostgreSQL: a connection made through `url`
+    waits `delay_ms` more on every round trip, as from a host that far from the database."""
+
+    def __init__(self, *, database_url: str, delay_ms: float, log_dir: Path):
+        parts = urlsplit(database_url)
+        self.port = free_port()
+        user = parts.netloc.rpartition("@")[0]
+        self.url = parts._replace(netloc=f"{user}@127.0.0.1:{self.port}" if user else f"127.0.0.1:{self.port}").geturl()
+        route = f"127.0.0.1:{self.port}={parts.hostname}:{parts.port or 5432}"
+        cmd = [sys.executable, "-m", "tests.netproxy", "--delay-ms", f"{delay_ms:g}", route]
+        super().__init__(cmd, log_path=log_dir / "netproxy.log", env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if why := self.exited():
+                raise RuntimeError(why)
+            return "listening on" in self.log()
+
+        wait_for(ready, timeout=timeout, interval=0.1, what="tests/netproxy.py to listen")
+
+    def upstream_ports(self) -> set[int]:
+        """The local ports of the proxy's sockets, among them every connection it opened to PostgreSQL."""
+        inodes = set()
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if (link := os.readlink(fd)).startswith("socket:["):
+                    inodes.add(link[8:-1])
+        ports = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+        return ports
+
+
+def select_one_ms(url: str, count: int = 300) -> float:
+    """The median round trip of `SELECT 1` on one connection to `url`, in milliseconds."""
+    import psycopg
+
+    times = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        for _ in range(count):
+            begun = time.perf_counter()
+            conn.execute("SELECT 1").fetchone()
+            times.append(time.perf_counter() - begun)
+    return statistics.median(times) * 1000
+
+
+def connect_through(url: str) -> None:
+    """From now on this process (the ORM, django-celery-results' backend) and the workers started
+    after (their DATABASE_URL) reach PostgreSQL at `url`."""
+    from django.db import connection
+
+    parts = urlsplit(url)
+    connection.close()
+    # The connection's settings are the dict every thread's connection is made from.
+    connection.settings_dict.update(HOST=parts.hostname, PORT=str(parts.port))
+    os.environ["DATABASE_URL"] = url
+
+
+def connections_around(proxy: DatabaseProxy, since: datetime) -> list[str]:
+    """The bench database's connections opened after `since` that do not come through the proxy, as
+    "pid application" (one of a process stopped before may still be ending)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, application_name, client_port FROM pg_stat_activity"
+            " WHERE datname = current_database() AND backend_type = 'client backend' AND backend_start >= %s",
+            [since],
+        )
+        found = cursor.fetchall()
+    # Read after the query, whose own connection may have just been opened.
+    ports = proxy.upstream_ports()
+    return [f"{pid} {app}".strip() for pid, app, port in found if port not in ports]
+
+
+def latency_table(phases: list[tuple[str, float | None, list[Row]]]) -> None:
+    """Eventflow over canvas (django-db results) for each place of the database, side by side."""
+
+    def ratio(rows: list[Row], measure: str) -> str:
+        found = [r for r in rows if r.measure == measure and r.system == EVENTFLOW]
+        return f"{found[0].ratio():.2f}" if found else "-"
+
+    print()
+    print_table(
+        [
+            "PostgreSQL",
+            "SELECT 1 ms",
+            "ms per hop (canvas, Eventflow)",
+            "hop, Eventflow / canvas",
+            "same round",
+            "diamond runs/s, Eventflow / canvas",
+        ],
+        [
+            [
+                where,
+                "-" if select_ms is None else f"{select_ms:.3f}",
+                ", ".join(
+                    _fmt(statistics.median(r.samples))
+                    for r in rows
+                    if r.measure == "ms per hop" and r.system in (CANVAS, EVENTFLOW)
+                )
+                or "-",
+                ratio(rows, "ms per hop"),
+                ratio(rows, "hop / canvas hop, same round"),
+                ratio(rows, "runs/s"),
+            ]
+            for where, select_ms, rows in phases
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -883,10 +1024,55 @@ def system_env(system: System) -> dict[str, str]:
     return {}
 
 
+def scenarios_on_workers(
+    systems: list[System], sizes: Sizes, log_dir: Path, only: list[int], *, where: str = "", check: Any = None
+) -> list[Row]:
+    """Scenarios 1, 2, 3 and 6 of `only`, on one worker per queue started for them and stopped after;
+    `check` is called once they have warmed up."""
+    canvas = systems[0]
+    eventflow = next(s for s in systems if s.label == EVENTFLOW)
+    rows: list[Row] = []
+    workers: list[Worker] = []
+    try:
+        # One worker per queue, all with the same options; canvas and Eventflow share the first.
+        for system in systems[1:]:
+            env = bench_env(**system_env(system))
+            workers.append(Worker(f"bench-{system.queue}", queue=system.queue, concurrency=2, log_dir=log_dir, env=env))
+        if systems[-1].operators:
+            # Webhooks go out from the engine's own queue, on a worker of its own as `run_workers` runs it.
+            env = bench_env(**system_env(systems[-1]))
+            workers.append(Worker("bench-celery", queue="celery", concurrency=2, log_dir=log_dir, env=env))
+        for worker in workers:
+            worker.wait_ready()
+        rounds(systems, 3, lambda s: s.chain())  # warm every side: imports, connections, caches
+        if check:
+            check()
+        if 1 in only:
+            print(f"scenario 1{where}", flush=True)
+            rows += scenario_chain(systems, sizes, where)
+        if 2 in only:
+            print(f"scenario 2{where}", flush=True)
+            rows += scenario_diamonds(systems, sizes, where)
+        if 3 in only:
+            print("scenario 3", flush=True)
+            rows += scenario_history([canvas, eventflow], sizes)
+        if 6 in only:
+            print("scenario 6", flush=True)
+            # One unmeasured round: the first fan-out grows the tables past their first plans.
+            rounds(systems, 1, lambda s: s.fan_out(sizes.map_items))
+            rows += scenario_fan_out(systems, sizes, {worker.queue: worker for worker in workers})
+    finally:
+        for worker in workers:
+            worker.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not figures")
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="scenario numbers to run")
+    parser.add_argument(
+        "--only", type=int, nargs="+", help="scenario numbers to run (default: all, or 1 2 with --db-latency)"
+    )
     parser.add_argument("--api-workers", type=int, default=4, help="gunicorn sync workers (scenario 4)")
     parser.add_argument("--api-clients", type=int, default=4, help="concurrent load generator threads (scenario 4)")
     parser.add_argument(
@@ -900,8 +1086,19 @@ def main() -> None:
         action="store_true",
         help="also run Eventflow with tracing to a collector, a webhook on every run and /metrics scraped (scenario 1)",
     )
+    parser.add_argument(
+        "--db-latency",
+        metavar="DELAY",
+        type=db_latency,
+        help="after the loopback figures, run scenarios 1 and 2 again with every process (workers and"
+        " this one) reaching PostgreSQL through tests/netproxy.py, DELAY (e.g. 1ms) added per round trip",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
+    only = args.only or ([1, 2] if args.db_latency else [1, 2, 3, 4, 5, 6])
+    far = [n for n in only if n in (1, 2)]
+    if args.db_latency and not far:
+        parser.error("--db-latency measures scenarios 1 and 2: give --only with 1 or 2")
 
     os.environ["CELERY_BROKER_URL"] = BROKER_URL
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
@@ -925,55 +1122,56 @@ def main() -> None:
     if args.operators:
         systems.append(System(OPERATORS, "bench_o", define_workflows("bench_o", "_o"), operators=Operators()))
     rows: list[Row] = []
-    workers: list[Worker] = []
+    far_rows: list[Row] = []
+    proxy: DatabaseProxy | None = None
     try:
-        if {1, 2, 3, 6} & set(args.only):
-            # One worker per queue, all with the same options; canvas and Eventflow share the first.
-            for system in systems[1:]:
-                env = bench_env(**system_env(system))
-                workers.append(
-                    Worker(f"bench-{system.queue}", queue=system.queue, concurrency=2, log_dir=log_dir, env=env)
-                )
-            if args.operators:
-                # Webhooks go out from the engine's own queue, on a worker of its own as `run_workers` runs it.
-                env = bench_env(**system_env(systems[-1]))
-                workers.append(Worker("bench-celery", queue="celery", concurrency=2, log_dir=log_dir, env=env))
-            for worker in workers:
-                worker.wait_ready()
-            rounds(systems, 3, lambda s: s.chain())  # warm every side: imports, connections, caches
-            if 1 in args.only:
-                print("scenario 1", flush=True)
-                rows += scenario_chain(systems, sizes)
-            if 2 in args.only:
-                print("scenario 2", flush=True)
-                rows += scenario_diamonds(systems, sizes)
-            if 3 in args.only:
-                print("scenario 3", flush=True)
-                rows += scenario_history([canvas, eventflow], sizes)
-            if 6 in args.only:
-                print("scenario 6", flush=True)
-                # One unmeasured round: the first fan-out grows the tables past their first plans.
-                rounds(systems, 1, lambda s: s.fan_out(sizes.map_items))
-                rows += scenario_fan_out(systems, sizes, {worker.queue: worker for worker in workers})
-            for worker in workers:
-                worker.stop()
-            workers = []
-        if 5 in args.only:
+        if {1, 2, 3, 6} & set(only):
+            rows += scenarios_on_workers(systems, sizes, log_dir, only)
+        if 5 in only:
             print("scenario 5", flush=True)
             rows += scenario_memory([eventflow], sizes, log_dir)
-        if 4 in args.only:
+        if 4 in only:
             print("scenario 4", flush=True)
             api = define_api_workflow()
             rows += scenario_api(api, sizes, log_dir, workers=args.api_workers, clients=args.api_clients)
+        if args.db_latency:
+            # Last, so every scenario before had PostgreSQL on loopback. The broker stays on loopback.
+            direct_url = os.environ["DATABASE_URL"]
+            proxy = DatabaseProxy(database_url=direct_url, delay_ms=args.db_latency, log_dir=log_dir)
+            proxy.wait_ready()
+            direct_ms, far_ms = select_one_ms(direct_url), select_one_ms(proxy.url)
+            print(
+                f"SELECT 1 round trip, median of 300: {direct_ms:.3f} ms direct, {far_ms:.3f} ms through"
+                f" tests/netproxy.py --delay-ms {args.db_latency:g}",
+                flush=True,
+            )
+            switched = datetime.now(tz=UTC)
+            connect_through(proxy.url)
+
+            def check() -> None:
+                # Every process's connections were opened after the switch; a worker that kept
+                # reaching PostgreSQL directly would not pay the delay.
+                if around := connections_around(proxy, switched):
+                    raise RuntimeError(f"connections to {DB_NAME} not through the proxy: {around}")
+                print("every connection to the bench database goes through the proxy", flush=True)
+
+            cpu_before = cpu_seconds().get(proxy.pid, ("", 0.0))[1]
+            where = f", PostgreSQL {args.db_latency:g} ms away"
+            far_rows = scenarios_on_workers(systems, sizes, log_dir, far, where=where, check=check)
+            print(f"tests/netproxy.py used {cpu_seconds()[proxy.pid][1] - cpu_before:.1f} s of CPU", flush=True)
     finally:
-        for worker in workers:
-            worker.stop()
+        if proxy is not None:
+            proxy.stop()
         broker.flushdb()
     print()
     print_table(
         ["scenario", "measure", "system", "median", "min", "max", "ratio", "target"],
-        [row.cells() for row in sorted(rows, key=lambda r: r.scenario[0])],
+        [row.cells() for row in sorted(rows + far_rows, key=lambda r: r.scenario[0])],
     )
+    if args.db_latency:
+        far_label = f"{args.db_latency:g} ms away (tests/netproxy.py)"
+        near = [r for r in rows if r.scenario[0] in "12"]
+        latency_table([("loopback", direct_ms, near), (far_label, far_ms, far_rows)])
 
 
 if __name__ == "__main__":
