@@ -88,7 +88,22 @@ def _tuned(db: dict) -> dict:
     db["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     db["CONN_HEALTH_CHECKS"] = True
     prepared = env.bool("EVENTFLOW_PREPARED_STATEMENTS", default=True)
-    db.setdefault("OPTIONS", {}).update({"server_side_binding": True, "prepare_threshold": 5 if prepared else None})
+    options = db.setdefault("OPTIONS", {})
+    options.update({"server_side_binding": True, "prepare_threshold": 5 if prepared else None})
+    # A database that vanishes without closing the connection (a partition, a firewall dropping the
+    # flow) holds a query for as long as the kernel retransmits, about 15 minutes. With keepalives and
+    # a TCP user timeout (libpq's parameters) the connection fails after DATABASE_TCP_TIMEOUT seconds
+    # instead, and a worker's retry (`with_database_retry`) opens a new one once the database answers.
+    # A long query is not cut: while it runs, nothing the client sent is unacknowledged.
+    if tcp := env.int("DATABASE_TCP_TIMEOUT", default=30):
+        options.update(
+            connect_timeout=max(2, tcp // 3),
+            keepalives=1,
+            keepalives_idle=max(1, tcp // 3),
+            keepalives_interval=max(1, tcp // 6),
+            keepalives_count=3,
+            tcp_user_timeout=tcp * 1000,
+        )
     return db
 
 
@@ -166,22 +181,39 @@ SPECTACULAR_SETTINGS = {
 # Celery: JSON only, late acks so a task whose worker dies is redelivered rather than lost,
 # one message prefetched at a time so a busy worker does not sit on tasks another could run.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://localhost//")
-CELERY_BROKER_TRANSPORT_OPTIONS = {}
-if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_broker_dir / "queue"),
-        "data_folder_out": str(_broker_dir / "queue"),
-        "control_folder": str(_broker_dir / "control"),
-        "processed_folder": str(_broker_dir / "processed"),
-        "store_processed": False,
-        # Seconds an idle worker waits before looking at its folder again (kombu's default is 1):
-        # every hop of a DAG waits up to this long, and listing a small folder costs little.
-        "polling_interval": 0.1,
-    }
-elif CELERY_BROKER_URL.startswith("redis"):
-    # Longer than any task's hard time limit, so a running task is not delivered twice.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)}
+
+
+def broker_transport_options(url: str) -> dict:
+    """kombu's options for the broker at `url`."""
+    if url.startswith("filesystem://"):
+        broker_dir = VAR_DIR / "broker"
+        return {
+            "data_folder_in": str(broker_dir / "queue"),
+            "data_folder_out": str(broker_dir / "queue"),
+            "control_folder": str(broker_dir / "control"),
+            "processed_folder": str(broker_dir / "processed"),
+            "store_processed": False,
+            # Seconds an idle worker waits before looking at its folder again (kombu's default is 1):
+            # every hop of a DAG waits up to this long, and listing a small folder costs little.
+            "polling_interval": 0.1,
+        }
+    if url.startswith("redis"):
+        # A Redis that vanishes without closing the connection (a partition, a firewall dropping an idle
+        # flow) would hold a publish forever, and with it a trigger's request or a worker's next hop:
+        # kombu waits without limit unless told. With a timeout the publish fails, is logged, and the
+        # reconciler sends the message again once the broker answers (tests/test_multihost.py).
+        timeout = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=5.0)
+        return {
+            # Longer than any task's hard time limit, so a running task is not delivered twice.
+            "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "socket_keepalive": True,
+        }
+    return {}
+
+
+CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL)
 
 
 def broker_transport(url: str) -> str | None:
@@ -230,6 +262,10 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A publish that fails on a broken connection is tried twice more on a new one (Celery's default: three
+# times), which covers a broker restart; a broker out of reach fails the publish within about three
+# socket timeouts, so a trigger is answered in seconds, and the reconciler sends the message later.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
 

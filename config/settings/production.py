@@ -1,12 +1,13 @@
 """Production: every secret and host comes from the environment, with no default."""
 
 from .base import *  # noqa: F403
-from .base import MIDDLEWARE, broker_transport, database, env
+from .base import MIDDLEWARE, broker_transport, broker_transport_options, database, env
 
 SECRET_KEY = env("SECRET_KEY")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")
 DATABASES = {"default": database()}
 CELERY_BROKER_URL = env("CELERY_BROKER_URL")
+CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL)
 CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
