@@ -34,6 +34,31 @@ def count(event: dict) -> dict:
     return {"runs": runs}
 
 
+@shared_task(name="tests.e2e_tasks.journal")
+def journal(event: dict) -> dict:
+    """Sleep `seconds`, writing a line when the body begins and one when it ends to the file named by
+    E2E_JOURNAL, which every host of a fleet shares (one appended write each, so lines never mix).
+
+    The file, not Redis or the database, because the host writing may be cut from both; and its order,
+    not a clock, tells whether two bodies of one attempt overlapped, because hosts' clocks may differ.
+    """
+    context = event["context"]
+    line = {"event": event["event_id"], "trace": event["trace_id"], "node": context["node"]}
+    line.update(attempt=context["attempt"], host=os.environ.get("EVENTFLOW_HOST", ""), pid=os.getpid())
+    _journal({**line, "phase": "begin"})
+    time.sleep(float(event["payload"].get("seconds", 0)))
+    _journal({**line, "phase": "end"})
+    return {"host": line["host"]}
+
+
+def _journal(line: dict) -> None:
+    fd = os.open(os.environ["E2E_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 @shared_task(name="tests.e2e_tasks.flaky")
 def flaky(event: dict) -> dict:
     """Fail while the run's `broken` flag is set in Redis; succeed once the test clears it."""

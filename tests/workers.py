@@ -71,7 +71,8 @@ def clock_env(offset: float) -> dict[str, str]:
 
 
 class Worker(Process):
-    """One `celery worker` process consuming some queues, its clock `clock_offset` seconds off when given."""
+    """One `celery worker` process consuming some queues, its clock `clock_offset` seconds off when given,
+    in the network namespace `netns` when given (a host of `tests.hosts`)."""
 
     def __init__(
         self,
@@ -82,12 +83,14 @@ class Worker(Process):
         log_dir: Path,
         env: dict[str, str] | None = None,
         clock_offset: float | None = None,
+        netns: str | None = None,
     ):
         self.name = f"{name}@{socket.gethostname()}"
         self.queues = list(queues)
         self.clock_offset = clock_offset
         env = {**(env or {}), **(clock_env(clock_offset) if clock_offset is not None else {})}
         cmd = [
+            *(("ip", "netns", "exec", netns) if netns else ()),
             *(sys.executable, "-m", "celery", "-A", "config", "worker"),
             *("-Q", ",".join(self.queues), "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),
             *("--include", "tests.e2e_tasks", "--without-gossip", "--without-mingle", "-l", "INFO"),
