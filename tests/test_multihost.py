@@ -107,6 +107,8 @@ def assert_fleet_sound(fleet: Fleet, trace_ids: list[str], *, cut_hosts: set[str
         else:
             running.discard(line["event"])
 
+    assert_concurrency_held(lines)
+
     ended = {line["event"]: line for line in lines if line["phase"] == "end" and line["trace"] in trace_ids}
     statuses = dict(Event.objects.filter(event_id__in=list(ended)).values_list("event_id", "status"))
     statuses = {str(k): v for k, v in statuses.items()}
@@ -118,6 +120,36 @@ def assert_fleet_sound(fleet: Fleet, trace_ids: list[str], *, cut_hosts: set[str
         lost = f"{line['host']} finished {event} and its outcome is lost: {statuses.get(event)}"
         assert line["host"] in cut_hosts, lost
         assert event not in current, f"{event} ended on {line['host']}, was not recorded and was not taken over"
+
+
+def assert_concurrency_held(lines: list[dict]) -> None:
+    """Never more bodies of an event type running at once, across every host, than its concurrency: a
+    body runs only while its task holds a slot, so the journal's order bounds what admission let out.
+    (A body on a cut host that was taken over still runs after its slot was given back; those are
+    skipped, their attempt's Event being a failure the reconciler wrote.)"""
+    lost = {
+        str(e)
+        for e in Event.objects.filter(
+            event_id__in={line["event"] for line in lines}, result__error__contains="worker lost"
+        ).values_list("event_id", flat=True)
+    }
+    types = {
+        (str(run), node): name
+        for run, node, name in TaskRun.objects.filter(run_id__in={line["trace"] for line in lines}).values_list(
+            "run_id", "node_key", "event_type__name"
+        )
+    }
+    limits = dict(EventType.objects.values_list("name", "concurrency"))
+    running: Counter = Counter()
+    most: Counter = Counter()
+    for line in lines:
+        if line["event"] in lost:
+            continue
+        kind = types[(line["trace"], line["node"])]
+        running[kind] += 1 if line["phase"] == "begin" else -1
+        most[kind] = max(most[kind], running[kind])
+    over = {kind: n for kind, n in most.items() if n > limits[kind]}
+    assert not over, f"more bodies ran at once than the concurrency allows: {over} (limits {limits})"
 
 
 def database_now() -> float:
