@@ -440,17 +440,27 @@ class RunListApi(APIView):
 
 
 class BulkInputSerializer(serializers.Serializer):
-    """For the schema only: `_run_filters` reads the body, with the run list's own rules."""
+    """For the schema only: `_run_filters` reads the body, with the run list's own rules, where a filter
+    given empty or null is a filter not given (as an empty query parameter is)."""
 
-    workflow = serializers.CharField(required=False)
-    status = serializers.ChoiceField(choices=RUN_STATUS_FILTER, required=False)
-    since = serializers.CharField(required=False, help_text="As the run list's `since`.")
-    until = serializers.CharField(required=False, help_text="As the run list's `until`; after since.")
+    workflow = serializers.CharField(required=False, allow_blank=True, allow_null=True)
+    status = serializers.ChoiceField(choices=RUN_STATUS_FILTER, required=False, allow_blank=True, allow_null=True)
+    since = serializers.CharField(
+        required=False, allow_blank=True, allow_null=True, help_text="As the run list's `since`."
+    )
+    until = serializers.CharField(
+        required=False, allow_blank=True, allow_null=True, help_text="As the run list's `until`; after since."
+    )
     payload = serializers.JSONField(
-        required=False, help_text="A JSON object (or its text): runs whose payload contains it."
+        required=False, allow_null=True, help_text="A JSON object (or its text): runs whose payload contains it."
     )
     trace_ids = serializers.ListField(
-        child=serializers.UUIDField(), required=False, max_length=selectors.TRACE_IDS_MAX, help_text="Runs by id."
+        child=serializers.UUIDField(),
+        required=False,
+        allow_null=True,
+        allow_empty=False,
+        max_length=selectors.TRACE_IDS_MAX,
+        help_text="Runs by id.",
     )
 
     class Meta:
