@@ -141,6 +141,7 @@ class Host:
         name: str | None = None,
         env: dict[str, str] | None = None,
         clock_offset: float | None = None,
+        args: list[str] | None = None,
         ready: bool = True,
     ) -> Worker:
         """A `celery worker` on this host, started and (unless `ready=False`) answering. A worker whose
@@ -154,6 +155,7 @@ class Host:
             env=self.env(**(env or {})),
             clock_offset=clock_offset,
             netns=self.netns,
+            args=args or [],
         )
         self.processes.append(worker)
         if ready:

@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.multihost, pytest.mark.e2e, pytest.mark.fault, pytest.
 
 JOURNAL_TASK = "tests.e2e_tasks.journal"
 QUEUE = "fleet"
-LEASE_BOUND = float(FAST["EVENTFLOW_LEASE_SECONDS"]) + float(FAST["EVENTFLOW_RECONCILE_SECONDS"])
+LEASE_bound = float(FAST["EVENTFLOW_LEASE_SECONDS"]) + float(FAST["EVENTFLOW_RECONCILE_SECONDS"])
 GRACE = float(FAST["EVENTFLOW_DISPATCH_GRACE_SECONDS"])
 
 
@@ -176,8 +176,9 @@ def wait_back(worker_name: str, after: float, timeout: float) -> None:
 
 def test_a_host_cut_from_the_database_and_the_broker_for_60_s(fleet, api):
     """Host `lost` runs tasks when it is cut from PostgreSQL and Redis for 60 s. Bound: every run ends
-    while it is still cut (its attempts are taken over within the lease bound, the messages it held
-    sent again after the dispatch grace); once back, its stale completions change nothing."""
+    while it is still cut (the attempts it runs are taken over once their leases lapse; a message it
+    took but had not started would be sent again after the dispatch grace, which scenario 2 exercises);
+    once back, its stale completions change nothing."""
     diamond("cut_both", seconds=1.5)
     lost = fleet.host("lost").worker([QUEUE], env=worker_env(fleet))
     for name in ("b1", "b2"):
@@ -208,26 +209,40 @@ def test_a_host_cut_from_the_database_and_the_broker_for_60_s(fleet, api):
 # --------------------------------------------------------------------------- 2: one link cut, the other kept
 
 
+def reserved(worker_name: str) -> set[str] | None:
+    """The task ids the worker took from the broker and has not started (Celery's `reserved`), None when
+    it did not answer."""
+    from config.celery import app
+
+    answer = app.control.inspect(destination=[worker_name], timeout=1).reserved()
+    if not answer or worker_name not in answer:
+        return None
+    return {request["id"] for request in answer[worker_name]}
+
+
 def test_one_host_cut_from_the_database_only_and_another_from_the_broker_only(fleet, api):
-    """Host `nodb` loses PostgreSQL but keeps Redis (it goes on taking messages it cannot start); host
-    `nobroker` loses Redis but keeps PostgreSQL (it records outcomes whose successors it cannot send).
-    Bound: every run ends while both are still cut, within 45 s; once back, they change nothing."""
+    """Host `nodb` loses PostgreSQL but keeps Redis, holding messages it took and has not started (it
+    prefetches 4 per pool process); host `nobroker` loses Redis but keeps PostgreSQL (it records
+    outcomes whose successors it cannot send). Bound: every run ends while both are still cut, within
+    45 s, what they held or could not send sent again by the healthy host; once back, `nodb` is refused
+    every message it held (already run elsewhere) and neither changes anything."""
     diamond("cut_one", seconds=1.0)
-    nodb = fleet.host("nodb").worker([QUEUE], env=worker_env(fleet))
+    nodb = fleet.host("nodb").worker([QUEUE], env=worker_env(fleet), args=["--prefetch-multiplier", "4"])
     nobroker = fleet.host("nobroker").worker([QUEUE], env=worker_env(fleet))
     fleet.host("healthy").worker([QUEUE], env=worker_env(fleet))
     trace_ids = [trigger(api, "cut_one") for _ in range(12)]
 
-    def both_busy() -> bool:
-        hosts = {line["host"] for line in journal(fleet) if line["phase"] == "begin"}
-        return {"nodb", "nobroker"} <= hosts
+    def ready_to_cut() -> set[str] | None:
+        began = {line["host"] for line in journal(fleet) if line["phase"] == "begin"}
+        return (reserved(nodb.name) or None) if "nobroker" in began else None
 
-    wait_for(both_busy, timeout=30, what="both hosts to begin a body")
+    wait_for(ready_to_cut, timeout=30, what="nobroker to begin a body and nodb to hold a message")
     fleet.hosts["nodb"].cut("postgres")
     fleet.hosts["nobroker"].cut("redis")
     cut_at = time.monotonic()
+    held = reserved(nodb.name) or set()
     statuses = wait_final(trace_ids, timeout=45)
-    print(f"every run ended {time.monotonic() - cut_at:.1f} s after the cuts")
+    print(f"every run ended {time.monotonic() - cut_at:.1f} s after the cuts; nodb held {len(held)} message(s)")
     assert set(statuses.values()) == {"SUCCESS"}, Counter(statuses.values())
     before = snapshot(trace_ids)
 
@@ -236,7 +251,11 @@ def test_one_host_cut_from_the_database_only_and_another_from_the_broker_only(fl
     fleet.hosts["nobroker"].mend("redis")
     wait_back(nodb.name, mended_at, timeout=180)
     wait_back(nobroker.name, mended_at, timeout=180)
+    wait_for(lambda: reserved(nodb.name) == set(), timeout=60, what="nodb to have tried every message it held")
     assert snapshot(trace_ids) == before, "a host that came back changed a run"
+    begun = {(line["event"], line["host"]) for line in journal(fleet) if line["phase"] == "begin"}
+    assert not {event for event, host in begun if host == "nodb"} & held, "nodb ran a message it held, late"
+    assert held <= {event for event, _ in begun}, "a message nodb held was never run elsewhere"
     assert_fleet_sound(fleet, trace_ids, cut_hosts={"nodb", "nobroker"})
 
 
@@ -260,14 +279,17 @@ def test_hosts_whose_clocks_are_minutes_ahead_and_behind(fleet, api):
     )
     true.kill()
     killed_at = time.monotonic()
-    statuses = wait_final(trace_ids, timeout=30)
+    try:
+        statuses = wait_final(trace_ids, timeout=30)
+    except AssertionError as late:
+        statuses = {"late": str(late)}
     print(f"every run ended {time.monotonic() - killed_at:.1f} s after the kill")
-    assert set(statuses.values()) == {"SUCCESS"}, Counter(statuses.values())
 
     lost = Event.objects.filter(trace_id__in=trace_ids, result__error__contains="worker lost")
     lost_hosts = Counter(str(e.result["error"]).split("worker lost: ")[1].split("@")[0] for e in lost)
     # Only the killed host's attempts were taken over; every skewed host's were left alone.
     assert set(lost_hosts) <= {"true"}, f"live attempts of skewed hosts were taken over: {lost_hosts}"
+    assert set(statuses.values()) == {"SUCCESS"}, statuses
     assert_fleet_sound(fleet, trace_ids, cut_hosts={"true"})
 
 
@@ -316,6 +338,7 @@ def test_triggers_while_the_web_app_is_cut_from_the_broker(fleet, trigger_user):
     import requests
     from rest_framework.authtoken.models import Token
 
+    bound = 30
     diamond("web_cut", seconds=0.2)
     token = Token.objects.create(user=trigger_user).key
     web = fleet.host("web")
@@ -324,17 +347,22 @@ def test_triggers_while_the_web_app_is_cut_from_the_broker(fleet, trigger_user):
     headers = {"Authorization": f"Token {token}"}
 
     def post(i: int) -> tuple[int, float, dict]:
+        """A trigger's status, seconds to its answer, and body; 0 when none came within the bound."""
         began = time.monotonic()
-        response = requests.post(
-            f"{url}/api/workflows/web_cut/runs/", json={"payload": {"i": i}}, headers=headers, timeout=60
-        )
+        try:
+            response = requests.post(
+                f"{url}/api/workflows/web_cut/runs/", json={"payload": {"i": i}}, headers=headers, timeout=bound
+            )
+        except requests.Timeout:
+            return 0, time.monotonic() - began, {}
         return response.status_code, time.monotonic() - began, response.json()
 
     assert post(0)[0] == 201  # in reach: accepted and run
     web.cut("redis")
     answers = [post(i) for i in range(1, 7)]
     print("while cut: " + ", ".join(f"{code} in {took:.1f} s" for code, took, _ in answers))
-    assert all(took < 30 for _, took, _ in answers), answers
+    unanswered = [answer for answer in answers if not answer[0] or answer[1] >= bound]
+    assert not unanswered, f"a trigger not answered within {bound} s: {answers}"
     accepted = [body["trace_id"] for code, _, body in answers if code == 201]
     refused = [(code, body) for code, _, body in answers if code != 201]
     assert all(code in (503, 504) and "detail" in body for code, body in refused), refused

@@ -72,7 +72,7 @@ def clock_env(offset: float) -> dict[str, str]:
 
 class Worker(Process):
     """One `celery worker` process consuming some queues, its clock `clock_offset` seconds off when given,
-    in the network namespace `netns` when given (a host of `tests.hosts`)."""
+    in the network namespace `netns` when given (a host of `tests.hosts`), with `args` added to its command."""
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class Worker(Process):
         env: dict[str, str] | None = None,
         clock_offset: float | None = None,
         netns: str | None = None,
+        args: Iterable[str] = (),
     ):
         self.name = f"{name}@{socket.gethostname()}"
         self.queues = list(queues)
@@ -94,6 +95,7 @@ class Worker(Process):
             *(sys.executable, "-m", "celery", "-A", "config", "worker"),
             *("-Q", ",".join(self.queues), "-c", str(concurrency), "-n", self.name, "--pool", "prefork"),
             *("--include", "tests.e2e_tasks", "--without-gossip", "--without-mingle", "-l", "INFO"),
+            *args,
         ]
         super().__init__(cmd, log_path=log_dir / f"{name}.log", env=worker_env(**env))
 

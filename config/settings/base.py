@@ -202,7 +202,7 @@ def broker_transport_options(url: str) -> dict:
         # flow) would hold a publish forever, and with it a trigger's request or a worker's next hop:
         # kombu waits without limit unless told. With a timeout the publish fails, is logged, and the
         # reconciler sends the message again once the broker answers (tests/test_multihost.py).
-        timeout = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=5.0) or None  # 0: wait without limit
+        timeout = env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=3.0) or None  # 0: wait without limit
         return {
             # Longer than any task's hard time limit, so a running task is not delivered twice.
             "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
