@@ -5,11 +5,22 @@ is a sleep (`bench/tasks.py`, BURST_MS) on its own queue, served by a worker of 
 the step's concurrency; for Eventflow each queue is an event type of that concurrency, and a worker on
 the engine's `celery` queue runs its own tasks. Canvas runs the same shape,
 `chain(intake, group(llm, image), upload, group(publish_a, publish_b))`, each signature routed to
-the same queue, on the same workers and broker (Redis, database 9 by default). With `--layout shared`
-every step goes to one queue (one event type) served by one worker instead; with `--layout pooled`
-each step keeps its queue and event type, and one worker consumes all of them; with `--layout grouped`
-upload and both publishes share the marketplace's event type, of concurrency 1 (its queue then
-holds later steps of early runs behind earlier steps of later ones), a worker each.
+the same queue, on the same workers and broker (Redis, database 9 by default). That is
+`--layout per-step`; with `shared` every step goes to one queue (one event type) served by one worker
+instead; with `marketplace` intake, upload and both publishes share the marketplace API's event type
+(concurrency 2), llm and image the model provider's (4), a worker each; with `pooled` each step keeps
+its queue and event type, and one worker consumes all of them; with `grouped` upload and both
+publishes share the marketplace's event type, of concurrency 1 (its queue then holds later steps of
+early runs behind earlier steps of later ones), a worker each. By default `shared`, `marketplace`,
+then `per-step`.
+
+Beside the figures, each layout's bottleneck: the worker pool or event type needing the longest time
+per run. No order of the lines ends the k-th run sooner than k such times after the first start, so
+the median run cannot end sooner than half the runs' times (less the spread of the starts) whatever
+the scheduler: set against canvas's median, the lowest ratio any engine could reach on that layout.
+And each system's median over its own total: a scheduler that ends runs one after another at its
+bottleneck's pace ends the median run halfway (0.5); one that goes breadth-first, near its end (1).
+Eventflow's median can be 0.6 of canvas's at equal throughput only where canvas's is above 0.83.
 
 A run's time is from its start to its end. Eventflow: from the run's `created_at` (PostgreSQL's
 `now()` in the transaction that starts it: runs are started in-process, `--batch` per transaction) to
@@ -69,6 +80,23 @@ class Layout:
     def pools(self) -> dict[str, int]:
         return self.workers or dict(self.concurrency)
 
+    def bottleneck(self, sleeps: dict[str, int], *, keeps_types: bool) -> tuple[str, float]:
+        """The resource that needs the longest time per run, and that time in seconds: a worker's pool
+        (its queues' steps' sleeps over its processes) and, for a system that keeps each event type's
+        concurrency (Eventflow; canvas knows no types), each type (its steps' sleeps over its
+        concurrency). However its line is ordered, a system that keeps those limits cannot end its
+        k-th run less than k times that after the first start."""
+        needs = {}
+        for queues, pool in self.pools().items():
+            served = set(queues.split(","))
+            needs[f"worker {queues}"] = sum(ms for step, ms in sleeps.items() if self.queues[step] in served) / pool
+        if keeps_types:
+            for queue, concurrency in self.concurrency.items():
+                work = sum(ms for step, ms in sleeps.items() if self.queues[step] == queue)
+                needs[f"type {queue}"] = work / concurrency
+        name = max(needs, key=lambda k: needs[k])
+        return name, needs[name] / 1000
+
     @classmethod
     def per_step(cls) -> Layout:
         # Named in the pipeline's order: see TYPE_ORDER.
@@ -88,6 +116,15 @@ class Layout:
         queues |= dict.fromkeys(("upload", "publish_a", "publish_b"), "burst_4_marketplace")
         concurrency = {"burst_1_intake": 4, "burst_2_llm": 2, "burst_3_image": 2, "burst_4_marketplace": 1}
         return cls(queues, concurrency)
+
+    @classmethod
+    def marketplace(cls) -> Layout:
+        """Steps on the event type of the service they call: intake, upload and both publishes on the
+        marketplace's API, one quota of 2 at once for reads and writes, the slowest line; llm and image
+        on the model provider's, of 4; a worker for each type."""
+        queues = dict.fromkeys(("intake", "upload", "publish_a", "publish_b"), "burst_1_marketplace")
+        queues |= dict.fromkeys(("llm", "image"), "burst_2_models")
+        return cls(queues, {"burst_1_marketplace": 2, "burst_2_models": 4})
 
     @classmethod
     def pooled(cls, concurrency: int) -> Layout:
@@ -110,6 +147,11 @@ class Burst:
     @property
     def total(self) -> float:
         return max(end for _, end in self.spans) - min(start for start, _ in self.spans)
+
+    @property
+    def spread(self) -> float:
+        """From the first start to the last."""
+        return max(start for start, _ in self.spans) - min(start for start, _ in self.spans)
 
     @property
     def first_end(self) -> float:
@@ -195,51 +237,48 @@ def load_average() -> str:
         return " ".join(loadavg.read().split()[:3])
 
 
-def main() -> None:
-    from run import as_autovacuum_would, autovacuum_is_off
+LAYOUTS = ["shared", "marketplace", "per-step", "pooled", "grouped"]
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=500, help="runs started at once")
-    parser.add_argument("--rounds", type=int, default=3, help="bursts of each system, taking turns")
-    parser.add_argument("--batch", type=int, default=10, help="Eventflow runs started per transaction")
-    parser.add_argument("--layout", choices=["per-step", "shared", "pooled", "grouped"], default="per-step")
-    parser.add_argument(
-        "--shared-concurrency", type=int, default=6, help="the one worker's pool (--layout shared or pooled)"
-    )
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step's sleep")
-    args = parser.parse_args()
-    layout = {
+
+def layout_named(name: str, pool: int) -> Layout:
+    return {
         "per-step": Layout.per_step,
-        "shared": lambda: Layout.shared(args.shared_concurrency),
-        "pooled": lambda: Layout.pooled(args.shared_concurrency),
+        "shared": lambda: Layout.shared(pool),
+        "pooled": lambda: Layout.pooled(pool),
         "grouped": Layout.grouped,
-    }[args.layout]()
-    sleeps = {step: round(ms * args.scale) for step, ms in SLEEP_MS.items()}
+        "marketplace": Layout.marketplace,
+    }[name]()
 
-    os.environ["CELERY_BROKER_URL"] = BROKER_URL
-    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
-    setup_django(DB_NAME)
+
+def median_bound(burst: Burst, per_run: float) -> float:
+    """No run order ends the median run of `burst` sooner: its k-th run to end does so at least k times
+    the bottleneck's time per run after the first start, and that run started at most the spread
+    after the first start; the median is the mean of the middle two."""
+    count = len(burst.spans)
+    return max(0.0, (count // 2 + 0.5) * per_run - burst.spread)
+
+
+def run_layout(name: str, args: argparse.Namespace, sleeps: dict[str, int], log_dir: Path) -> dict[str, Any]:
+    """The rounds of one layout, each system taking its turn; its figures, printed as they come."""
     import redis
+    from run import as_autovacuum_would
 
-    log_dir = Path(tempfile.mkdtemp(prefix="eventflow-burst-"))
-    print(f"database {DB_NAME}, broker {BROKER_URL}, logs in {log_dir}", flush=True)
-    print(f"layout {args.layout}: {layout.concurrency}; sleeps ms {sleeps}", flush=True)
-    if autovacuum_is_off():
-        print("PostgreSQL's autovacuum is off here: each burst starts with VACUUM ANALYZE, as it would", flush=True)
+    layout = layout_named(name, args.shared_concurrency)
+    print(f"\nlayout {name}: event types {layout.concurrency}, workers {layout.pools()}", flush=True)
     broker = redis.Redis.from_url(BROKER_URL)
     broker.flushdb()  # the bench's own Redis database: messages left by an interrupted run
     workflow = define_workflow(layout)
     env = bench_env(BENCH_BURST_MS=",".join(f"{step}={ms}" for step, ms in sleeps.items()))
     workers = [
-        Worker(f"burst-{i}", queue=queue, concurrency=c, log_dir=log_dir, env=env)
+        Worker(f"burst-{name}-{i}", queue=queue, concurrency=c, log_dir=log_dir, env=env)
         for i, (queue, c) in enumerate(layout.pools().items())
     ]
-    workers.append(Worker("burst-engine", queue="celery", concurrency=1, log_dir=log_dir, env=env))
+    workers.append(Worker(f"burst-{name}-engine", queue="celery", concurrency=1, log_dir=log_dir, env=env))
     systems = {
         EVENTFLOW: lambda n: eventflow_burst(workflow, n, args.batch),
         CANVAS: lambda n: canvas_burst(layout, n),
     }
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
+    bursts: dict[str, list[Burst]] = {system: [] for system in systems}
     rows = []
     try:
         for worker in workers:
@@ -248,33 +287,138 @@ def main() -> None:
             run(20)  # warm every side: imports, connections, caches
         names = list(systems)
         for i in range(args.rounds):
-            for name in names[i % 2 :] + names[: i % 2]:
+            for system in names[i % 2 :] + names[: i % 2]:
                 as_autovacuum_would()
                 before = load_average()
-                figures = systems[name](args.runs).figures()
-                results[name].append(figures)
-                rows.append([str(i + 1), name, *(f"{v:.2f}" for v in figures.values()), f"{before} / {load_average()}"])
+                burst = systems[system](args.runs)
+                bursts[system].append(burst)
+                figures = burst.figures()
+                rows.append(
+                    [name, str(i + 1), system, *(f"{v:.2f}" for v in figures.values()), f"{before} / {load_average()}"]
+                )
                 print("  " + " | ".join(rows[-1]), flush=True)
     finally:
         for worker in workers:
             worker.stop()
         broker.flushdb()
-    measures = list(results[EVENTFLOW][0])
+    bottleneck, per_run = layout.bottleneck(sleeps, keeps_types=True)
+    _, canvas_per_run = layout.bottleneck(sleeps, keeps_types=False)
+    return {
+        "rows": rows,
+        "bursts": bursts,
+        "bottleneck": bottleneck,
+        "per_run": per_run,
+        "canvas_per_run": canvas_per_run,
+    }
+
+
+def ratios(outcome: dict[str, Any], measure: str) -> list[float]:
+    pairs = zip(outcome["bursts"][EVENTFLOW], outcome["bursts"][CANVAS], strict=True)
+    return [e.figures()[measure] / c.figures()[measure] for e, c in pairs]
+
+
+def main() -> None:
+    from run import autovacuum_is_off
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=500, help="runs started at once")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of each system, taking turns")
+    parser.add_argument("--batch", type=int, default=10, help="Eventflow runs started per transaction")
+    parser.add_argument(
+        "--layout",
+        nargs="+",
+        choices=LAYOUTS,
+        default=["shared", "marketplace", "per-step"],
+        help="one or more, in turn",
+    )
+    parser.add_argument(
+        "--shared-concurrency", type=int, default=6, help="the one worker's pool (--layout shared or pooled)"
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step's sleep")
+    args = parser.parse_args()
+    sleeps = {step: round(ms * args.scale) for step, ms in SLEEP_MS.items()}
+
+    os.environ["CELERY_BROKER_URL"] = BROKER_URL
+    os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
+    setup_django(DB_NAME)
+
+    log_dir = Path(tempfile.mkdtemp(prefix="eventflow-burst-"))
+    print(f"database {DB_NAME}, broker {BROKER_URL}, logs in {log_dir}", flush=True)
+    print(f"{args.runs} runs a burst; sleeps ms {sleeps}", flush=True)
+    if autovacuum_is_off():
+        print("PostgreSQL's autovacuum is off here: each burst starts with VACUUM ANALYZE, as it would", flush=True)
+    outcomes = {name: run_layout(name, args, sleeps, log_dir) for name in args.layout}
+
+    measures = list(Burst([(0.0, 1.0)]).figures())
     print()
-    print_table(["round", "system", *measures, "load average before / after"], rows)
+    print_table(
+        ["layout", "round", "system", *measures, "load average before / after"],
+        [row for outcome in outcomes.values() for row in outcome["rows"]],
+    )
     print()
     targets = {"median s": "<= 0.6", "runs/s": ">= 0.9"}
-    summary_rows = []
-    for measure in measures:
-        cells = [measure]
-        for name in names:
-            cells.append(f"{statistics.median(r[measure] for r in results[name]):.2f}")
-        ratios = [e[measure] / c[measure] for e, c in zip(results[EVENTFLOW], results[CANVAS], strict=True)]
-        cells += [", ".join(f"{r:.2f}" for r in ratios), f"{statistics.median(ratios):.2f}", targets.get(measure, "")]
-        summary_rows.append(cells)
+    rows = []
+    for name, outcome in outcomes.items():
+        for measure in measures:
+            by_round = ratios(outcome, measure)
+            rows.append(
+                [
+                    name,
+                    measure,
+                    *(
+                        f"{statistics.median(b.figures()[measure] for b in outcome['bursts'][system]):.2f}"
+                        for system in (EVENTFLOW, CANVAS)
+                    ),
+                    ", ".join(f"{r:.2f}" for r in by_round),
+                    f"{statistics.median(by_round):.2f}",
+                    targets.get(measure, ""),
+                ]
+            )
     print_table(
-        ["measure", *(f"{n}, median of rounds" for n in names), "Eventflow / canvas by round", "median", "target"],
-        summary_rows,
+        ["layout", "measure", "Eventflow, median of rounds", "canvas, median of rounds", "by round", "median", "goal"],
+        rows,
+    )
+    print()
+    rows = []
+    for name, outcome in outcomes.items():
+        eventflow, canvas = outcome["bursts"][EVENTFLOW], outcome["bursts"][CANVAS]
+        bounds = [median_bound(b, outcome["per_run"]) for b in eventflow]
+        canvas_bounds = [median_bound(b, outcome["canvas_per_run"]) for b in canvas]
+        floor = [bound / c.figures()["median s"] for bound, c in zip(bounds, canvas, strict=True)]
+        median_ratio = statistics.median(ratios(outcome, "median s"))
+        in_order = [
+            statistics.median(b.figures()["median s"] / b.figures()["total s"] for b in bursts)
+            for bursts in (eventflow, canvas)
+        ]
+        runs_ratio = statistics.median(ratios(outcome, "runs/s"))
+        rows.append(
+            [
+                name,
+                f"{outcome['bottleneck']}, {outcome['per_run'] * 1000:.1f} ms a run",
+                f"{statistics.median(bounds):.2f}",
+                f"{statistics.median(canvas_bounds):.2f}",
+                f"{statistics.median(floor):.2f}",
+                f"{in_order[0]:.2f}",
+                f"{in_order[1]:.2f}",
+                f"{median_ratio:.2f}",
+                f"{runs_ratio:.2f}",
+                "met" if median_ratio <= 0.6 and runs_ratio >= 0.9 else "not met",
+            ]
+        )
+    print_table(
+        [
+            "layout",
+            "Eventflow's bottleneck",
+            "lowest median any order gives, s",
+            "canvas's lowest, s",
+            "lowest median ratio reachable",
+            "Eventflow's median / total",
+            "canvas's",
+            "median ratio",
+            "runs/s ratio",
+            "median <= 0.6, runs/s >= 0.9",
+        ],
+        rows,
     )
 
 
