@@ -61,8 +61,11 @@ def _journal(line: dict) -> None:
 
 @shared_task(name="tests.e2e_tasks.flaky")
 def flaky(event: dict) -> dict:
-    """Fail while the run's `broken` flag is set in Redis; succeed once the test clears it."""
+    """Fail while the run's `broken` flag is set in Redis, until the test clears it; with its
+    `fail-first` flag set, fail the first attempt only (a retry a test need not catch in its delay)."""
     if _redis().exists(f"broken:{event['trace_id']}"):
+        raise RuntimeError("dependency unavailable")
+    if event["context"].get("attempt", 1) == 1 and _redis().exists(f"fail-first:{event['trace_id']}"):
         raise RuntimeError("dependency unavailable")
     return {"ok": True}
 

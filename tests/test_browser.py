@@ -180,13 +180,17 @@ def test_run_page_shows_a_skipped_branch_with_its_reason_and_a_mapped_node_with_
     upload_texts: list[str] = []
 
     def finished(driver: WebDriver) -> bool:
-        text = driver.execute_script(
+        # One script reads both, so the fragment cannot be replaced between them: the box's last text
+        # is the final fragment's.
+        final, text = driver.execute_script(
             "var g = document.querySelector('svg.dag g.dag-node[data-node=\"upload\"]');"
-            "return g ? Array.from(g.querySelectorAll('text')).map(t => t.textContent).join(' | ') : '';"
+            "var live = document.getElementById('run-live');"
+            "return [live ? live.getAttribute('data-final') === 'true' : false,"
+            " g ? Array.from(g.querySelectorAll('text')).map(t => t.textContent).join(' | ') : ''];"
         )
         if text and (not upload_texts or upload_texts[-1] != text):
             upload_texts.append(text)
-        return driver.find_element(By.CSS_SELECTOR, "#run-live").get_attribute("data-final") == "true"
+        return final
 
     wait.until(finished, message="the run to end, seen through the live fragment")
 
