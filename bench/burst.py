@@ -86,14 +86,13 @@ class Layout:
         concurrency (Eventflow; canvas knows no types), each type (its steps' sleeps over its
         concurrency). However its line is ordered, a system that keeps those limits cannot end its
         k-th run less than k times that after the first start."""
-        needs = {}
-        for queues, pool in self.pools().items():
-            served = set(queues.split(","))
-            needs[f"worker {queues}"] = sum(ms for step, ms in sleeps.items() if self.queues[step] in served) / pool
+
+        def work(queues: set[str]) -> float:
+            return sum(ms for step, ms in sleeps.items() if self.queues[step] in queues)
+
+        needs = {f"worker {queues}": work(set(queues.split(","))) / pool for queues, pool in self.pools().items()}
         if keeps_types:
-            for queue, concurrency in self.concurrency.items():
-                work = sum(ms for step, ms in sleeps.items() if self.queues[step] == queue)
-                needs[f"type {queue}"] = work / concurrency
+            needs |= {f"type {queue}": work({queue}) / concurrency for queue, concurrency in self.concurrency.items()}
         name = max(needs, key=lambda k: needs[k])
         return name, needs[name] / 1000
 
@@ -301,15 +300,7 @@ def run_layout(name: str, args: argparse.Namespace, sleeps: dict[str, int], log_
         for worker in workers:
             worker.stop()
         broker.flushdb()
-    bottleneck, per_run = layout.bottleneck(sleeps, keeps_types=True)
-    _, canvas_per_run = layout.bottleneck(sleeps, keeps_types=False)
-    return {
-        "rows": rows,
-        "bursts": bursts,
-        "bottleneck": bottleneck,
-        "per_run": per_run,
-        "canvas_per_run": canvas_per_run,
-    }
+    return {"layout": layout, "rows": rows, "bursts": bursts}
 
 
 def ratios(outcome: dict[str, Any], measure: str) -> list[float]:
@@ -382,8 +373,10 @@ def main() -> None:
     rows = []
     for name, outcome in outcomes.items():
         eventflow, canvas = outcome["bursts"][EVENTFLOW], outcome["bursts"][CANVAS]
-        bounds = [median_bound(b, outcome["per_run"]) for b in eventflow]
-        canvas_bounds = [median_bound(b, outcome["canvas_per_run"]) for b in canvas]
+        bottleneck, per_run = outcome["layout"].bottleneck(sleeps, keeps_types=True)
+        _, canvas_per_run = outcome["layout"].bottleneck(sleeps, keeps_types=False)
+        bounds = [median_bound(b, per_run) for b in eventflow]
+        canvas_bounds = [median_bound(b, canvas_per_run) for b in canvas]
         floor = [bound / c.figures()["median s"] for bound, c in zip(bounds, canvas, strict=True)]
         median_ratio = statistics.median(ratios(outcome, "median s"))
         in_order = [
@@ -394,7 +387,7 @@ def main() -> None:
         rows.append(
             [
                 name,
-                f"{outcome['bottleneck']}, {outcome['per_run'] * 1000:.1f} ms a run",
+                f"{bottleneck}, {per_run * 1000:.1f} ms a run",
                 f"{statistics.median(bounds):.2f}",
                 f"{statistics.median(canvas_bounds):.2f}",
                 f"{statistics.median(floor):.2f}",
